@@ -1,0 +1,139 @@
+"""Cassettes: the pydantic models of llama-stack's recording format, and atomic file I/O.
+
+One cassette file holds one interaction. Files are written exactly as
+``json.dumps(obj, indent=2) + "\\n"`` with the format's key order, so
+re-recording the same answer gives a byte-identical file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Temp files start with this prefix; the store ignores and removes them.
+TEMP_PREFIX = ".cassette-tmp-"
+
+
+class RecordedRequest(BaseModel):
+    """The request half. Old raw-HTTP cassettes use ``payload`` instead of ``body``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    method: str = "POST"
+    url: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    body: Any = None
+    endpoint: str | None = None
+    model: str | None = None
+
+
+class RecordedResponse(BaseModel):
+    """The response half: a typed object, a list of typed chunks, a raw dict or SSE lines."""
+
+    model_config = ConfigDict(extra="allow")
+
+    body: Any = None
+    is_streaming: bool = False
+
+
+class Cassette(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    test_id: str | None = None
+    request: RecordedRequest
+    response: RecordedResponse
+
+    def to_json(self) -> str:
+        """The file text: the format's key order, fields a file did not have left out."""
+        return json.dumps(self.model_dump(exclude_unset=True), indent=2) + "\n"
+
+
+def typed(type_name: str, data: Any) -> dict[str, Any]:
+    """A typed object as the format stores it."""
+    return {"__type__": type_name, "__data__": data}
+
+
+def make_cassette(
+    *,
+    test_id: str | None,
+    method: str,
+    url: str,
+    headers: dict[str, str],
+    body: Any,
+    endpoint: str,
+    model: str | None,
+    response: dict[str, Any],
+) -> Cassette:
+    """A new cassette with every field set in the format's order.
+
+    ``response`` is the response half as a plain dict (``body``, ``is_streaming`` and,
+    for errors and raw HTTP, ``status`` / ``is_exception`` / ``exception_data``).
+    """
+    doc: dict[str, Any] = {}
+    if test_id is not None:
+        doc["test_id"] = test_id
+    doc["request"] = {
+        "method": method,
+        "url": url,
+        "headers": headers,
+        "body": body,
+        "endpoint": endpoint,
+        "model": model or "",
+    }
+    doc["response"] = response
+    doc["id_normalization_mapping"] = {}
+    return Cassette.model_validate(doc)
+
+
+class CassetteError(Exception):
+    """A file that is not a readable cassette; the message names the file and the reason."""
+
+
+def read_cassette(path: Path) -> Cassette:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise CassetteError(f"{path}: cannot read: {e.strerror or e}") from e
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CassetteError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(doc, dict) or "request" not in doc or "response" not in doc:
+        raise CassetteError(f"{path}: not a cassette (needs 'request' and 'response' objects)")
+    try:
+        return Cassette.model_validate(doc)
+    except ValueError as e:
+        first = str(e).splitlines()
+        raise CassetteError(f"{path}: wrong shape: {' '.join(first[:3])}") from e
+
+
+def write_cassette(path: Path, cassette: Cassette) -> None:
+    """Write atomically: temp file in the same folder, fsync, rename, fsync the folder.
+
+    A crash at any point leaves either the old file or the new one, never half of one.
+    """
+    text = cassette.to_json()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -1,0 +1,67 @@
+"""Which wire bodies mean the same request, so they get the same key.
+
+Clients differ in what they spell out: the ollama client always sends ``stream`` and
+``tools: []``, curl leaves them out; the openai SDK asks for base64 embeddings when the
+caller did not choose; ``stream: false`` and no ``stream`` are the same OpenAI call. The
+key is computed from a *normal form* of the body, on both sides (the wire request and the
+recorded one), so these differences never cause a miss and lookup stays one dict hit.
+
+Loose forms are a second, weaker tier: tried only when the exact key misses. They drop a
+field that the recording cannot match on: ``stream_options`` (llama-stack itself ignores
+it for Bedrock, where it varies between runs), and the model of ``/api/pull`` (llama-stack
+recorded ``pull(model)`` with the model positional, so its body is ``{}``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _is_ollama(path: str, *endpoints: str) -> bool:
+    return any(path.endswith("/api/" + e) for e in endpoints)
+
+
+def _is_openai(path: str, suffix: str) -> bool:
+    return "/api/" not in path and path.rstrip("/").endswith(suffix)
+
+
+def _falsy(value: Any) -> bool:
+    return value is None or value is False or value == "" or value == [] or value == {}
+
+
+def normal_form(path: str, body: Any) -> Any:
+    """The body with client defaults made explicit or dropped, as the server reads it."""
+    if not isinstance(body, dict):
+        return body
+    if _is_ollama(path, "generate", "chat", "pull", "push"):
+        body = dict(body)
+        # The Ollama server streams unless told otherwise; clients differ in spelling it.
+        body["stream"] = body.get("stream") is not False
+        if body.get("tools") == []:
+            del body["tools"]
+        if body.get("insecure") is False:
+            del body["insecure"]
+        if isinstance(body.get("messages"), list):
+            # The ollama client drops empty fields of each message before sending it.
+            body["messages"] = [
+                {k: v for k, v in m.items() if not _falsy(v)} if isinstance(m, dict) else m
+                for m in body["messages"]
+            ]
+        return body
+    if _is_openai(path, "/embeddings"):
+        # The answer is stored as floats and re-encoded as the request asks (base64 or not).
+        return {k: v for k, v in body.items() if k != "encoding_format"}
+    if _is_openai(path, "/completions") and body.get("stream") is False:
+        return {k: v for k, v in body.items() if k != "stream"}
+    return body
+
+
+def loose_forms(path: str, body: Any) -> list[Any]:
+    """Weaker forms of a normal-form body, tried in order after the exact key misses."""
+    if not isinstance(body, dict):
+        return []
+    if _is_openai(path, "/completions") and body.get("stream"):
+        return [{k: v for k, v in body.items() if k != "stream_options"}]
+    if _is_ollama(path, "pull"):
+        return [{k: v for k, v in body.items() if k != "model"}]
+    return []

@@ -1,0 +1,150 @@
+"""OpenAI-compatible APIs (vLLM, OpenAI, Azure, Ollama's /v1, ...).
+
+Chat completions, completions, embeddings and the model list, streamed (SSE ending
+in ``data: [DONE]``) and not. The endpoint is recognised by its last segments, so
+any base path (``/v1``, ``/openai/v1``, ``/v1beta/openai``) works.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+from typing import Any
+
+from ..cassette import typed
+from ..streams import SSEFramer, sse_data
+from .base import NotRecordable, Wire, is_typed, json_wire
+
+CHAT = "openai.types.chat.chat_completion.ChatCompletion"
+CHAT_CHUNK = "openai.types.chat.chat_completion_chunk.ChatCompletionChunk"
+COMPLETION = "openai.types.completion.Completion"
+EMBEDDINGS = "openai.types.create_embedding_response.CreateEmbeddingResponse"
+MODEL = "openai.types.model.Model"
+
+
+def endpoint_kind(path: str) -> str | None:
+    """Which OpenAI endpoint a wire path is: chat, completions, embeddings or models."""
+    path = path.rstrip("/")
+    if path.endswith("/chat/completions"):
+        return "chat"
+    if path.endswith("/completions"):
+        return "completions"
+    if path.endswith("/embeddings"):
+        return "embeddings"
+    if path.endswith("/models"):
+        return "models"
+    return None
+
+
+def wants_base64(request_body: Any) -> bool:
+    return isinstance(request_body, dict) and request_body.get("encoding_format") == "base64"
+
+
+def decode_embedding(value: Any) -> Any:
+    """base64 little-endian float32 (the openai SDK's default) to floats, losslessly."""
+    if not isinstance(value, str):
+        return value
+    raw = base64.b64decode(value)
+    if len(raw) % 4:
+        raise NotRecordable("base64 embedding is not a whole number of float32 values")
+    return list(struct.unpack(f"<{len(raw) // 4}f", raw))
+
+
+def encode_embedding(value: Any) -> Any:
+    if not isinstance(value, list):
+        return value
+    return base64.b64encode(struct.pack(f"<{len(value)}f", *value)).decode("ascii")
+
+
+class SSEChunkRecorder:
+    """Types each ``data:`` event of an OpenAI stream; complete once ``[DONE]`` is seen."""
+
+    def __init__(self, chunk_type: str) -> None:
+        self.chunk_type = chunk_type
+        self.complete = False
+        self._framer = SSEFramer()
+        self._chunks: list[dict[str, Any]] = []
+
+    def feed(self, data: bytes) -> None:
+        for event in self._framer.feed(data):
+            name, payload = sse_data(event)
+            if payload is None:
+                continue  # a comment or keep-alive
+            if payload.strip() == "[DONE]":
+                self.complete = True
+                continue
+            if name not in (None, "message"):
+                raise NotRecordable(f"named SSE event {name!r} does not fit a typed chunk list")
+            try:
+                chunk = json.loads(payload)
+            except json.JSONDecodeError as e:
+                raise NotRecordable(f"SSE data is not JSON: {e}") from e
+            if isinstance(chunk, dict) and "error" in chunk and "choices" not in chunk:
+                raise NotRecordable("the upstream sent an error inside the stream")
+            self._chunks.append(typed(self.chunk_type, chunk))
+
+    def response(self, clean_end: bool) -> dict[str, Any]:
+        if not self.complete:
+            raise NotRecordable("stream ended without data: [DONE]")
+        return {"body": self._chunks, "is_streaming": True}
+
+
+class OpenAIFamily:
+    name = "openai"
+
+    def claims(self, method: str, path: str) -> bool:
+        kind = endpoint_kind(path)
+        if kind == "models":
+            return method == "GET"
+        return kind is not None and method == "POST"
+
+    def record(self, path: str, request_body: Any, status: int, data: Any) -> dict[str, Any]:
+        kind = endpoint_kind(path)
+        if not isinstance(data, dict):
+            raise NotRecordable("answer is not a JSON object")
+        if kind == "models":
+            models = data.get("data")
+            if data.get("object") != "list" or not isinstance(models, list):
+                raise NotRecordable("model list is not {'object': 'list', 'data': [...]}")
+            return {"body": [typed(MODEL, m) for m in models], "is_streaming": False}
+        if kind == "embeddings":
+            # Stored as floats, as the SDK parses them; re-encoded on replay if asked.
+            data = dict(data)
+            data["data"] = [
+                {**item, "embedding": decode_embedding(item.get("embedding"))}
+                if isinstance(item, dict)
+                else item
+                for item in data.get("data") or []
+            ]
+            return {"body": typed(EMBEDDINGS, data), "is_streaming": False}
+        type_name = CHAT if kind == "chat" else COMPLETION
+        return {"body": typed(type_name, data), "is_streaming": False}
+
+    def stream_recorder(self, path: str, request_body: Any, content_type: str) -> SSEChunkRecorder:
+        kind = endpoint_kind(path)
+        if "text/event-stream" not in content_type or kind not in ("chat", "completions"):
+            raise NotRecordable(f"unexpected stream of {content_type!r} from {path}")
+        return SSEChunkRecorder(CHAT_CHUNK if kind == "chat" else COMPLETION)
+
+    def encode(self, path: str, request_body: Any, response: dict[str, Any]) -> Wire | None:
+        body = response.get("body")
+        if isinstance(body, list) and body and all(is_typed(x) for x in body):
+            if not str(body[0]["__type__"]).startswith("openai."):
+                return None
+            if body[0]["__type__"] == MODEL and not response.get("is_streaming"):
+                return json_wire(200, {"object": "list", "data": [m["__data__"] for m in body]})
+            events = "".join(f"data: {json.dumps(c['__data__'])}\n\n" for c in body)
+            return Wire(200, "text/event-stream", (events + "data: [DONE]\n\n").encode())
+        if body == [] and endpoint_kind(path) == "models":
+            return json_wire(200, {"object": "list", "data": []})
+        if is_typed(body) and str(body["__type__"]).startswith("openai."):
+            data = body["__data__"]
+            if body["__type__"] == EMBEDDINGS and wants_base64(request_body):
+                data = dict(data)
+                data["data"] = [
+                    {**item, "embedding": encode_embedding(item.get("embedding"))}
+                    for item in data.get("data") or []
+                ]
+            return json_wire(200, data)
+        return None

@@ -1,0 +1,95 @@
+"""Raw JSON: any endpoint no other family knows, recorded and replayed as it was.
+
+Whole answers are stored as a raw dict with their ``status``; streams as the list
+of their lines (llama-stack's shape for raw HTTP calls), which replay byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..streams import LineFramer
+from .base import NotRecordable, Wire, json_wire
+
+
+class RawLinesRecorder:
+    """Keeps every line of an SSE or NDJSON stream; complete only at a clean end."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+        self.complete = False
+        self._framer = LineFramer()
+        self._lines: list[str] = []
+
+    def feed(self, data: bytes) -> None:
+        self._lines.extend(self._framer.feed(data))
+
+    def response(self, clean_end: bool) -> dict[str, Any]:
+        if not clean_end:
+            raise NotRecordable("stream ended before the upstream finished it")
+        lines = list(self._lines)
+        if self._framer.tail:
+            lines.append(self._framer.tail)
+        return {"status": self.status, "body": lines, "is_streaming": True}
+
+
+class RawFamily:
+    name = "raw"
+
+    def claims(self, method: str, path: str) -> bool:
+        return True
+
+    def record(self, path: str, request_body: Any, status: int, data: Any) -> dict[str, Any]:
+        return {"status": status, "body": data, "is_streaming": False}
+
+    def stream_recorder(self, path: str, request_body: Any, content_type: str) -> RawLinesRecorder:
+        return RawLinesRecorder(200)
+
+    def encode(self, path: str, request_body: Any, response: dict[str, Any]) -> Wire | None:
+        body = response.get("body")
+        status = int(response.get("status") or 200)
+        if response.get("is_streaming") and isinstance(body, list):
+            if not all(isinstance(line, str) for line in body):
+                # A raw stream of JSON objects (as SDK-level recorders stored them).
+                text = "".join(json.dumps(item) + "\n" for item in body)
+                return Wire(status, "application/x-ndjson", text.encode())
+            text = "\n".join(body) + "\n"
+            is_sse = any(line.startswith(("data:", "event:")) for line in body)
+            kind = "text/event-stream" if is_sse else "application/x-ndjson"
+            return Wire(status, kind, text.encode())
+        if isinstance(body, (dict, list, str, int, float, bool)):
+            return json_wire(status, body)
+        raise NotRecordable("recorded response has no body to replay")
+
+
+def error_response(status: int, data: Any) -> dict[str, Any]:
+    """A 4xx answer as llama-stack stores recorded exceptions.
+
+    Only the OpenAI-shaped ``{"error": {...}}`` fits that shape; any other error body
+    is kept as a raw answer with its status, so it replays unchanged.
+    """
+    if isinstance(data, dict) and set(data) == {"error"}:
+        err = data["error"]
+        message = err.get("message") if isinstance(err, dict) else str(err)
+        return {
+            "body": None,
+            "is_streaming": False,
+            "is_exception": True,
+            "exception_data": {
+                "type": "HTTPStatusError",
+                "message": f"Error code: {status} - {message}",
+                "status_code": status,
+                "body": err,
+            },
+        }
+    return {"status": status, "body": data, "is_streaming": False}
+
+
+def encode_exception(response: dict[str, Any]) -> Wire:
+    data = response.get("exception_data") or {}
+    status = int(data.get("status_code") or 500)
+    body = data.get("body")
+    if body is None:
+        body = {"message": data.get("message") or response.get("exception_message") or "error"}
+    return json_wire(status, {"error": body})

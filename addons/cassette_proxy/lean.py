@@ -1,0 +1,316 @@
+"""A lean mitmproxy master for the cassette addon: only what the proxy needs, dispatched fast.
+
+``mitmdump`` loads ~36 built-in addons and, for every hook of every request, walks all
+of them asking each for a handler (``getattr`` per addon per call) and then fires an
+``update`` hook the same way. Almost none of them do anything for us, yet that walk is
+about half of mitmdump's CPU per request (see docs/benchmarks.md). This master loads:
+
+  termlog      our info/warning lines on stdout, ``termlog_verbosity``
+  proxyserver  listening, connections, HTTP/1 and HTTP/2, ``mode``
+  nextlayer    picks the protocol layers (without it every request hangs)
+  tlsconfig    HTTPS: the CA in ``confdir`` (``~/.mitmproxy`` by default), certificates
+  errorcheck   a startup error (port in use, bad option) exits with status 1
+  CassetteRecorder
+
+and resolves each hook name to its handlers once (``_HookTable``), so a hook costs one
+call per addon that actually implements it. What it gives up, on purpose: mitmweb and
+the console, ``-w``/``-r``, scripts and their hot reload, ``config.yaml``, the options
+of the addons it does not load (asked for, they get a clear one-line error), and
+``block_global`` -- so it listens on 127.0.0.1 unless told otherwise.
+``run_proxy(..., lean=False)`` hosts the same addon in a full DumpMaster instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import logging
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from mitmproxy import addonmanager, exceptions, flow, hooks, master, options
+from mitmproxy.addons import errorcheck, next_layer, proxyserver, termlog, tlsconfig
+
+from .addon import CassetteRecorder
+
+log = logging.getLogger("cassette_proxy")
+
+DEFAULT_LISTEN_HOST = "127.0.0.1"
+_Handler = tuple[Callable[..., Any], bool]  # (bound hook method, is a coroutine function)
+
+
+class _HookTable(addonmanager.AddonManager):
+    """An AddonManager that resolves ``hook name -> handlers`` once, not per addon per call.
+
+    The table is dropped whenever an addon is added or removed. Semantics kept from
+    mitmproxy: chain order, async and sync handlers, ``AddonHalt`` stops the hook,
+    ``OptionsError`` propagates, any other exception is logged as an addon error and
+    the next handler still runs.
+    """
+
+    def __init__(self, master: master.Master) -> None:
+        super().__init__(master)
+        self._table: dict[str, list[_Handler]] = {}
+
+    def register(self, addon: Any) -> Any:
+        self._table.clear()
+        return super().register(addon)
+
+    def add(self, *addons: Any) -> None:
+        super().add(*addons)
+        self._table.clear()
+
+    def remove(self, addon: Any) -> None:
+        super().remove(addon)
+        self._table.clear()
+
+    def clear(self) -> None:
+        super().clear()
+        self._table.clear()
+
+    def handlers(self, name: str) -> list[_Handler]:
+        found = self._table.get(name)
+        if found is None:
+            found = []
+            for a in addonmanager.traverse(self.chain):
+                func = getattr(a, name, None)
+                if func is None or not callable(func):
+                    continue  # also skips modules named like a hook (``import log``)
+                found.append((func, inspect.iscoroutinefunction(func)))
+            self._table[name] = found
+        return found
+
+    async def trigger_event(self, event: hooks.Hook) -> None:
+        handlers = self.handlers(event.name)
+        if not handlers:
+            return
+        args = event.args()
+        for func, is_async in handlers:
+            try:
+                result = func(*args)
+                if is_async or (result is not None and inspect.isawaitable(result)):
+                    await result
+            except exceptions.AddonHalt:
+                return
+            except exceptions.OptionsError:
+                raise
+            except Exception as e:  # noqa: BLE001 - mitmproxy's rule: log, keep serving
+                log.error("Addon error: %s", e, exc_info=True)
+
+    def trigger(self, event: hooks.Hook) -> None:
+        handlers = self.handlers(event.name)
+        if not handlers:
+            return
+        args = event.args()
+        for func, is_async in handlers:
+            if is_async:
+                raise exceptions.AddonManagerError(
+                    f"Async handler {event.name} ({func}) cannot be called from sync context"
+                )
+            try:
+                func(*args)
+            except exceptions.AddonHalt:
+                return
+            except exceptions.OptionsError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                log.error("Addon error: %s", e, exc_info=True)
+
+    async def handle_lifecycle(self, event: hooks.Hook) -> None:
+        await self.trigger_event(event)
+        # mitmproxy follows every flow hook with an ``update`` hook for the UIs; no addon
+        # here has one, so skip building it.
+        if self.handlers("update"):
+            (message, *_) = event.args()
+            if isinstance(message, flow.Flow):
+                await self.trigger_event(hooks.UpdateHook([message]))
+
+
+class LeanMaster(master.Master):
+    """A mitmproxy Master with only the built-in addons the cassette proxy needs."""
+
+    def __init__(self, opts: options.Options, *, fast_dispatch: bool = True) -> None:
+        super().__init__(opts, with_termlog=False)
+        if fast_dispatch:
+            # Swap the manager while it is still empty.
+            opts.changed.disconnect(self.addons._configure_all)
+            self.addons = _HookTable(self)
+        # The deprecated add_log hook costs a call_soon + a hook per log line; nothing
+        # here listens to it.
+        self._legacy_log_events.uninstall()
+        self._termlog_addon = termlog.TermLog()
+        self.addons.add(
+            self._termlog_addon,
+            proxyserver.Proxyserver(),
+            next_layer.NextLayer(),
+            tlsconfig.TlsConfig(),
+            errorcheck.ErrorCheck(),
+        )
+
+    async def done(self) -> None:
+        await self.addons.trigger_event(hooks.DoneHook())
+        if self._termlog_addon is not None:
+            self._termlog_addon.uninstall()
+
+
+def _full_option_names() -> set[str]:
+    """Every option mitmdump knows (only asked for to word an error)."""
+    from mitmproxy.addons import default_addons
+    from mitmproxy.addons.dumper import Dumper
+    from mitmproxy.addons.keepserving import KeepServing
+
+    opts = options.Options()
+
+    class _Loader:
+        def add_option(self, name: str, typespec: Any, default: Any, *a: Any, **k: Any) -> None:
+            if name not in opts:
+                opts.add_option(name, typespec, default, "")
+
+        def add_command(self, *a: Any) -> None:
+            pass
+
+    for a in [*default_addons(), Dumper(), KeepServing(), termlog.TermLog()]:
+        for each in addonmanager.traverse([a]):
+            if hasattr(each, "load"):
+                try:
+                    each.load(_Loader())
+                except Exception:  # noqa: BLE001 - best effort, for a message only
+                    pass
+    return set(opts.keys())
+
+
+def _option_names(sets: Sequence[str]) -> list[str]:
+    return [spec.split("=", 1)[0] for spec in sets]
+
+
+def _unknown_options_error(unknown: list[str], lean: bool) -> str:
+    if lean:
+        full = _full_option_names()
+        elsewhere = [n for n in unknown if n in full]
+        if elsewhere:
+            names = ", ".join(elsewhere)
+            word = "option" if len(elsewhere) == 1 else "options"
+            verb = "is" if len(elsewhere) == 1 else "are"
+            return f"{word} {names} {verb} not supported by the lean proxy; use --full / mitmdump"
+    return f"unknown option(s): {', '.join(unknown)} (see mitmdump --options)"
+
+
+def _configure_logging() -> None:
+    # As mitmproxy's own tools do: records flow to the handlers, which filter by level.
+    logging.getLogger().setLevel(logging.DEBUG)
+    for name in ("asyncio", "hpack", "quic", "tornado"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+async def _serve(sets: list[str], lean: bool, addon: Any, fast_dispatch: bool = True) -> int:
+    _configure_logging()
+    opts = options.Options()
+    if lean:
+        m: master.Master = LeanMaster(opts, fast_dispatch=fast_dispatch)
+    else:
+        from mitmproxy.tools.dump import DumpMaster
+
+        m = DumpMaster(opts)
+    m.addons.add(addon)
+
+    names = _option_names(sets)
+    unknown = sorted({n for n in names if n not in opts})
+    if unknown:
+        print(f"cassette-proxy: {_unknown_options_error(unknown, lean)}", file=sys.stderr)
+        return 2
+    if "listen_host" not in names:
+        sets = [f"listen_host={DEFAULT_LISTEN_HOST}", *sets]
+    try:
+        opts.set(*sets)
+        # Like mitmdump's script loader: the addon sees every option once, at start. The
+        # ones just set were already passed to ``configure`` by ``opts.set``.
+        m.addons.invoke_addon_sync(
+            addon, hooks.ConfigureHook(set(opts.keys()) - set(_option_names(sets)))
+        )
+    except exceptions.OptionsError as e:
+        print(f"cassette-proxy: {e}", file=sys.stderr)
+        return 2
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, m.shutdown)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover - not on Linux
+            signal.signal(sig, lambda *_: loop.call_soon_threadsafe(m.shutdown))
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a client gone must not kill us
+    try:
+        await m.run()
+    except SystemExit as e:  # errorcheck exits on startup errors (port in use, ...)
+        return e.code if isinstance(e.code, int) else 1
+    return 0
+
+
+def run_proxy(
+    sets: Sequence[str], *, lean: bool = True, addon: CassetteRecorder | None = None
+) -> int:
+    """Run the cassette proxy until SIGINT/SIGTERM; return the process exit status.
+
+    ``sets`` are mitmproxy ``name=value`` settings (``listen_port=8080``,
+    ``mode=reverse:http://127.0.0.1:8000``, ``cassette_mode=replay``, ...). The listen
+    host defaults to 127.0.0.1. ``lean=False`` hosts the addon in mitmdump's full
+    DumpMaster. Pass ``addon`` to read ``addon.counts`` after the proxy stops.
+    """
+    return run_master(sets, addon if addon is not None else CassetteRecorder(), lean=lean)
+
+
+def run_master(
+    sets: Sequence[str], addon: Any, *, lean: bool = True, fast_dispatch: bool = True
+) -> int:
+    """``run_proxy`` for any one addon object (the benchmark hosts its baseline this way;
+    ``fast_dispatch=False`` keeps mitmproxy's own per-addon hook dispatch, to measure it)."""
+    try:
+        return asyncio.run(_serve(list(sets), lean, addon, fast_dispatch))
+    except KeyboardInterrupt:  # a second Ctrl-C while shutting down
+        return 130
+
+
+def _parse_args(argv: Sequence[str]) -> tuple[list[str], bool]:
+    parser = argparse.ArgumentParser(
+        prog="python -m cassette_proxy.lean",
+        description="The cassette proxy in a lean mitmproxy master (mitmdump-like flags).",
+    )
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--mode", "-m", dest="modes", action="append", default=[])
+    parser.add_argument("--listen-host", dest="listen_host")
+    parser.add_argument("--listen-port", "-p", dest="listen_port", type=int)
+    parser.add_argument("--confdir")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log errors only")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug lines")
+    parser.add_argument("--full", action="store_true", help="use mitmdump's full master")
+    args = parser.parse_args(argv)
+    sets = list(args.sets)
+    sets += [f"mode={m}" for m in args.modes]
+    if args.listen_host is not None:
+        sets.append(f"listen_host={args.listen_host}")
+    if args.listen_port is not None:
+        sets.append(f"listen_port={args.listen_port}")
+    if args.confdir is not None:
+        sets.append(f"confdir={args.confdir}")
+    if args.quiet:
+        sets.append("termlog_verbosity=error")
+        if args.full:
+            sets.append("flow_detail=0")
+    elif args.verbose:
+        sets.append("termlog_verbosity=debug")
+    return sets, args.full
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    sets, full = _parse_args(sys.argv[1:] if argv is None else argv)
+    return run_proxy(sets, lean=not full)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["DEFAULT_LISTEN_HOST", "LeanMaster", "main", "run_master", "run_proxy"]
