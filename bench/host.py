@@ -20,6 +20,9 @@ def main(argv: list[str]) -> int:
     script, *rest = argv
     slow = "--slow" in rest
     sets = [a for a in rest if a != "--slow"]
+    if "--listen-port" in sets:  # mitmdump's flag, for symmetry in the benchmark
+        i = sets.index("--listen-port")
+        sets[i : i + 2] = [f"listen_port={sets[i + 1]}"]
     if script == "none":
         addon: object = _Nothing()
     else:

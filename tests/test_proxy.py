@@ -408,3 +408,36 @@ class _no_error:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_unknown_json_endpoint_is_recorded_and_replayed_raw(proxy_factory, upstream):
+    proxy = proxy_factory(mode="auto")
+    body = {"model": "fake-model", "max_tokens": 16, "messages": [{"role": "user", "content": "x"}]}
+    with httpx.Client(proxy=proxy.url, trust_env=False) as http:
+        live = http.post(f"{upstream.url}/v1/messages", json=body)
+        (f,) = wait_for_files(proxy.cassette_dir, 1)
+        doc = load(f)
+        assert doc["response"]["status"] == 200
+        assert doc["response"]["body"] == live.json()  # raw JSON, no __type__
+        upstream.stop()
+        replayed = http.post(f"{upstream.url}/v1/messages", json=body)
+    assert replayed.status_code == 200 and replayed.json() == live.json()
+    assert replayed.headers["x-cassette-file"] == f.name
+
+
+def test_record_mode_fails_fast_when_upstream_is_unreachable(proxy_factory):
+    proxy = proxy_factory(mode="record")
+    with httpx.Client(proxy=proxy.url, trust_env=False, timeout=30) as http:
+        r = http.post(f"http://127.0.0.1:{refused_port()}/v1/chat/completions", json=chat_kwargs())
+    assert r.status_code == 502 and "unreachable" in r.text
+
+
+def test_record_if_missing_with_upstream_down_answers_hits_and_explains_misses(
+    proxy_factory, repo_root
+):
+    proxy = proxy_factory(mode="record-if-missing", cassette_dir=repo_root / "cassettes")
+    client = openai_client(proxy, f"http://127.0.0.1:{refused_port()}")
+    seed = load(SEED)
+    assert len(list(client.chat.completions.create(**seed["request"]["body"]))) == 9
+    with pytest.raises(openai.NotFoundError, match="nearest recording"):
+        client.chat.completions.create(**chat_kwargs("never"))

@@ -29,6 +29,7 @@ from .fallback import TOKEN_HEADER, FallbackServer, certificate_pems
 from .families import Family, NotRecordable, StreamRecorder, classify, encode
 from .recording import UNRECORDED_ERRORS, new_recording, recording_path, whole_response
 from .redact import keyed_query, recordable_headers, redact_url
+from .stable import normalize_response
 from .store import CassetteStore
 from .upstream import UpstreamProbe
 from .usage import UsageLog
@@ -59,6 +60,7 @@ class Plan:
     recorder: StreamRecorder | None = None
     recorded: bool = False
     notes: list[str] = field(default_factory=list)
+    loose_keys: tuple[str, ...] = ()  # weaker keys tried after a miss (keys.loose_keys)
 
 
 PLAN = "cassette_plan"
@@ -95,6 +97,13 @@ class CassetteRecorder:
             "Request headers to record by name. Credentials are never recorded.",
         )
         loader.add_option(
+            "cassette_normalize",
+            bool,
+            False,
+            "Write llama-stack's normalised ids, times and durations (rec-<hash>, 0, epoch) "
+            "so re-recording an unchanged answer gives an identical file.",
+        )
+        loader.add_option(
             "cassette_usage_log",
             str,
             "",
@@ -129,6 +138,12 @@ class CassetteRecorder:
                 log.warning("cassette skipped: %s", problem)
             if report.removed_temp:
                 log.info("removed %d unfinished temp file(s) in %s", report.removed_temp, root)
+            if report.unservable:
+                log.info(
+                    "%d cassette(s) no client can reach, not served: %s",
+                    len(report.unservable),
+                    "; ".join(report.unservable),
+                )
             log.info("cassettes: %d loaded from %s", report.loaded, root)
         if "cassette_usage_log" in updated:
             self.usage.close()
@@ -155,7 +170,7 @@ class CassetteRecorder:
 
     async def request(self, flow: http.HTTPFlow) -> None:
         mode = ctx.options.cassette_mode
-        test_id = flow.request.headers.pop(TEST_ID_HEADER, None)
+        test_id = flow.request.headers.pop(TEST_ID_HEADER, "").strip() or None
         if mode == "passthrough" or flow.response is not None:
             return
         plan = self._plan(flow, test_id)
@@ -167,6 +182,8 @@ class CassetteRecorder:
         elif mode == "record-if-missing":
             if self._lookup(plan) is not None:
                 self._serve(flow, plan)
+            elif not await self.probe.reachable(flow.request.host, flow.request.port):
+                self._serve(flow, plan, why="upstream offline")  # the miss error, at once
         elif mode == "auto":
             host, port = flow.request.host, flow.request.port
             plan.probed = self.probe.cached(host, port) is None
@@ -201,12 +218,13 @@ class CassetteRecorder:
         path = request.path.split("?", 1)[0]
         query = keyed_query(request.query.items(multi=True))
         key = keys.request_key(request.method, path, body, query)
+        loose = keys.loose_keys(request.method, path, body, query)
         family = classify(request.method, path)
-        return Plan(family, key, request.method.upper(), path, body, test_id)
+        return Plan(family, key, request.method.upper(), path, body, test_id, loose_keys=loose)
 
     def _lookup(self, plan: Plan) -> Any:
         assert self.store is not None
-        return self.store.lookup(plan.key, plan.test_id)
+        return self.store.lookup(plan.key, plan.test_id, plan.loose_keys)
 
     # ---- replay -------------------------------------------------------------------
 
@@ -221,7 +239,7 @@ class CassetteRecorder:
     def _replay(self, plan: Plan, why: str = "") -> http.Response:
         """The recorded answer for a plan, or the miss error; ``why`` names a fallback."""
         assert self.store is not None
-        entry = self.store.lookup(plan.key, plan.test_id)
+        entry = self.store.lookup(plan.key, plan.test_id, plan.loose_keys)
         if entry is None:
             self.counts["miss"] += 1
             return self._miss(plan)
@@ -455,6 +473,9 @@ class CassetteRecorder:
         assert self.store is not None
         plan.recorded = True
         request = flow.request
+        if ctx.options.cassette_normalize:
+            digest = keys.recording_hash(plan.method, plan.path, plan.body, plan.test_id)
+            response = normalize_response(response, digest)
         path, cassette = new_recording(
             self.store.root,
             method=plan.method,

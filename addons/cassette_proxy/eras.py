@@ -32,6 +32,7 @@ OPENAI_TYPES_BY_KIND = {
     "embeddings": ("CreateEmbeddingResponse",),
     "models": ("Model",),
 }
+MODEL = "openai.types.model.Model"
 # llama-stack hides Databricks workspaces as ``__databricks__/<path>``.
 DATABRICKS = "__databricks__"
 
@@ -191,7 +192,7 @@ def model_list_field(cassette: Cassette) -> str | None:
     body = cassette.response.body
     if cassette.response.is_streaming:
         return None
-    if isinstance(body, list) and body and all(_is_type(x, "openai.types.model.Model") for x in body):
+    if isinstance(body, list) and body and all(_is_type(x, MODEL) for x in body):
         return "id"
     if _is_type(body, "ollama._types.ListResponse"):
         return "model"

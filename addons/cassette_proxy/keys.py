@@ -11,6 +11,8 @@ import hashlib
 import json
 from typing import Any
 
+from .equivalence import loose_forms, normal_form
+
 # llama-stack rounds floats to 5 places before hashing; so do we, so that float
 # noise below 1e-5 (and 0 vs 0.0 from clients in other languages) still matches.
 FLOAT_PLACES = 5
@@ -40,7 +42,23 @@ def dumps_canonical(value: Any) -> str:
 def request_key(
     method: str, path: str, body: Any, query: list[tuple[str, str]] | None = None
 ) -> str:
-    """The full-hex sha256 key of a request as the proxy matches it."""
+    """The full-hex sha256 key of a request as the proxy matches it.
+
+    The body is taken in its normal form (``equivalence.normal_form``): client defaults
+    such as Ollama's ``stream: false`` / ``tools: []`` do not change the key.
+    """
+    return _hash_key(method, path, normal_form(path, body), query)
+
+
+def loose_keys(
+    method: str, path: str, body: Any, query: list[tuple[str, str]] | None = None
+) -> tuple[str, ...]:
+    """Weaker keys, tried in order only when ``request_key`` misses (``loose_forms``)."""
+    forms = loose_forms(path, normal_form(path, body))
+    return tuple(_hash_key(method, path, form, query) for form in forms)
+
+
+def _hash_key(method: str, path: str, body: Any, query: list[tuple[str, str]] | None) -> str:
     material: dict[str, Any] = {
         "method": method.upper(),
         "path": path,

@@ -15,10 +15,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
 
-from . import keys
-from .cassette import TEMP_PREFIX, Cassette, CassetteError, read_cassette
+from . import eras, keys
+from .cassette import TEMP_PREFIX, Cassette, CassetteError, RecordedResponse, read_cassette
+from .equivalence import normal_form
 from .redact import keyed_query
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,8 @@ class Entry:
     test_id: str | None
     method: str
     wire_path: str
+    loose: tuple[str, ...] = ()  # weaker keys (keys.loose_keys), tried after a miss
+    merge_field: str | None = None  # model lists: merged with same-key siblings by this
 
 
 @dataclass
@@ -41,15 +43,23 @@ class LoadReport:
     loaded: int = 0
     bad: list[str] = field(default_factory=list)
     removed_temp: int = 0
+    # Valid cassettes no client can reach (tool calls, SDK-only, stale labels): not indexed.
+    unservable: list[str] = field(default_factory=list)
 
 
 def wire_path_of(request: Any) -> str:
-    """The wire path of a recorded request: the URL's path with a doubled version undone."""
+    """The wire path of a recorded request: the URL's path with a doubled version undone.
+
+    ``/v1/v1/x`` -> ``/v1/x``, ``/openai/v1/v1/x`` -> ``/openai/v1/x``,
+    ``/v1beta/openai/v1/models`` -> ``/v1beta/openai/models`` (see ``eras.wire_path``).
+    """
+    if isinstance(request, Cassette):
+        return eras.wire_path(request)
+    path = eras.wire_path(Cassette(request=request, response=RecordedResponse()))
     url = getattr(request, "url", None) or ""
-    path = urlsplit(url).path if "://" in url else ""
-    if not path:
-        path = getattr(request, "endpoint", None) or "/"
-    return _DOUBLED_VERSION.sub(r"/\1/", path)
+    if "://" in url and not getattr(request, "endpoint", None):
+        path = _DOUBLED_VERSION.sub(r"/\1/", path)  # no label to undo it by: a best guess
+    return path
 
 
 def request_body_of(request: Any) -> Any:
@@ -60,11 +70,14 @@ def request_body_of(request: Any) -> Any:
 
 
 def key_of(cassette: Cassette) -> tuple[str, str]:
-    """The request key a cassette answers, and its wire path."""
-    request = cassette.request
-    path = wire_path_of(request)
-    query = keyed_query(parse_qsl(urlsplit(request.url or "").query, keep_blank_values=True))
-    return keys.request_key(request.method, path, request_body_of(request), query), path
+    """The request key a cassette answers, and its wire path.
+
+    The key is that of the wire request the real client sends for the recorded call
+    (``eras.recorded_wire``), so SDK-level recordings of every era match the wire.
+    """
+    wire = eras.recorded_wire(cassette)
+    query = keyed_query(wire.query)
+    return keys.request_key(wire.method, wire.path, wire.body, query), wire.path
 
 
 def safe_folder(test_id: str) -> str:
@@ -78,6 +91,7 @@ class CassetteStore:
         self.root = root
         self._index: dict[str, list[Entry]] = {}
         self._by_path: dict[str, list[Entry]] = {}
+        self._loose: dict[str, list[Entry]] = {}
         self._cache: OrderedDict[Path, Cassette] = OrderedDict()
         self._cache_size = cache_size
 
@@ -89,6 +103,7 @@ class CassetteStore:
         report = LoadReport()
         self._index.clear()
         self._by_path.clear()
+        self._loose.clear()
         self._cache.clear()
         if not self.root.is_dir():
             return report
@@ -110,9 +125,13 @@ class CassetteStore:
                 except CassetteError as e:
                     report.bad.append(str(e))
                     continue
-                self._add(path, cassette)
                 report.loaded += 1
-        for entries in self._index.values():
+                reason = eras.unservable_reason(cassette)
+                if reason is not None:
+                    report.unservable.append(f"{self.relative(path)}: {reason}")
+                    continue
+                self._add(path, cassette)
+        for entries in [*self._index.values(), *self._loose.values()]:
             # Newest first, so a fresh recording wins over an older file with the same key.
             entries.sort(key=_mtime, reverse=True)
         return report
@@ -125,10 +144,16 @@ class CassetteStore:
             pass
 
     def _add(self, path: Path, cassette: Cassette) -> Entry:
-        key, wire_path = key_of(cassette)
-        entry = Entry(key, path, cassette.test_id, cassette.request.method.upper(), wire_path)
+        wire = eras.recorded_wire(cassette)
+        query = keyed_query(wire.query)
+        key = keys.request_key(wire.method, wire.path, wire.body, query)
+        loose = keys.loose_keys(wire.method, wire.path, wire.body, query)
+        merge = eras.model_list_field(cassette)
+        entry = Entry(key, path, cassette.test_id, wire.method, wire.path, loose, merge)
         self._index.setdefault(key, []).append(entry)
-        self._by_path.setdefault(wire_path, []).append(entry)
+        self._by_path.setdefault(wire.path, []).append(entry)
+        for k in loose:
+            self._loose.setdefault(k, []).append(entry)
         return entry
 
     def add(self, path: Path, cassette: Cassette) -> Entry:
@@ -138,35 +163,56 @@ class CassetteStore:
         for e in old:
             self._index[key].remove(e)
             self._by_path[e.wire_path].remove(e)
+            for k in e.loose:
+                self._loose[k].remove(e)
             self._cache.pop(e.path, None)
         entry = self._add(path, cassette)
         self._index[key].insert(0, self._index[key].pop())
+        for k in entry.loose:
+            self._loose[k].insert(0, self._loose[k].pop())
         self._remember(path, cassette)
         return entry
 
-    def lookup(self, key: str, test_id: str | None = None) -> Entry | None:
-        """The entry for a key: the test's own first, then unscoped, then any other test's."""
-        entries = self._index.get(key)
-        if not entries:
-            return None
-        if test_id is not None:
-            for e in entries:
-                if e.test_id == test_id:
-                    return e
-        for e in entries:
-            if e.test_id is None:
-                return e
-        return min(entries, key=lambda e: e.test_id or "")
+    def lookup(
+        self, key: str, test_id: str | None = None, loose: tuple[str, ...] = ()
+    ) -> Entry | None:
+        """The entry for a key: the test's own first, then unscoped, then any other test's.
+
+        Only when the exact key has nothing, the loose keys are tried, in order, the same way.
+        """
+        entry = _pick(self._index.get(key), test_id)
+        for k in loose:
+            if entry is not None:
+                break
+            entry = _pick(self._loose.get(k), test_id)
+        return entry
 
     def test_ids(self, key: str) -> list[str]:
         return sorted({e.test_id for e in self._index.get(key, []) if e.test_id})
 
     def read(self, entry: Entry) -> Cassette:
+        """The cassette as it is replayed: ids mapped back, model lists merged."""
         cassette = self._cache.get(entry.path)
         if cassette is not None:
             self._cache.move_to_end(entry.path)
             return cassette
-        cassette = read_cassette(entry.path)
+        cassette = _read_mapped(entry.path)
+        if entry.merge_field:
+            siblings = sorted(
+                (
+                    e
+                    for e in self._index.get(entry.key, [])
+                    if e.test_id == entry.test_id and e.merge_field == entry.merge_field
+                ),
+                key=lambda e: str(e.path),
+            )
+            if len(siblings) > 1:
+                group = [
+                    cassette if e.path == entry.path else _read_mapped(e.path) for e in siblings
+                ]
+                merged = eras.merge_model_lists(group, entry.merge_field)
+                response = RecordedResponse.model_validate(merged)
+                cassette = cassette.model_copy(update={"response": response})
         self._remember(entry.path, cassette)
         return cassette
 
@@ -181,15 +227,16 @@ class CassetteStore:
 
         Only runs on a miss, so it may read files again.
         """
-        wanted = keys.canonical_json(body)
+        wanted = keys.canonical_json(normal_form(wire_path, body))
         best: tuple[int, Entry, str] | None = None
         for entry in self._by_path.get(wire_path, [])[:500]:
             if entry.method != method.upper():
                 continue
             try:
-                recorded = keys.canonical_json(request_body_of(self.read(entry).request))
+                recorded_body = eras.recorded_wire(self.read(entry)).body
             except CassetteError:
                 continue
+            recorded = keys.canonical_json(normal_form(wire_path, recorded_body))
             diff = keys.first_difference(wanted, recorded) or "query string or test id"
             score = _similarity(wanted, recorded)
             if best is None or score > best[0]:
@@ -201,6 +248,24 @@ class CassetteStore:
             return str(path.resolve().relative_to(self.root.resolve()))
         except ValueError:
             return str(path)
+
+
+def _read_mapped(path: Path) -> Cassette:
+    return eras.apply_id_mapping(read_cassette(path))
+
+
+def _pick(entries: list[Entry] | None, test_id: str | None) -> Entry | None:
+    """The test's own entry, else an unscoped one, else the first test id in sort order."""
+    if not entries:
+        return None
+    if test_id is not None:
+        for e in entries:
+            if e.test_id == test_id:
+                return e
+    for e in entries:
+        if e.test_id is None:
+            return e
+    return min(entries, key=lambda e: e.test_id or "")
 
 
 def _mtime(entry: Entry) -> float:

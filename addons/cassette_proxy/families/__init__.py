@@ -5,10 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Family, NotRecordable, StreamRecorder, Wire
+from .ollama import OllamaFamily
 from .openai import OpenAIFamily
 from .raw import RawFamily, encode_exception, error_response
 
-FAMILIES: list[Family] = [OpenAIFamily(), RawFamily()]
+# Ollama first: its exact /api/... endpoints must win over the openai family's suffix
+# match (``/api/embeddings`` ends with ``/embeddings``).
+FAMILIES: list[Family] = [OllamaFamily(), OpenAIFamily(), RawFamily()]
 
 __all__ = [
     "FAMILIES",

@@ -1,0 +1,728 @@
+"""``cassette-proxy``: run the proxy, and look after a folder of cassettes.
+
+Exit codes, for every command: 0 done; 1 the command ran and found or hit a problem
+(``verify`` found errors, a file could not be read or written, no such cassette);
+2 bad usage (an unknown option, a missing file given on the command line). ``run``
+returns the proxy's own status: 0 after a clean stop, 1 when it could not start
+(port in use), 2 for an option it does not know.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from . import __version__, catalog
+from .store import key_of
+
+DEFAULT_DIR = "cassettes"
+MODES = ("auto", "record", "replay", "record-if-missing", "passthrough")
+T = TypeVar("T")
+
+dir_option = click.option(
+    "--cassette-dir",
+    "-d",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_DIR,
+    show_default=True,
+    envvar="CASSETTE_DIR",
+    help="Folder of cassettes (env CASSETTE_DIR).",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="cassette-proxy")
+def cli() -> None:
+    """Record LLM inference traffic into cassettes and replay it offline.
+
+    Exit codes: 0 done, 1 a problem was found or hit, 2 bad usage.
+    """
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cli.main(args=list(argv) if argv is not None else None, prog_name="cassette-proxy")
+
+
+# ---- helpers ---------------------------------------------------------------------------
+
+
+@contextmanager
+def progress(items: Sequence[T], label: str) -> Iterator[Iterable[T]]:
+    """A progress bar on stderr for long work, when a person is watching."""
+    if len(items) > 200 and sys.stderr.isatty():
+        with click.progressbar(items, label=label, file=sys.stderr) as bar:
+            yield bar
+    else:
+        yield items
+
+
+def fail(message: str) -> click.ClickException:
+    return click.ClickException(message)
+
+
+def human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "K", "M"):
+        if size < 1024:
+            return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
+        size /= 1024
+    return f"{size:.1f}G"
+
+
+def clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Iterable[int] = ()) -> str:
+    right = set(right)
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        parts = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
+        return "  ".join(parts).rstrip()
+
+    return "\n".join([line(headers), *(line(r) for r in rows)])
+
+
+def read_folder(cassette_dir: Path, label: str = "reading cassettes") -> list[catalog.Item]:
+    if not cassette_dir.exists():
+        raise fail(f"no cassette folder at {cassette_dir}")
+    paths = catalog.cassette_paths(cassette_dir)
+    with progress(paths, label) as bar:
+        return [catalog.load_item(p, cassette_dir) for p in bar]
+
+
+def report_bad(items: Iterable[catalog.Item]) -> int:
+    bad = 0
+    for item in items:
+        if item.cassette is None:
+            bad += 1
+            click.echo(f"warning: skipped {item.rel}: {item.error}", err=True)
+    return bad
+
+
+# ---- ls --------------------------------------------------------------------------------
+
+
+@cli.command("ls")
+@dir_option
+@click.option("--endpoint", "-e", help="Only endpoints containing this text.")
+@click.option("--model", "-m", help="Only models containing this text.")
+@click.option("--test", "-t", "test", help="Only test ids containing this text.")
+@click.option("--streamed/--not-streamed", default=None, help="Only streamed / whole answers.")
+@click.option("--wide", "-w", is_flag=True, help="Do not shorten long cells.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def ls_command(
+    cassette_dir: Path,
+    endpoint: str | None,
+    model: str | None,
+    test: str | None,
+    streamed: bool | None,
+    wide: bool,
+    as_json: bool,
+) -> None:
+    """List cassettes: file, endpoint, model, streamed, chunks, size, test id.
+
+    \b
+    Example:
+      cassette-proxy ls --endpoint chat --streamed
+    """
+    items = read_folder(cassette_dir)
+    report_bad(items)
+    rows: list[dict[str, Any]] = []
+    for item in items:
+        if item.cassette is None:
+            continue
+        s = catalog.summarize(item.cassette)
+        if endpoint and endpoint not in s.endpoint:
+            continue
+        if model and model not in s.model:
+            continue
+        if test and test not in (s.test_id or ""):
+            continue
+        if streamed is not None and s.streamed != streamed:
+            continue
+        rows.append(
+            {
+                "file": item.rel,
+                "method": s.method,
+                "endpoint": s.endpoint,
+                "model": s.model,
+                "kind": s.kind,
+                "streamed": s.streamed,
+                "chunks": s.chunks,
+                "size": item.size,
+                "test_id": s.test_id,
+            }
+        )
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row))
+        return
+    if not rows:
+        click.echo("no cassettes match", err=True)
+        return
+    width = 10_000 if wide else 40
+    cells = [
+        [
+            clip(r["file"], width),
+            f"{r['method']} {r['endpoint']}",
+            clip(r["model"], width) or "-",
+            "yes" if r["streamed"] else "no",
+            str(r["chunks"]) if r["streamed"] else "-",
+            human_size(r["size"]),
+            clip(r["test_id"] or "-", 10_000 if wide else 60),
+        ]
+        for r in rows
+    ]
+    headers = ["FILE", "ENDPOINT", "MODEL", "STREAMED", "CHUNKS", "SIZE", "TEST ID"]
+    click.echo(table(headers, cells, right=(4, 5)))
+    click.echo(f"{len(rows)} cassette(s)", err=True)
+
+
+# ---- show ------------------------------------------------------------------------------
+
+
+def find_cassette(target: str, cassette_dir: Path) -> catalog.Item:
+    """A cassette by its path, or by a prefix of its file name or of its request key."""
+    path = Path(target)
+    if path.is_file():
+        item = catalog.load_item(path, path.parent)
+        item.rel = str(path)
+        return item
+    wanted = target.removesuffix(".json").lower()
+    if len(wanted) < 4 or not all(c in "0123456789abcdef-models" for c in wanted):
+        raise fail(f"no file {target} (and it is not a hash or key prefix)")
+    if not cassette_dir.is_dir():
+        raise fail(f"no file {target}, and no cassette folder at {cassette_dir} to search")
+    matches: list[catalog.Item] = []
+    for item in read_folder(cassette_dir, "searching"):
+        if item.path.name.lower().startswith(wanted):
+            matches.append(item)
+        elif item.cassette is not None and _key(item).startswith(wanted):
+            matches.append(item)
+    if not matches:
+        raise fail(f"no cassette in {cassette_dir} named or keyed {target}")
+    if len(matches) > 1:
+        names = ", ".join(m.rel for m in matches[:5])
+        more = f" and {len(matches) - 5} more" if len(matches) > 5 else ""
+        raise fail(f"{target} matches {len(matches)} cassettes: {names}{more}; give more of it")
+    return matches[0]
+
+
+def _key(item: catalog.Item) -> str:
+    assert item.cassette is not None
+    try:
+        return key_of(item.cassette)[0]
+    except Exception:  # noqa: BLE001 - a cassette that cannot be keyed has no key to match
+        return ""
+
+
+def shorten(value: Any, limit: int = 300) -> Any:
+    """Long strings (base64 images, long prompts) cut for reading."""
+    if isinstance(value, str) and len(value) > limit:
+        return value[:limit] + f"… ({len(value)} chars)"
+    if isinstance(value, dict):
+        return {k: shorten(v, limit) for k, v in value.items()}
+    if isinstance(value, list):
+        return [shorten(v, limit) for v in value]
+    return value
+
+
+@cli.command("show")
+@click.argument("target", metavar="FILE|KEY")
+@dir_option
+@click.option("--full", is_flag=True, help="Do not shorten long strings.")
+@click.option("--json", "as_json", is_flag=True, help="The readable view as JSON.")
+@click.option("--raw", is_flag=True, help="The file as it is.")
+def show_command(target: str, cassette_dir: Path, full: bool, as_json: bool, raw: bool) -> None:
+    """Show a cassette: its request, and its response made readable.
+
+    FILE|KEY is a path, or the first characters of a cassette's file name or of its
+    request key (the one in a miss's x-cassette-miss header). Streamed text and tool
+    calls are put back together.
+
+    \b
+    Example:
+      cassette-proxy show 0806aef4
+    """
+    item = find_cassette(target, cassette_dir)
+    if raw:
+        click.echo(item.path.read_text(encoding="utf-8", errors="replace"), nl=False)
+        return
+    if item.cassette is None:
+        raise fail(item.error or f"{item.rel} is not a cassette")
+    cassette = item.cassette
+    request = cassette.request
+    body = catalog.request_body_of(request)
+    view = catalog.reassemble(cassette)
+    if not full:
+        body, view = shorten(body), shorten(view)
+    s = catalog.summarize(cassette)
+    if as_json:
+        doc = {
+            "file": item.rel,
+            "key": _key(item),
+            "test_id": cassette.test_id,
+            "request": {"method": s.method, "url": request.url, "endpoint": s.endpoint, "body": body},
+            "response": view,
+        }
+        click.echo(json.dumps(doc, indent=2))
+        return
+    click.echo(f"file      {item.rel}")
+    click.echo(f"request   {s.method} {request.url or s.endpoint}")
+    click.echo(f"key       {_key(item) or '-'}")
+    click.echo(f"test id   {cassette.test_id or '-'}")
+    click.echo(f"model     {s.model or '-'}")
+    click.echo("body")
+    click.echo(_indent(json.dumps(body, indent=2, ensure_ascii=False)))
+    click.echo("")
+    click.echo(render_view(view))
+
+
+def _indent(text: str, by: str = "  ") -> str:
+    return "\n".join(by + line for line in text.splitlines())
+
+
+def render_view(view: dict[str, Any]) -> str:
+    """The reassembled response as lines for a person."""
+    kind = view.get("kind")
+    head = f"response  {kind}"
+    if "chunks" in view:
+        head += f", streamed in {view['chunks']} chunks"
+    if view.get("status"):
+        head += f", status {view['status']}"
+    lines = [head]
+    if kind == "error":
+        lines.append(_indent(str(view.get("message"))))
+    for choice in view.get("choices", []):
+        finish = choice.get("finish_reason")
+        lines.append(f"  choice {choice['index']}" + (f" (finish: {finish})" if finish else ""))
+        if choice.get("reasoning"):
+            lines.append("    reasoning:")
+            lines.append(_indent(choice["reasoning"], "      "))
+        if choice.get("text"):
+            lines.append("    text:")
+            lines.append(_indent(choice["text"], "      "))
+        for call in choice.get("tool_calls", []):
+            lines.append(f"    tool call {call['name']} (id {call['id']}):")
+            lines.append(_indent(call["arguments"], "      "))
+    if "text" in view and kind not in ("raw", "raw-stream"):
+        if view.get("thinking"):
+            lines.append("  thinking:")
+            lines.append(_indent(view["thinking"], "    "))
+        lines.append("  text:")
+        lines.append(_indent(view["text"], "    "))
+        for call in view.get("tool_calls", []):
+            lines.append(f"  tool call: {json.dumps(call)}")
+    if "models" in view:
+        lines.append(f"  {len(view['models'])} models:")
+        lines += [f"    {m}" for m in view["models"]]
+    if "embeddings" in view:
+        lines.append(f"  {view['embeddings']} embedding(s) of {view.get('dimensions')} dimensions")
+    if kind in ("raw", "raw-stream"):
+        if view.get("text"):
+            lines.append("  text (from the stream's deltas):")
+            lines.append(_indent(view["text"], "    "))
+        lines.append(_indent(json.dumps(view.get("body"), indent=2, ensure_ascii=False)))
+    elif "data" in view:
+        lines.append(_indent(json.dumps(view["data"], indent=2, ensure_ascii=False)))
+    if view.get("usage"):
+        usage = ", ".join(f"{k} {v}" for k, v in view["usage"].items())
+        lines.append(f"usage     {usage}")
+    return "\n".join(lines)
+
+
+# ---- verify ----------------------------------------------------------------------------
+
+
+@cli.command("verify")
+@click.argument("paths", nargs=-1, type=click.Path(exists=True, path_type=Path))
+@dir_option
+@click.option("--strict", is_flag=True, help="Warnings fail too (exit 1).")
+@click.option("--quiet", "-q", is_flag=True, help="Print only problems and the total.")
+def verify_command(paths: tuple[Path, ...], cassette_dir: Path, strict: bool, quiet: bool) -> None:
+    """Check cassettes: each parses, its types load, its name is its request's hash.
+
+    Errors (exit 1): a file that is not a cassette, a type that does not exist, data
+    that is not an object. Warnings (exit 0 unless --strict): a name that is not the
+    hash of its request, two files answering the same request for the same test,
+    data that only loads leniently (as the SDKs load it), types not checked because
+    their package is not installed. Checks PATHS, or the cassette folder.
+
+    \b
+    Example (CI):
+      cassette-proxy verify --cassette-dir tests/cassettes
+    """
+    roots = list(paths) or [cassette_dir]
+    items: list[catalog.Item] = []
+    for root in roots:
+        if not root.exists():
+            raise fail(f"no cassette folder at {root}")
+        items += read_folder(root, "verifying")
+    errors = warnings = 0
+    seen: dict[tuple[str, str | None], str] = {}
+    with progress(items, "checking") as bar:
+        for item in bar:
+            found = catalog.verify_item(item)
+            if item.cassette is not None and not found.errors:
+                key = (_key(item), item.cassette.test_id)
+                if key in seen:
+                    found.warnings.append(f"answers the same request as {seen[key]}")
+                else:
+                    seen[key] = item.rel
+            for message in found.errors:
+                errors += 1
+                click.echo(f"error    {item.rel}: {message}")
+            for message in found.warnings:
+                warnings += 1
+                click.echo(f"warning  {item.rel}: {message}")
+    verdict = f"{len(items)} cassette(s): {errors} error(s), {warnings} warning(s)"
+    click.echo(verdict, err=quiet)
+    if errors or (strict and warnings):
+        sys.exit(1)
+
+
+# ---- stats -----------------------------------------------------------------------------
+
+
+@cli.command("stats")
+@dir_option
+@click.option("--json", "as_json", is_flag=True, help="The numbers as JSON.")
+def stats_command(cassette_dir: Path, as_json: bool) -> None:
+    """Counts by endpoint and by model, and the tokens recorded (from ``usage``).
+
+    \b
+    Example:
+      cassette-proxy stats
+    """
+    items = read_folder(cassette_dir)
+    bad = report_bad(items)
+    by_endpoint: Counter[str] = Counter()
+    by_model: Counter[str] = Counter()
+    tokens_by_model: dict[str, Counter[str]] = {}
+    tokens: Counter[str] = Counter()
+    streamed = total_bytes = tests = 0
+    test_ids: set[str] = set()
+    for item in items:
+        if item.cassette is None:
+            continue
+        s = catalog.summarize(item.cassette)
+        by_endpoint[f"{s.method} {s.endpoint}"] += 1
+        by_model[s.model or "-"] += 1
+        tokens.update(s.usage)
+        tokens_by_model.setdefault(s.model or "-", Counter()).update(s.usage)
+        streamed += s.streamed
+        total_bytes += item.size
+        if s.test_id:
+            test_ids.add(s.test_id)
+    tests = len(test_ids)
+    count = sum(by_endpoint.values())
+    if as_json:
+        doc = {
+            "cassettes": count,
+            "unreadable": bad,
+            "streamed": streamed,
+            "bytes": total_bytes,
+            "tests": tests,
+            "by_endpoint": dict(by_endpoint.most_common()),
+            "by_model": dict(by_model.most_common()),
+            "tokens": dict(tokens),
+            "tokens_by_model": {m: dict(c) for m, c in tokens_by_model.items() if c},
+        }
+        click.echo(json.dumps(doc, indent=2))
+        return
+    click.echo(
+        f"{count} cassette(s), {streamed} streamed, {human_size(total_bytes)}, "
+        f"{tests} test id(s)" + (f", {bad} unreadable" if bad else "")
+    )
+    click.echo("")
+    click.echo(table(["ENDPOINT", "CASSETTES"], [[e, str(n)] for e, n in by_endpoint.most_common()], right=(1,)))
+    click.echo("")
+    rows = []
+    for model, n in by_model.most_common():
+        used = tokens_by_model.get(model, Counter())
+        rows.append(
+            [model, str(n)]
+            + [str(used[k]) if k in used else "-" for k in ("prompt_tokens", "completion_tokens", "total_tokens")]
+        )
+    click.echo(table(["MODEL", "CASSETTES", "PROMPT TOKENS", "COMPLETION TOKENS", "TOTAL TOKENS"], rows, right=(1, 2, 3, 4)))
+    click.echo("")
+    click.echo(
+        f"tokens recorded: {tokens['prompt_tokens']} prompt, "
+        f"{tokens['completion_tokens']} completion, {tokens['total_tokens']} total"
+    )
+
+
+# ---- prune -----------------------------------------------------------------------------
+
+
+@cli.command("prune")
+@dir_option
+@click.option(
+    "--usage-log",
+    "-u",
+    "usage_logs",
+    multiple=True,
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A usage log written by `run --usage-log` (repeatable: their union is kept).",
+)
+@click.option("--yes", "-y", is_flag=True, help="Delete. Without it, only list what would go.")
+def prune_command(cassette_dir: Path, usage_logs: tuple[Path, ...], yes: bool) -> None:
+    """Remove cassettes that no logged session used. A dry run unless --yes.
+
+    Run the proxy (or the test suite's proxy) with a usage log for a full session,
+    then prune with that log: every cassette the session neither served nor recorded
+    is listed, and deleted with --yes.
+
+    \b
+    Example:
+      cassette-proxy run --usage-log used.log    # run the whole suite through it
+      cassette-proxy prune --usage-log used.log  # look
+      cassette-proxy prune --usage-log used.log --yes
+    """
+    from .usage import read_usage
+
+    if not cassette_dir.is_dir():
+        raise fail(f"no cassette folder at {cassette_dir}")
+    used, malformed = read_usage(usage_logs, cassette_dir)
+    if malformed:
+        click.echo(f"warning: {malformed} line(s) of the usage log(s) not understood", err=True)
+    if not used:
+        raise fail("the usage log(s) name no cassette; refusing to prune everything")
+    unused = [p for p in catalog.cassette_paths(cassette_dir) if p.resolve() not in used]
+    root = cassette_dir
+    for path in unused:
+        click.echo(f"{'removing' if yes else 'would remove'} {path.relative_to(root)}")
+    kept = len(catalog.cassette_paths(cassette_dir)) - len(unused)
+    if not yes:
+        click.echo(f"{len(unused)} unused, {kept} used; nothing removed (dry run: add --yes)", err=True)
+        return
+    failed = 0
+    with progress(unused, "removing") as bar:
+        for path in bar:
+            try:
+                path.unlink()
+            except OSError as e:
+                failed += 1
+                click.echo(f"error: cannot remove {path}: {e.strerror or e}", err=True)
+    _remove_empty_folders(cassette_dir)
+    click.echo(f"{len(unused) - failed} removed, {kept} kept", err=True)
+    if failed:
+        sys.exit(1)
+
+
+def _remove_empty_folders(root: Path) -> None:
+    for dirpath, _dirnames, _filenames in sorted(os.walk(root), key=lambda w: -len(w[0])):
+        folder = Path(dirpath)
+        if folder != root and not folder.name.startswith("."):
+            try:
+                folder.rmdir()  # only succeeds when empty
+            except OSError:
+                pass
+
+
+# ---- import ----------------------------------------------------------------------------
+
+
+@cli.command("import")
+@click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@dir_option
+@click.option("--test-id", help="Record every interaction under this test id.")
+@click.option(
+    "--record-header",
+    "record_headers",
+    multiple=True,
+    help="Request header to keep, by name (repeatable). Credentials never are.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace cassettes that already exist.")
+def import_command(
+    sources: tuple[Path, ...],
+    cassette_dir: Path,
+    test_id: str | None,
+    record_headers: tuple[str, ...],
+    overwrite: bool,
+) -> None:
+    """Turn mitmproxy flow files (mitmdump -w) or HAR files into cassettes.
+
+    Every HTTP interaction with a JSON request is recorded as the proxy would have
+    recorded it, under the same file name. Answers the proxy itself gave (replays,
+    misses), 5xx and 408/409/429 answers, and streams cut short are skipped.
+    Streamed answers are in a flow file only if mitmproxy kept them
+    (--set store_streamed_bodies=true).
+
+    \b
+    Example:
+      mitmdump -w traffic.flows --set store_streamed_bodies=true
+      cassette-proxy import traffic.flows session.har
+    """
+    from .importer import import_flows, read_flows
+
+    written: list[Path] = []
+    skipped: Counter[str] = Counter()
+    for source in sources:
+        try:
+            flows = read_flows(source)
+        except ValueError as e:
+            raise fail(f"{source}: {e}") from None
+        with progress(flows, f"importing {source.name}") as bar:
+            result = import_flows(
+                bar,
+                cassette_dir,
+                test_id=test_id,
+                record_headers=list(record_headers),
+                overwrite=overwrite,
+            )
+        written += result.written
+        skipped.update(result.skipped)
+        for problem in result.failed:
+            click.echo(f"error: {problem}", err=True)
+        if result.failed:
+            raise fail(f"{len(result.failed)} cassette(s) from {source} could not be written")
+    for path in written:
+        click.echo(f"imported {path}")
+    detail = ", ".join(f"{n} {why}" for why, n in skipped.most_common())
+    click.echo(f"{len(written)} imported, {sum(skipped.values())} skipped" + (f" ({detail})" if detail else ""), err=True)
+
+
+# ---- run -------------------------------------------------------------------------------
+
+
+def _setting(sets: Sequence[str], name: str) -> str | None:
+    """The last value given to a mitmproxy option in ``name=value`` settings."""
+    value = None
+    for spec in sets:
+        key, sep, rest = spec.partition("=")
+        if sep and key == name:
+            value = rest
+    return value
+
+
+def _client_host(listen_host: str) -> str:
+    return "127.0.0.1" if listen_host in ("", "0.0.0.0", "::") else listen_host
+
+
+def _ca_cert(confdir: Path) -> Path | None:
+    """mitmproxy's CA certificate in ``confdir``, made now if it is not there yet."""
+    try:
+        from mitmproxy.certs import CertStore
+
+        CertStore.from_store(confdir, "mitmproxy", 2048)
+    except Exception:  # noqa: BLE001 - the proxy reports it properly when it starts
+        return None
+    return confdir / "mitmproxy-ca-cert.pem"
+
+
+def client_lines(url: str, reverse: str | None, ca: Path | None) -> list[str]:
+    """What a client needs, as lines to paste into a shell."""
+    if reverse:
+        return [
+            f"# reverse proxy to {reverse}: send requests to {url} instead",
+            f"export OPENAI_BASE_URL={url}/v1",
+        ]
+    lines = [f"export {name}={url}" for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")]
+    if ca is not None:
+        lines += [f"export {name}={ca}" for name in ("SSL_CERT_FILE", "NODE_EXTRA_CA_CERTS", "CURL_CA_BUNDLE")]
+    return lines
+
+
+@cli.command("run", context_settings={"show_default": True})
+@click.option("--mode", type=click.Choice(MODES), default="auto", help="What to do with each request.")
+@dir_option
+@click.option("--listen-host", default="127.0.0.1", help="Address to listen on.")
+@click.option("--listen-port", "-p", type=click.IntRange(1, 65535), default=8080, help="Port to listen on.")
+@click.option("--reverse", metavar="URL", help="Reverse mode: act as this upstream (base URL).")
+@click.option("--confdir", type=click.Path(file_okay=False, path_type=Path), help="mitmproxy's folder (its CA). [default: ~/.mitmproxy]")
+@click.option("--usage-log", type=click.Path(dir_okay=False, path_type=Path), help="Log the cassettes used, for `prune`.")
+@click.option("--set", "sets", multiple=True, metavar="NAME=VALUE", help="Any mitmproxy or cassette option (repeatable).")
+@click.option("--full", is_flag=True, help="Host the addon in mitmdump's full master (its options, -w) instead of the lean one.")
+@click.option("--quiet", "-q", is_flag=True, help="Log warnings and errors only.")
+@click.option("--verbose", "-v", is_flag=True, help="Log debug lines too.")
+def run_command(
+    mode: str,
+    cassette_dir: Path,
+    listen_host: str,
+    listen_port: int,
+    reverse: str | None,
+    confdir: Path | None,
+    usage_log: Path | None,
+    sets: tuple[str, ...],
+    full: bool,
+    quiet: bool,
+    verbose: bool,
+) -> None:
+    """Start the proxy. Stop it with Ctrl-C (or SIGTERM); it prints a summary.
+
+    It prints the lines a client needs (proxy variables and the CA certificate
+    for curl, Python and Node) and logs one line per interaction: mode, hit / miss
+    / recorded / fallback, key prefix and file.
+
+    \b
+    Examples:
+      cassette-proxy run
+      cassette-proxy run --mode replay --cassette-dir tests/cassettes
+      cassette-proxy run --reverse http://127.0.0.1:8000 --listen-port 8001
+    """
+    from .addon import CassetteRecorder
+    from .lean import run_proxy
+
+    for spec in sets:
+        if "=" not in spec:
+            raise click.BadParameter(f"{spec!r} is not NAME=VALUE", param_hint="--set")
+    settings = [
+        f"cassette_mode={mode}",
+        f"cassette_dir={cassette_dir}",
+        f"listen_host={listen_host}",
+        f"listen_port={listen_port}",
+    ]
+    if reverse:
+        settings.append(f"mode=reverse:{reverse}")
+    if confdir is not None:
+        settings.append(f"confdir={confdir}")
+    if usage_log is not None:
+        settings.append(f"cassette_usage_log={usage_log.resolve()}")
+    if quiet:
+        settings.append("termlog_verbosity=warning")
+        if full:
+            settings.append("flow_detail=0")
+    elif verbose:
+        settings.append("termlog_verbosity=debug")
+    settings += sets  # given last, so they win
+
+    listen_host = _setting(settings, "listen_host") or "127.0.0.1"
+    url = f"http://{_client_host(listen_host)}:{_setting(settings, 'listen_port')}"
+    proxy_mode = _setting(settings, "mode")
+    reverse_to = proxy_mode.removeprefix("reverse:") if proxy_mode and proxy_mode.startswith("reverse:") else None
+    conf = Path(_setting(settings, "confdir") or "~/.mitmproxy").expanduser()
+    ca = None if reverse_to else _ca_cert(conf)
+    folder = Path(_setting(settings, "cassette_dir") or DEFAULT_DIR)
+    click.echo(
+        f"# cassette-proxy {_setting(settings, 'cassette_mode')} mode, cassettes in {folder}, "
+        f"{'lean' if not full else 'full'} master at {url}"
+    )
+    for line in client_lines(url, reverse_to, ca):
+        click.echo(line)
+    sys.stdout.flush()
+
+    addon = CassetteRecorder()
+    addon.log_summary = False  # printed below, once
+    status = run_proxy(settings, lean=not full, addon=addon)
+    c = addon.counts
+    click.echo(
+        f"cassette-proxy: {c['hit']} hits, {c['miss']} misses, {c['recorded']} recorded, "
+        f"{c['fallback']} offline fallbacks"
+    )
+    sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()
