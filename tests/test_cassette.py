@@ -26,8 +26,13 @@ def test_seed_round_trips_byte_for_byte(repo_root, tmp_path):
 
 def test_new_cassette_has_the_format_key_order(tmp_path):
     c = make_cassette(
-        test_id=None, method="POST", url="http://h/v1/completions", headers={},
-        body={"model": "m", "prompt": "p"}, endpoint="/v1/completions", model="m",
+        test_id=None,
+        method="POST",
+        url="http://h/v1/completions",
+        headers={},
+        body={"model": "m", "prompt": "p"},
+        endpoint="/v1/completions",
+        model="m",
         response={"body": {"__type__": "t", "__data__": {}}, "is_streaming": False},
     )
     text = c.to_json()
@@ -42,7 +47,9 @@ def test_bad_files_are_reported_not_fatal(tmp_path, repo_root):
     (tmp_path / "shape.json").write_text('{"request": 1, "response": 2}')
     (tmp_path / "list.json").write_text("[]")
     (tmp_path / (TEMP_PREFIX + "abc.json")).write_text("{")
-    (tmp_path / "good.json").write_bytes((repo_root / "cassettes" / "0806aef47037.json").read_bytes())
+    (tmp_path / "good.json").write_bytes(
+        (repo_root / "cassettes" / "0806aef47037.json").read_bytes()
+    )
     store = CassetteStore(tmp_path)
     report = store.load()
     assert report.loaded == 1
@@ -64,7 +71,10 @@ def test_base64_embeddings_round_trip_exactly():
 
 def test_models_list_encodes_as_openai_list():
     fam = OpenAIFamily()
-    data = {"object": "list", "data": [{"id": "a", "object": "model", "created": 1, "owned_by": "x"}]}
+    data = {
+        "object": "list",
+        "data": [{"id": "a", "object": "model", "created": 1, "owned_by": "x"}],
+    }
     recorded = fam.record("/v1/models", {}, 200, data)
     assert recorded["body"][0]["__type__"] == "openai.types.model.Model"
     wire = encode("/v1/models", {}, recorded)

@@ -8,8 +8,12 @@ from cassette_proxy import keys
 
 def test_key_ignores_key_order_nulls_and_float_noise():
     a = {"model": "m", "temperature": 0.7, "messages": [{"role": "user", "content": "hi"}]}
-    b = {"messages": [{"content": "hi", "role": "user"}], "temperature": 0.700000001, "model": "m",
-         "seed": None}
+    b = {
+        "messages": [{"content": "hi", "role": "user"}],
+        "temperature": 0.700000001,
+        "model": "m",
+        "seed": None,
+    }
     assert keys.request_key("POST", "/v1/chat/completions", a) == keys.request_key(
         "post", "/v1/chat/completions", b
     )

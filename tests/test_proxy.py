@@ -60,7 +60,9 @@ def test_records_every_openai_family_and_replays_it_offline(proxy_factory, upstr
     client = openai_client(proxy, upstream)
 
     live_chat = client.chat.completions.create(**chat_kwargs("non streamed"))
-    live_stream = stream_text(client.chat.completions.create(**chat_kwargs("streamed"), stream=True))
+    live_stream = stream_text(
+        client.chat.completions.create(**chat_kwargs("streamed"), stream=True)
+    )
     live_completion = client.completions.create(model="fake-model", prompt="once upon")
     live_completion_stream = "".join(
         c.choices[0].text
@@ -172,7 +174,9 @@ def test_no_502_window_when_upstream_dies_while_up_verdict_is_cached(proxy_facto
     # The very first request after the death is answered from the cassette.
     assert client.chat.completions.create(**chat_kwargs("window")) == live
     fresh = openai_client(proxy, upstream)
-    assert stream_text(fresh.chat.completions.create(**chat_kwargs("w2"), stream=True)) == live_stream
+    assert (
+        stream_text(fresh.chat.completions.create(**chat_kwargs("w2"), stream=True)) == live_stream
+    )
     assert "went away" in proxy.log_text()
 
 
@@ -382,8 +386,14 @@ def test_stream_is_complete_when_the_sdk_hangs_up_after_done(proxy_factory, upst
     )
     (f,) = wait_for_files(proxy.cassette_dir, 1)
     chunks = load(f)["response"]["body"]
-    assert "".join(c["__data__"]["choices"][0]["delta"].get("content") or ""
-                   for c in chunks if c["__data__"]["choices"]) == text
+    assert (
+        "".join(
+            c["__data__"]["choices"][0]["delta"].get("content") or ""
+            for c in chunks
+            if c["__data__"]["choices"]
+        )
+        == text
+    )
 
 
 def test_curl_through_the_proxy(proxy_factory, upstream):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +25,10 @@ from mitmproxy.tls import TlsData
 from OpenSSL import SSL
 
 from . import keys
-from .cassette import Cassette, write_cassette
+from .cassette import Cassette, CassetteError, write_cassette
 from .fallback import TOKEN_HEADER, FallbackServer, certificate_pems
 from .families import Family, NotRecordable, StreamRecorder, classify, encode
+from .families.base import Wire
 from .recording import UNRECORDED_ERRORS, new_recording, recording_path, whole_response
 from .redact import keyed_query, recordable_headers, redact_url
 from .stable import normalize_response
@@ -43,6 +45,7 @@ MISS_HEADER = "x-cassette-miss"
 # The openai SDKs retry 408, 409, 429 and 5xx; a miss must not be retried.
 MISS_STATUS = 404
 STREAM_TYPES = ("text/event-stream", "application/x-ndjson", "application/jsonl")
+WIRE_CACHE_SIZE = 256  # encoded answers kept for repeated hits (as many as the store's cache)
 
 
 @dataclass
@@ -75,6 +78,9 @@ class CassetteRecorder:
         self._fallback_flows: dict[str, http.HTTPFlow] = {}
         self._writes: set[asyncio.Task[None]] = set()
         self.counts = {"hit": 0, "miss": 0, "recorded": 0, "fallback": 0}
+        # Encoded answers by cassette file: a hit re-sends bytes, no model_dump/encode.
+        # Valid while the store still holds the same Cassette object for that file.
+        self._wires: OrderedDict[Path, tuple[Cassette, str, Wire, str]] = OrderedDict()
         self.usage = UsageLog()
 
     # ---- options -----------------------------------------------------------------
@@ -244,13 +250,11 @@ class CassetteRecorder:
             self.counts["miss"] += 1
             return self._miss(plan)
         try:
-            cassette = self.store.read(entry)
-            wire = encode(plan.path, plan.body, cassette.response.model_dump())
-        except (OSError, ValueError, NotRecordable) as e:
+            wire, plan.served_from = self._wire(entry, plan)
+        except (OSError, ValueError, NotRecordable, CassetteError) as e:
             log.warning("cassette %s cannot be replayed: %s", entry.path, e)
             self.counts["miss"] += 1
             return self._miss(plan, broken=f"{self.store.relative(entry.path)}: {e}")
-        plan.served_from = self.store.relative(entry.path)
         self.counts["hit"] += 1
         self.usage.note("fallback" if why else "hit", plan.served_from)
         log.info(
@@ -265,6 +269,21 @@ class CassetteRecorder:
         headers = {"content-type": wire.content_type, FILE_HEADER: plan.served_from}
         headers.update(wire.headers)
         return http.Response.make(wire.status, wire.body, headers)
+
+    def _wire(self, entry: Any, plan: Plan) -> tuple[Wire, str]:
+        """The bytes to send for a hit, and the cassette file named in the answer."""
+        assert self.store is not None
+        cassette = self.store.read(entry)
+        cached = self._wires.get(entry.path)
+        if cached is not None and cached[0] is cassette and cached[1] == plan.key:
+            self._wires.move_to_end(entry.path)
+            return cached[2], cached[3]
+        wire = encode(plan.path, plan.body, cassette.response.model_dump())
+        served_from = self.store.relative(entry.path)
+        self._wires[entry.path] = (cassette, plan.key, wire, served_from)
+        if len(self._wires) > WIRE_CACHE_SIZE:
+            self._wires.popitem(last=False)
+        return wire, served_from
 
     def _miss(self, plan: Plan, broken: str | None = None) -> http.Response:
         assert self.store is not None

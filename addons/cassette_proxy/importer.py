@@ -1,0 +1,126 @@
+"""``cassette-proxy import``: mitmproxy flow files and HAR files into cassettes.
+
+Each interaction goes through the same families and the same naming as a live
+recording (``recording.new_recording``), so importing traffic captured with plain
+mitmdump, a browser or any HAR-writing tool gives the cassettes the proxy would have
+written had it seen that traffic.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mitmproxy import exceptions, http
+from mitmproxy.io import FlowReader
+
+from .addon import FILE_HEADER, MISS_HEADER, STREAM_TYPES, TEST_ID_HEADER
+from .cassette import Cassette, write_cassette
+from .families import NotRecordable, classify
+from .recording import new_recording, whole_response
+from .redact import recordable_headers, redact_url
+
+
+def read_flows(source: Path) -> list[http.HTTPFlow]:
+    """Every HTTP flow in a ``mitmdump -w`` file or a HAR file (mitmproxy reads both).
+
+    Raises ValueError with a one-line reason when the file is neither.
+    """
+    try:
+        with source.open("rb") as f:
+            flows = list(FlowReader(f).stream())
+    except exceptions.FlowReadException as e:
+        raise ValueError(f"not a mitmproxy flow file or a HAR file ({e})") from None
+    except OSError as e:
+        raise ValueError(f"cannot read: {e.strerror or e}") from None
+    return [f for f in flows if isinstance(f, http.HTTPFlow)]
+
+
+@dataclass
+class ImportResult:
+    written: list[Path] = field(default_factory=list)
+    skipped: Counter[str] = field(default_factory=Counter)
+    failed: list[str] = field(default_factory=list)
+
+
+def import_flows(
+    flows: Iterable[http.HTTPFlow],
+    cassette_dir: Path,
+    *,
+    test_id: str | None = None,
+    record_headers: list[str] | None = None,
+    overwrite: bool = False,
+) -> ImportResult:
+    result = ImportResult()
+    planned: dict[Path, Cassette] = {}
+    for flow in flows:
+        try:
+            made = cassette_of(flow, cassette_dir, test_id, record_headers or [])
+        except NotRecordable as e:
+            result.skipped[str(e)] += 1
+            continue
+        path, cassette = made
+        if path.exists() and not overwrite:
+            result.skipped["already recorded (use --overwrite)"] += 1
+            continue
+        planned[path] = cassette  # the same request twice: the later answer wins, as live
+    for path, cassette in planned.items():
+        try:
+            write_cassette(path, cassette)
+        except OSError as e:
+            result.failed.append(f"{path}: {e.strerror or e}")
+            continue
+        result.written.append(path)
+    return result
+
+
+def cassette_of(
+    flow: http.HTTPFlow, root: Path, test_id: str | None, record_headers: list[str]
+) -> tuple[Path, Cassette]:
+    """The cassette for one flow and its path; NotRecordable says why there is none."""
+    request, response = flow.request, flow.response
+    if response is None:
+        raise NotRecordable("no response")
+    if FILE_HEADER in response.headers or MISS_HEADER in response.headers:
+        raise NotRecordable("answered by cassette-proxy itself")
+    body: Any = {}
+    if request.raw_content:
+        try:
+            body = json.loads(request.get_content(strict=False) or b"")
+        except (ValueError, UnicodeDecodeError):
+            raise NotRecordable("request body is not JSON") from None
+    path = request.path.split("?", 1)[0]
+    method = request.method.upper()
+    family = classify(method, path)
+    status = response.status_code
+    content_type = response.headers.get("content-type", "").lower()
+    if content_type.startswith(STREAM_TYPES):
+        if not 200 <= status < 300:
+            raise NotRecordable(f"upstream answered {status}")
+        if response.raw_content is None:
+            raise NotRecordable("streamed body not kept (capture with store_streamed_bodies=true)")
+        recorder = family.stream_recorder(path, body, content_type)
+        recorder.feed(response.get_content(strict=False) or b"")
+        half = recorder.response(clean_end=flow.error is None)
+    else:
+        try:
+            data = json.loads(response.get_content(strict=False) or b"")
+        except (ValueError, UnicodeDecodeError):
+            raise NotRecordable("answer is not JSON") from None
+        half = whole_response(family, path, body, status, data)
+    scoped = test_id if test_id is not None else request.headers.get(TEST_ID_HEADER)
+    headers = {k: v for k, v in request.headers.items() if k.lower() != TEST_ID_HEADER}
+    return new_recording(
+        root,
+        method=method,
+        path=path,
+        body=body,
+        test_id=scoped,
+        url=redact_url(request.pretty_url),
+        headers=recordable_headers(headers, record_headers),
+        response=half,
+    )
