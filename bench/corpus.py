@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from cassette_proxy import keys
-from cassette_proxy.store import wire_path_of
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 # How often each fixture appears in the mix: mostly small chats, some long streams.
@@ -69,15 +68,9 @@ def variant(doc: dict[str, Any], i: int) -> tuple[str, dict[str, Any]]:
     body = request.get("body")
     if not _vary_text(body, f" (variant {i})"):
         doc["test_id"] = f"{doc.get('test_id') or 'bench'}[variant-{i}]"
-    endpoint = wire_path_of(_Req(request))
+    endpoint = request.get("endpoint") or "/"
     name = keys.recording_hash(request["method"], endpoint, body, doc.get("test_id"))
     return name + ".json", doc
-
-
-class _Req:
-    def __init__(self, request: dict[str, Any]) -> None:
-        self.url = request.get("url")
-        self.endpoint = request.get("endpoint")
 
 
 def make_cassettes(folder: Path, n: int) -> int:

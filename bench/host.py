@@ -1,4 +1,6 @@
-"""Host any addon script in the lean master: ``python bench/host.py SCRIPT|none [--slow] NAME=VALUE...``.
+"""Host any addon script in the lean master (benchmark helper).
+
+Usage: ``python bench/host.py SCRIPT|none [--slow] NAME=VALUE...``.
 
 ``SCRIPT`` is a file with ``addons = [...]`` like ``mitmdump -s`` takes; ``none`` hosts no
 addon (plain forwarding); ``--slow`` keeps mitmproxy's per-addon hook dispatch.

@@ -43,6 +43,9 @@ ensure_venv() {
     fi
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip >&2 || true
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[test]" >&2
+    # scripts/run starts the proxy with -O: compile that bytecode once, so a start does not
+    # recompile mitmproxy (e.g. where PYTHONDONTWRITEBYTECODE is set).
+    "$VENV/bin/python" -O -m compileall -q -j 0 "$VENV/lib" >/dev/null 2>&1 || true
     echo "$want" > "$stamp"
 }
 

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import ollama
 import openai
 import pytest
-from upstreams import OpenAIUpstream, start_openai_upstream
+from upstreams import OllamaUpstream, OpenAIUpstream, start_ollama_upstream, start_openai_upstream
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RECORDER_SCRIPT = REPO_ROOT / "addons" / "recorder.py"
@@ -311,6 +312,25 @@ def async_openai_client(
     )
 
 
+def ollama_client(
+    proxy: Proxy | str | None,
+    upstream: OllamaUpstream | Proxy | str,
+    *,
+    test_id: str | None = None,
+    timeout: float = 30.0,
+) -> ollama.Client:
+    """The real ollama client for `upstream`, through `proxy` (None: direct / reverse mode).
+
+    test_id -> sent as X-Cassette-Test-Id on every request."""
+    return ollama.Client(
+        host=_url_of(upstream),
+        proxy=_url_of(proxy) if proxy is not None else None,
+        trust_env=False,
+        timeout=timeout,
+        headers={"X-Cassette-Test-Id": test_id} if test_id else None,
+    )
+
+
 # --------------------------------------------------------------------------
 # Fixtures
 # --------------------------------------------------------------------------
@@ -385,3 +405,11 @@ def upstream_factory() -> Iterator[Callable[..., OpenAIUpstream]]:
 def upstream(upstream_factory: Callable[..., OpenAIUpstream]) -> OpenAIUpstream:
     """A default fake OpenAI upstream with tag "A"."""
     return upstream_factory("A")
+
+
+@pytest.fixture
+def ollama_upstream() -> Iterator[OllamaUpstream]:
+    """A fake Ollama server (native /api/...) with tag "A"; stopped at teardown."""
+    up = start_ollama_upstream("A")
+    yield up
+    up.stop()

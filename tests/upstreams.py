@@ -23,12 +23,21 @@ server runs; `configure(**knobs)` sets several and rejects typos):
     cut_after         int    SSE events sent before fail_mode="cut" resets the socket
     done_tail_delay   float  seconds between `data: [DONE]` and the end of the chunked body
     models            list[str]  ids listed by GET /v1/models
+    response_encoding None | "gzip" | "deflate" | "br" | "zstd"  compress every answer
+                      (streams too, flushed per event) whatever the request accepted
+    extra_headers     dict[str, str]  headers added to every answer (e.g. set-cookie)
+    path_prefix       str    stripped from the path before routing (a gateway's base path)
+
+Request bodies sent with a content-encoding are decoded before routing (as servers
+behind a decompressing front end do); `requests` keeps the bytes as they arrived.
+`POST /v1/echo` answers `{"reply": X}` with X, any JSON, as it came.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import gzip
 import hashlib
 import json
 import socket
@@ -37,10 +46,18 @@ import struct
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+import brotli
+
+try:  # zstd is in the standard library from 3.14; mitmproxy pulls in the backport
+    from compression import zstd  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - Python < 3.14
+    from backports import zstd  # type: ignore[import-not-found,no-redef]
 
 HOST = "127.0.0.1"
 EMBEDDING_DIM = 8
@@ -166,8 +183,25 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         raise _StopStream
 
+    def end_headers(self) -> None:
+        srv = self.server
+        for name, value in srv.extra_headers.items():
+            self.send_header(name, value)
+        if srv.response_encoding:
+            self.send_header("Content-Encoding", srv.response_encoding)
+        super().end_headers()
+
+    def _encoder(self) -> Any:
+        """A compressor for this answer (process/flush/finish), or None for identity."""
+        kind = self.server.response_encoding
+        if kind is None:
+            return None
+        return _Compressor(kind)
+
     def _send_json(self, obj: Any, status: int = 200, fail: str | None = None) -> None:
         data = json.dumps(obj).encode()
+        if (encoder := self._encoder()) is not None:
+            data = encoder.process(data) + encoder.finish()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -180,6 +214,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _write_chunk(self, data: bytes) -> None:
+        encoder = getattr(self, "_stream_encoder", None)
+        if encoder is not None:
+            data = encoder.process(data) + encoder.flush()
+            if not data:
+                return
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
 
@@ -191,6 +230,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         self.wfile.flush()
+        self._stream_encoder = self._encoder()
         time.sleep(srv.first_event_delay)
         for i, event in enumerate(events):
             if i:
@@ -204,6 +244,9 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(srv.event_interval)
             self._write_chunk(b"data: [DONE]\n\n")
             time.sleep(srv.done_tail_delay)
+        if (encoder := self.__dict__.pop("_stream_encoder", None)) is not None:
+            tail = encoder.finish()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(tail), tail))
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 
@@ -219,6 +262,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._read_body()
         headers = {k.lower(): v for k, v in self.headers.items()}
         srv.record(RecordedRequest(self.command, self.path, headers, body))
+        body = _decode_body(body, headers.get("content-encoding", ""))
         fail = srv.take_failure()
         try:
             time.sleep(srv.response_delay)
@@ -227,12 +271,13 @@ class _Handler(BaseHTTPRequestHandler):
                     srv.fail_status, f"injected failure from upstream {srv.tag!r}"
                 )
                 return
-            path = self.path.split("?", 1)[0].rstrip("/")
+            path = self.path.split("?", 1)[0].rstrip("/").removeprefix(srv.path_prefix)
             routes = {
                 ("POST", "/v1/chat/completions"): self._chat,
                 ("POST", "/v1/completions"): self._completions,
                 ("POST", "/v1/embeddings"): self._embeddings,
                 ("GET", "/v1/models"): self._models,
+                ("POST", "/v1/echo"): self._echo,
             }
             route = routes.get((self.command, path))
             if route is None:
@@ -263,6 +308,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     # -- endpoints -------------------------------------------------------------
+
+    def _echo(self, req: dict[str, Any], fail: str | None) -> None:
+        self._send_json(req.get("reply"), fail=fail)
 
     def _chat(self, req: dict[str, Any], fail: str | None) -> None:
         srv = self.server
@@ -484,6 +532,9 @@ class OpenAIUpstream(ThreadingHTTPServer):
         self.cut_after = 2
         self.done_tail_delay = 0.0
         self.models: list[str] = ["fake-model", "fake-embedding"]
+        self.response_encoding: str | None = None
+        self.extra_headers: dict[str, str] = {}
+        self.path_prefix = ""
         self.requests: list[RecordedRequest] = []
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
@@ -500,6 +551,7 @@ class OpenAIUpstream(ThreadingHTTPServer):
         known = {
             "tag", "n_chunks", "first_event_delay", "event_interval", "response_delay",
             "fail_mode", "fail_times", "fail_status", "cut_after", "models", "done_tail_delay",
+            "response_encoding", "extra_headers", "path_prefix",
         }  # fmt: skip
         unknown = set(knobs) - known
         if unknown:
@@ -592,6 +644,356 @@ class OpenAIUpstream(ThreadingHTTPServer):
 def start_openai_upstream(tag: str = "A", **knobs: Any) -> OpenAIUpstream:
     """Start a fake OpenAI upstream on 127.0.0.1:<random port> in a thread."""
     return OpenAIUpstream(tag, **knobs).start()
+
+
+# --------------------------------------------------------------------------
+# Ollama's native API
+# --------------------------------------------------------------------------
+
+OLLAMA_VERSION = "0.11.4"
+
+
+def _ollama_now() -> str:
+    """Ollama's created_at: RFC 3339 UTC with nanoseconds; differs on every call."""
+    ns = time.time_ns()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns // 10**9)) + f".{ns % 10**9:09d}Z"
+
+
+def _ollama_timings(n_prompt: int, n_eval: int) -> dict[str, int]:
+    """Durations in ns that change on every call, as a real server's do."""
+    jitter = time.perf_counter_ns() % 1_000_000
+    return {
+        "total_duration": 50_000_000 + jitter,
+        "load_duration": 1_000_000 + jitter // 3,
+        "prompt_eval_count": n_prompt,
+        "prompt_eval_duration": 2_000_000 + jitter // 5,
+        "eval_count": n_eval,
+        "eval_duration": 40_000_000 + jitter // 7,
+    }
+
+
+def _ollama_details(family: str = "llama") -> dict[str, Any]:
+    return {
+        "parent_model": "",
+        "format": "gguf",
+        "family": family,
+        "families": [family],
+        "parameter_size": "3.2B",
+        "quantization_level": "Q4_K_M",
+    }
+
+
+def _digest(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+class _OllamaHandler(_Handler):
+    """Ollama's wire format: JSON answers, NDJSON streams (stream defaults to true)."""
+
+    server: OllamaUpstream
+
+    def _send_ollama_error(self, status: int, message: str) -> None:
+        self._send_json({"error": message}, status=status)
+
+    def _send_ndjson(self, objects: Iterable[dict[str, Any]], fail: str | None) -> None:
+        srv = self.server
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.flush()
+        sent = 0
+        for i, obj in enumerate(objects):
+            if fail == "no_done" and (obj.get("done") is True or obj.get("status") == "success"):
+                break  # end the stream cleanly, but without its last object
+            if i:
+                time.sleep(srv.event_interval)
+            if fail == "cut" and i >= srv.cut_after:
+                self._reset()
+            self._write_chunk(json.dumps(obj).encode() + b"\n")
+            sent += 1
+            if sent == 1 and srv.gate is not None:
+                # Hold the rest until the test has seen the first line at the client.
+                srv.gate_timed_out = not srv.gate.wait(srv.gate_timeout)
+        if fail == "cut":
+            self._reset()
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def _dispatch(self) -> None:
+        srv = self.server
+        body = self._read_body()
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        srv.record(RecordedRequest(self.command, self.path, headers, body))
+        fail = srv.take_failure()
+        try:
+            time.sleep(srv.response_delay)
+            if fail == "status":
+                self._send_ollama_error(srv.fail_status, f"injected failure from {srv.tag!r}")
+                return
+            path = self.path.split("?", 1)[0].rstrip("/")
+            routes = {
+                ("POST", "/api/generate"): self._generate,
+                ("POST", "/api/chat"): self._chat,
+                ("POST", "/api/embed"): self._embed,
+                ("POST", "/api/embeddings"): self._embeddings,
+                ("GET", "/api/tags"): self._tags,
+                ("GET", "/api/ps"): self._ps,
+                ("POST", "/api/show"): self._show,
+                ("POST", "/api/pull"): self._pull,
+                ("GET", "/api/version"): self._version,
+            }
+            route = routes.get((self.command, path))
+            if route is None:
+                self._send_ollama_error(404, "404 page not found")
+                return
+            req: dict[str, Any] = {}
+            if self.command == "POST":
+                try:
+                    req = json.loads(body or b"{}")
+                    assert isinstance(req, dict)
+                except (ValueError, AssertionError):
+                    self._send_ollama_error(400, "invalid JSON body")
+                    return
+                model = req.get("model")
+                if model == "missing":
+                    self._send_ollama_error(404, f'model "{model}" not found, try pulling it first')
+                    return
+            route(req, fail)
+        except _StopStream:
+            pass
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    # -- endpoints ---------------------------------------------------------------
+
+    def _answer(
+        self,
+        req: dict[str, Any],
+        fail: str | None,
+        prompt: str,
+        piece: Any,
+        final: dict[str, Any],
+        text: str | None = None,
+    ) -> None:
+        """Shared by generate and chat: one object, or a stream of pieces then a done object.
+
+        ``piece(text)`` is the answer's part of an object ("" in the final one)."""
+        srv = self.server
+        model = str(req.get("model", "fake-model"))
+        text = answer_text(srv.tag, prompt) if text is None else text
+        pieces = split_pieces(text, srv.n_chunks)
+        timings = _ollama_timings(len(prompt.split()), len(pieces))
+        head = {"model": model}
+        if req.get("stream", True) is False:
+            whole = {**head, "created_at": _ollama_now(), **piece(text), "done": True}
+            self._send_json({**whole, "done_reason": "stop", **final, **timings}, fail=fail)
+            return
+
+        def objects() -> Iterator[dict[str, Any]]:
+            for p in pieces:
+                yield {**head, "created_at": _ollama_now(), **piece(p), "done": False}
+            done = {**head, "created_at": _ollama_now(), **piece(""), "done": True}
+            yield {**done, "done_reason": "stop", **final, **timings}
+
+        self._send_ndjson(objects(), fail)
+
+    def _generate(self, req: dict[str, Any], fail: str | None) -> None:
+        prompt = str(req.get("prompt") or "")
+        self._answer(req, fail, prompt, lambda t: {"response": t}, {"context": [1, 2, 3]})
+
+    def _chat(self, req: dict[str, Any], fail: str | None) -> None:
+        srv = self.server
+        prompt = last_user_text(req.get("messages"))
+        tools = req.get("tools") or []
+        if tools:
+            # One object carries the whole tool call, as Ollama streams them.
+            name = str(((tools[0] or {}).get("function") or {}).get("name", "tool"))
+            call = {"function": {"name": name, "arguments": {"echo": prompt, "tag": srv.tag}}}
+
+            def tool_piece(t: str) -> dict[str, Any]:
+                message: dict[str, Any] = {"role": "assistant", "content": ""}
+                if t:
+                    message["tool_calls"] = [call]
+                return {"message": message}
+
+            self._answer(req, fail, prompt, tool_piece, {}, text="x")
+            return
+        self._answer(
+            req, fail, prompt, lambda t: {"message": {"role": "assistant", "content": t}}, {}
+        )
+
+    def _embed(self, req: dict[str, Any], fail: str | None) -> None:
+        raw = req.get("input", "")
+        items = [raw] if isinstance(raw, str) else list(raw)
+        timings = _ollama_timings(sum(len(str(x).split()) for x in items), 0)
+        self._send_json(
+            {
+                "model": str(req.get("model", "fake-embedding")),
+                "embeddings": [embedding_vector(self.server.tag, x) for x in items],
+                "total_duration": timings["total_duration"],
+                "load_duration": timings["load_duration"],
+                "prompt_eval_count": timings["prompt_eval_count"],
+            },
+            fail=fail,
+        )
+
+    def _embeddings(self, req: dict[str, Any], fail: str | None) -> None:
+        vector = embedding_vector(self.server.tag, str(req.get("prompt") or ""))
+        self._send_json({"embedding": vector}, fail=fail)
+
+    def _tags(self, req: dict[str, Any], fail: str | None) -> None:
+        models = [
+            {
+                "name": m,
+                "model": m,
+                "modified_at": "2025-07-31T23:55:40.635067Z",
+                "size": 2019393189,
+                "digest": _digest(m),
+                "details": _ollama_details(),
+            }
+            for m in self.server.models
+        ]
+        self._send_json({"models": models}, fail=fail)
+
+    def _ps(self, req: dict[str, Any], fail: str | None) -> None:
+        models = [
+            {
+                "name": m,
+                "model": m,
+                "size": 3367856128,
+                "digest": _digest(m),
+                "details": _ollama_details(),
+                "expires_at": "2025-10-08T16:14:05.423042-07:00",
+                "size_vram": 3367856128,
+                "context_length": 4096,
+            }
+            for m in self.server.models[:1]
+        ]
+        self._send_json({"models": models}, fail=fail)
+
+    def _show(self, req: dict[str, Any], fail: str | None) -> None:
+        self._send_json(
+            {
+                "license": "LLAMA 3.2 COMMUNITY LICENSE AGREEMENT",
+                "modelfile": f"FROM {req.get('model')}\n",
+                "parameters": 'stop "<|eot_id|>"',
+                "template": "{{ .Prompt }}",
+                "details": _ollama_details(),
+                "model_info": {"general.architecture": "llama", "llama.context_length": 131072},
+                "capabilities": ["completion", "tools"],
+                "modified_at": "2025-07-31T16:55:40.635067-07:00",
+            },
+            fail=fail,
+        )
+
+    def _pull(self, req: dict[str, Any], fail: str | None) -> None:
+        if req.get("stream", True) is False:
+            self._send_json({"status": "success"}, fail=fail)
+            return
+        digest = "sha256:" + _digest(str(req.get("model")))
+        total = 4 * 1024 * 1024
+
+        def objects() -> Iterator[dict[str, Any]]:
+            yield {"status": "pulling manifest"}
+            for done in (0, total // 2, total):
+                yield {"status": f"pulling {digest[7:19]}", "digest": digest,
+                       "total": total, "completed": done}  # fmt: skip
+            yield {"status": "verifying sha256 digest"}
+            yield {"status": "writing manifest"}
+            yield {"status": "success"}
+
+        self._send_ndjson(objects(), fail)
+
+    def _version(self, req: dict[str, Any], fail: str | None) -> None:
+        self._send_json({"version": OLLAMA_VERSION}, fail=fail)
+
+
+class OllamaUpstream(OpenAIUpstream):
+    """Fake Ollama server (native ``/api/...``); the OpenAI knobs apply, plus:
+
+    gate          threading.Event | None  after a stream's first line, wait for it
+    gate_timeout  float   how long to wait; ``gate_timed_out`` tells whether it ran out
+    models        ids listed by /api/tags (the first one by /api/ps)
+    """
+
+    OLLAMA_KNOBS = ("gate", "gate_timeout")
+
+    def __init__(self, tag: str = "A", **knobs: Any) -> None:
+        self.gate: threading.Event | None = None
+        self.gate_timeout = 10.0
+        self.gate_timed_out = False
+        super().__init__(tag, **knobs)
+        self.models = knobs.get("models", ["llama3.2:3b", "all-minilm:l6-v2"])
+        self.RequestHandlerClass = _OllamaHandler  # type: ignore[assignment]
+
+    def configure(self, **knobs: Any) -> OllamaUpstream:
+        own = {k: knobs.pop(k) for k in self.OLLAMA_KNOBS if k in knobs}
+        super().configure(**knobs)
+        for k, v in own.items():
+            setattr(self, k, v)
+        return self
+
+
+def start_ollama_upstream(tag: str = "A", **knobs: Any) -> OllamaUpstream:
+    """Start a fake Ollama upstream on 127.0.0.1:<random port> in a thread."""
+    return OllamaUpstream(tag, **knobs).start()
+
+
+# --------------------------------------------------------------------------
+# Content encodings (answers compressed on purpose, request bodies decoded)
+# --------------------------------------------------------------------------
+
+
+class _Compressor:
+    """One answer's compressor; ``flush`` ends a block so a stream stays a stream."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        if kind in ("gzip", "deflate"):
+            self._z = zlib.compressobj(wbits=31 if kind == "gzip" else 15)
+        elif kind == "br":
+            self._b = brotli.Compressor()
+        elif kind == "zstd":
+            self._s = zstd.ZstdCompressor()
+        else:
+            raise ValueError(f"unknown response_encoding {kind!r}")
+
+    def process(self, data: bytes) -> bytes:
+        if self.kind == "br":
+            return self._b.process(data)
+        if self.kind == "zstd":
+            return self._s.compress(data)
+        return self._z.compress(data)
+
+    def flush(self) -> bytes:
+        if self.kind == "br":
+            return self._b.flush()
+        if self.kind == "zstd":
+            return self._s.flush(zstd.ZstdCompressor.FLUSH_BLOCK)
+        return self._z.flush(zlib.Z_SYNC_FLUSH)
+
+    def finish(self) -> bytes:
+        if self.kind == "br":
+            return self._b.finish()
+        if self.kind == "zstd":
+            return self._s.flush(zstd.ZstdCompressor.FLUSH_FRAME)
+        return self._z.flush()
+
+
+def _decode_body(body: bytes, encoding: str) -> bytes:
+    encoding = encoding.strip().lower()
+    if not body or encoding in ("", "identity"):
+        return body
+    if encoding == "gzip":
+        return gzip.decompress(body)
+    if encoding == "deflate":
+        return zlib.decompress(body)
+    if encoding == "br":
+        return brotli.decompress(body)
+    if encoding == "zstd":
+        return zstd.decompress(body)
+    return body
 
 
 # --------------------------------------------------------------------------

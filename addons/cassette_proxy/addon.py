@@ -13,26 +13,42 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import connection, ctx, exceptions, http
+from mitmproxy.net.http import status_codes
 from mitmproxy.proxy import server_hooks
 from mitmproxy.tls import TlsData
 from OpenSSL import SSL
 
 from . import keys
-from .cassette import Cassette, CassetteError, write_cassette
+from .cassette import (
+    MAX_CASSETTE_BYTES,
+    Cassette,
+    CassetteError,
+    sync_cassette,
+    write_cassette,
+)
+from .decoding import StreamDecoder, stream_decoder
 from .fallback import TOKEN_HEADER, FallbackServer, certificate_pems
-from .families import Family, NotRecordable, StreamRecorder, classify, encode
-from .families.base import Wire
-from .recording import UNRECORDED_ERRORS, new_recording, recording_path, whole_response
-from .redact import keyed_query, recordable_headers, redact_url
+from .families import Family, NotRecordable, StreamRecorder, Wire, classify, encode
+from .recording import (
+    DEFAULT_RECORDED_ERRORS,
+    new_recording,
+    recorded_errors,
+    recording_path,
+    whole_response,
+)
+from .redact import recordable_headers, redact_path, redact_url
 from .stable import normalize_response
-from .store import CassetteStore
+from .store import CassetteStore, live_key
 from .upstream import UpstreamProbe
 from .usage import UsageLog
 
@@ -50,7 +66,11 @@ WIRE_CACHE_SIZE = 256  # encoded answers kept for repeated hits (as many as the 
 
 @dataclass
 class Plan:
-    """What the proxy decided for one request; kept in ``flow.metadata``."""
+    """What the proxy decided for one request; kept in ``CassetteRecorder.plans``.
+
+    Not in ``flow.metadata``: mitmproxy serializes that when it saves a flow (``-w``,
+    mitmweb), and a Plan (with its family and stream recorder) does not serialize.
+    """
 
     family: Family
     key: str
@@ -66,8 +86,6 @@ class Plan:
     loose_keys: tuple[str, ...] = ()  # weaker keys tried after a miss (keys.loose_keys)
 
 
-PLAN = "cassette_plan"
-
 
 class CassetteRecorder:
     def __init__(self) -> None:
@@ -80,8 +98,14 @@ class CassetteRecorder:
         self.counts = {"hit": 0, "miss": 0, "recorded": 0, "fallback": 0}
         # Encoded answers by cassette file: a hit re-sends bytes, no model_dump/encode.
         # Valid while the store still holds the same Cassette object for that file.
-        self._wires: OrderedDict[Path, tuple[Cassette, str, Wire, str]] = OrderedDict()
+        self._wires: OrderedDict[Path, tuple[Cassette, str, Wire, str, HeaderFields | None]] = (
+            OrderedDict()
+        )
         self.usage = UsageLog()
+        # flow -> its Plan; an entry goes when mitmproxy drops the flow.
+        self.plans: weakref.WeakKeyDictionary[http.HTTPFlow, Plan] = weakref.WeakKeyDictionary()
+        self.log_summary = True  # `cassette-proxy run` prints the summary itself
+        self.record_errors = DEFAULT_RECORDED_ERRORS  # option cassette_record_errors
 
     # ---- options -----------------------------------------------------------------
 
@@ -108,6 +132,13 @@ class CassetteRecorder:
             False,
             "Write llama-stack's normalised ids, times and durations (rec-<hash>, 0, epoch) "
             "so re-recording an unchanged answer gives an identical file.",
+        )
+        loader.add_option(
+            "cassette_record_errors",
+            str,
+            "4xx",
+            "Which upstream error answers are recorded: none, 4xx (every 4xx but the "
+            "retryable 408, 409, 429), 5xx, or statuses, comma-separated (4xx,429).",
         )
         loader.add_option(
             "cassette_usage_log",
@@ -151,6 +182,14 @@ class CassetteRecorder:
                     "; ".join(report.unservable),
                 )
             log.info("cassettes: %d loaded from %s", report.loaded, root)
+            if root.is_dir() and not os.access(root, os.W_OK):
+                # access() sees a read-only mount even for root; each failed write says so too.
+                log.warning("cassette_dir %s is not writable: nothing can be recorded", root)
+        if "cassette_record_errors" in updated:
+            try:
+                self.record_errors = recorded_errors(opts.cassette_record_errors)
+            except ValueError as e:
+                raise exceptions.OptionsError(str(e)) from e
         if "cassette_usage_log" in updated:
             self.usage.close()
             where = Path(opts.cassette_usage_log).expanduser() if opts.cassette_usage_log else None
@@ -164,6 +203,8 @@ class CassetteRecorder:
             await asyncio.gather(*self._writes, return_exceptions=True)
         self.fallback.close()
         self.usage.close()
+        if not self.log_summary:
+            return
         log.info(
             "cassettes: %d hits, %d misses, %d recorded, %d offline fallbacks",
             self.counts["hit"],
@@ -182,7 +223,7 @@ class CassetteRecorder:
         plan = self._plan(flow, test_id)
         if plan is None:
             return
-        flow.metadata[PLAN] = plan
+        self.plans[flow] = plan
         if mode == "replay":
             self._serve(flow, plan)
         elif mode == "record-if-missing":
@@ -215,16 +256,37 @@ class CassetteRecorder:
     def _plan(self, flow: http.HTTPFlow, test_id: str | None) -> Plan | None:
         request = flow.request
         body: Any = {}
+        path, has_query, _ = request.path.partition("?")
+        why = _not_keyable(request)
+        if why is not None:
+            mode = ctx.options.cassette_mode
+            log.info("%s passthrough %s %s: %s", mode, request.method, redact_path(path), why)
+            return None
         if request.raw_content:
             try:
                 body = json.loads(request.get_content(strict=False) or b"")
-            except (ValueError, UnicodeDecodeError):
-                log.info("passthrough %s %s: body is not JSON", request.method, request.path)
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                kind = request.headers.get("content-type", "no content-type")
+                log.info(
+                    "%s passthrough %s %s: body is not JSON (%s)",
+                    ctx.options.cassette_mode,
+                    request.method,
+                    redact_path(path),  # logs never show a key in the path either
+                    kind.split(";", 1)[0],
+                )
                 return None
-        path = request.path.split("?", 1)[0]
-        query = keyed_query(request.query.items(multi=True))
-        key = keys.request_key(request.method, path, body, query)
-        loose = keys.loose_keys(request.method, path, body, query)
+        try:
+            # Credentials never reach a cassette, nor the key (store.live_key).
+            pairs = request.query.items(multi=True) if has_query else []
+            key, path, body, query = live_key(request.method, path, body, pairs)
+            # Loose keys are only consulted when the exact key has nothing recorded.
+            known = self.store is not None and key in self.store
+            loose = () if known else keys.loose_keys(request.method, path, body, query)
+        except RecursionError:
+            mode = ctx.options.cassette_mode
+            shown = redact_path(path)
+            log.info("%s passthrough %s %s: JSON nested too deeply", mode, request.method, shown)
+            return None
         family = classify(request.method, path)
         return Plan(family, key, request.method.upper(), path, body, test_id, loose_keys=loose)
 
@@ -250,7 +312,7 @@ class CassetteRecorder:
             self.counts["miss"] += 1
             return self._miss(plan)
         try:
-            wire, plan.served_from = self._wire(entry, plan)
+            wire, plan.served_from, fields = self._wire(entry, plan)
         except (OSError, ValueError, NotRecordable, CassetteError) as e:
             log.warning("cassette %s cannot be replayed: %s", entry.path, e)
             self.counts["miss"] += 1
@@ -266,24 +328,33 @@ class CassetteRecorder:
             plan.served_from,
             f" (fallback: {why})" if why else "",
         )
-        headers = {"content-type": wire.content_type, FILE_HEADER: plan.served_from}
-        headers.update(wire.headers)
-        return http.Response.make(wire.status, wire.body, headers)
+        if fields is None:
+            headers = {"content-type": wire.content_type, FILE_HEADER: plan.served_from}
+            headers.update(wire.headers)
+            return http.Response.make(wire.status, wire.body, headers)
+        # What Response.make builds, from header bytes made once per cassette (a third of
+        # the addon's time per hit went to re-encoding the same few headers).
+        now = time.time()
+        reason = status_codes.RESPONSES.get(wire.status, "").encode()
+        headers = http.Headers(fields)
+        return http.Response(b"HTTP/1.1", wire.status, reason, headers, wire.body, None, now, now)
 
-    def _wire(self, entry: Any, plan: Plan) -> tuple[Wire, str]:
-        """The bytes to send for a hit, and the cassette file named in the answer."""
+    def _wire(self, entry: Any, plan: Plan) -> tuple[Wire, str, HeaderFields | None]:
+        """The bytes to send for a hit, the cassette file named in the answer, and the
+        answer's header fields (None when Response.make must encode the body itself)."""
         assert self.store is not None
         cassette = self.store.read(entry)
         cached = self._wires.get(entry.path)
         if cached is not None and cached[0] is cassette and cached[1] == plan.key:
             self._wires.move_to_end(entry.path)
-            return cached[2], cached[3]
+            return cached[2], cached[3], cached[4]
         wire = encode(plan.path, plan.body, cassette.response.model_dump())
         served_from = self.store.relative(entry.path)
-        self._wires[entry.path] = (cassette, plan.key, wire, served_from)
+        fields = _header_fields(wire, served_from)
+        self._wires[entry.path] = (cassette, plan.key, wire, served_from, fields)
         if len(self._wires) > WIRE_CACHE_SIZE:
             self._wires.popitem(last=False)
-        return wire, served_from
+        return wire, served_from, fields
 
     def _miss(self, plan: Plan, broken: str | None = None) -> http.Response:
         assert self.store is not None
@@ -306,9 +377,14 @@ class CassetteRecorder:
             message += f"; nearest recording {where} differs first at {diff}"
         else:
             message += "; nothing is recorded for this path"
-        ids = self.store.test_ids(plan.key)
+        # Which tests recorded this path: a wrong or missing X-Cassette-Test-Id shows here.
+        ids = self.store.test_ids(plan.key) or self.store.path_test_ids(plan.method, plan.path)
         if ids:
             error["test_ids"] = ids
+            shown = ", ".join(ids[:10]) + (f" (+{len(ids) - 10} more)" if len(ids) > 10 else "")
+            message += f"; test ids recorded for this path: {shown}"
+        if plan.test_id:
+            message += f"; this request's test id: {plan.test_id}"
         error["message"] = message
         mode = ctx.options.cassette_mode
         log.warning("%s miss %s", mode, message.removeprefix("cassette-proxy: "))
@@ -324,7 +400,7 @@ class CassetteRecorder:
         flow = self._awaiting_connect.pop(data.client.id, None)
         if flow is None or data.server.address is None:
             return
-        plan: Plan | None = flow.metadata.get(PLAN)
+        plan: Plan | None = self.plans.get(flow)
         if plan is None or plan.probed or flow.response is not None:
             return
         host, port = data.server.address[:2]
@@ -337,6 +413,11 @@ class CassetteRecorder:
         address = self.fallback.tls_address if data.server.tls else self.fallback.address
         log.debug("upstream %s:%s went away; answering %s from cassettes", host, port, plan.key)
         data.server.address = address
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        # A keep-alive request reuses its server connection and never reaches
+        # server_connect: forget it when its client goes.
+        self._awaiting_connect.pop(client.id, None)
 
     def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
         if data.server.address:
@@ -359,7 +440,7 @@ class CassetteRecorder:
 
     def _fallback_answer(self, token: str) -> http.Response:
         flow = self._fallback_flows.pop(token, None)
-        plan: Plan | None = flow.metadata.get(PLAN) if flow else None
+        plan: Plan | None = self.plans.get(flow) if flow else None
         if flow is None or plan is None:
             return http.Response.make(
                 502, b"cassette-proxy: upstream offline", {"content-type": "text/plain"}
@@ -373,7 +454,7 @@ class CassetteRecorder:
 
     def _recording(self, flow: http.HTTPFlow) -> Plan | None:
         """The plan of a flow whose upstream answer is to be recorded, if any."""
-        plan: Plan | None = flow.metadata.get(PLAN)
+        plan: Plan | None = self.plans.get(flow)
         if plan is None or plan.served_from is not None or flow.response is None:
             return None
         if flow.response.headers.get(MISS_HEADER) or TOKEN_HEADER in flow.request.headers:
@@ -383,17 +464,19 @@ class CassetteRecorder:
     def _mark_pending(self, flow: http.HTTPFlow) -> None:
         """Mark a flow whose answer is about to be recorded, naming the file.
 
-        mitmdump's ``-w`` writer saves a flow in its own ``response``/``error`` hook,
-        which runs before ours: marked only in ``_write``, a saved flow would never
-        show that it was recorded. ``_write`` or ``_not_recorded`` settle the mark
-        (mitmweb is updated after every hook).
+        mitmweb shows it while a stream is still being recorded, and a flow writer
+        that runs before us sees it: under ``mitmdump -s`` scripts come before the
+        ``-w`` writer, but ``cassette-proxy run --full`` adds this addon after all of
+        mitmdump's, and the writer saves a flow in its own ``response``/``error``
+        hook. ``_write`` or ``_not_recorded`` settle the mark (mitmweb is updated
+        after every hook).
         """
         plan = self._recording(flow)
         assert flow.response is not None
         status = flow.response.status_code
         if plan is None or self.store is None:
             return
-        if not (200 <= status < 300 or (400 <= status < 500 and status not in UNRECORDED_ERRORS)):
+        if not (200 <= status < 300 or status in self.record_errors):
             return
         path = recording_path(self.store.root, plan.method, plan.path, plan.body, plan.test_id)
         flow.marked = ":red_circle:"
@@ -408,7 +491,7 @@ class CassetteRecorder:
             ctx.options.cassette_mode,
             plan.method,
             plan.path,
-            plan.key[:12],
+            plan.key,  # the full key: grep the log for the request_key a miss names
             reason,
         )
         if flow.comment.startswith("cassette: recording"):
@@ -426,25 +509,30 @@ class CassetteRecorder:
         plan = self._recording(flow)
         if plan is None or not 200 <= flow.response.status_code < 300:
             return
-        if flow.response.headers.get("content-encoding", "identity") != "identity":
-            encoding = flow.response.headers["content-encoding"]
-            self._not_recorded(flow, plan, f"stream is {encoding}-encoded")
-            return
+        encoding = flow.response.headers.get("content-encoding", "identity").strip().lower()
+        decoder = None
+        if encoding not in ("", "identity"):
+            # Asked for identity, but some front ends compress streams anyway: the client
+            # gets the bytes as sent, the recorder a decoded copy.
+            decoder = stream_decoder(encoding)
+            if decoder is None:
+                self._not_recorded(flow, plan, f"stream is {encoding}-encoded (cannot decode)")
+                return
         try:
             plan.recorder = plan.family.stream_recorder(plan.path, plan.body, content_type)
         except NotRecordable as e:
             self._not_recorded(flow, plan, str(e))
             return
-        flow.response.stream = _Tap(plan)
+        flow.response.stream = _Tap(self, flow, plan, decoder)
         self._mark_pending(flow)
 
-    def response(self, flow: http.HTTPFlow) -> None:
+    async def response(self, flow: http.HTTPFlow) -> None:
         plan = self._recording(flow)
-        if plan is None:
+        if plan is None or plan.recorded:
             return
         assert flow.response is not None
         if plan.recorder is not None:
-            self._finish_stream(flow, plan, clean_end=True)
+            self._finish_stream(flow, plan, clean_end=True)  # the tap has done it already
             return
         if flow.response.stream:
             if flow.comment.startswith("cassette: recording"):
@@ -457,11 +545,15 @@ class CassetteRecorder:
             self._not_recorded(flow, plan, "answer is not JSON")
             return
         try:
-            response = whole_response(plan.family, plan.path, plan.body, status, data)
+            response = whole_response(
+                plan.family, plan.path, plan.body, status, data, self.record_errors
+            )
         except NotRecordable as e:
             self._not_recorded(flow, plan, str(e))
             return
-        self._write(flow, plan, response)
+        # Awaited: mitmproxy sends the answer after this hook, so a client that got a
+        # whole answer can count on its cassette being on disk (fsynced), crash or not.
+        await self._write(flow, plan, response)
 
     def error(self, flow: http.HTTPFlow) -> None:
         plan = self._recording(flow) if flow.response is not None else None
@@ -480,17 +572,69 @@ class CassetteRecorder:
             self._not_recorded(flow, plan, f"stream cut short ({reason})", warn=True)
 
     def _finish_stream(self, flow: http.HTTPFlow, plan: Plan, clean_end: bool) -> None:
-        assert plan.recorder is not None
+        """Record a finished stream now, on the event loop (the tap cannot await).
+
+        Called by the tap when the stream's end marker arrives, before those bytes are
+        passed on: a client that saw the end of a stream can count on its cassette being
+        in place (renamed; fsynced in a thread right after), even if the proxy is killed.
+        """
+        recorder = plan.recorder
+        if recorder is None or plan.recorded:
+            return
+        plan.recorder = None  # settled, whatever happens below
         try:
-            response = plan.recorder.response(clean_end)
+            response = recorder.response(clean_end)
         except NotRecordable as e:
             self._not_recorded(flow, plan, str(e), warn=True)
             return
-        self._write(flow, plan, response)
-
-    def _write(self, flow: http.HTTPFlow, plan: Plan, response: dict[str, Any]) -> None:
-        assert self.store is not None
         plan.recorded = True
+        path, cassette = self._new_cassette(flow, plan, response)
+        try:
+            write_cassette(path, cassette, durable=False)
+        except Exception as e:  # noqa: BLE001 - a failed write must not break the stream
+            self._write_failed(flow, plan, path, e)
+            return
+        self._recorded(flow, plan, path, cassette)
+        task = asyncio.get_running_loop().create_task(self._sync_file(path))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _write(self, flow: http.HTTPFlow, plan: Plan, response: dict[str, Any]) -> None:
+        """Record a whole answer: written and fsynced in a thread, then indexed."""
+        plan.recorded = True
+        path, cassette = self._new_cassette(flow, plan, response)
+        try:
+            await asyncio.to_thread(write_cassette, path, cassette)
+        except Exception as e:  # noqa: BLE001 - the client still gets its answer
+            self._write_failed(flow, plan, path, e)
+            return
+        self._recorded(flow, plan, path, cassette)
+
+    async def _sync_file(self, path: Path) -> None:
+        try:
+            await asyncio.to_thread(sync_cassette, path)
+        except OSError as e:
+            log.error("FAILED to flush cassette %s to disk: %s", path, e)
+
+    def _write_failed(self, flow: http.HTTPFlow, plan: Plan, path: Path, error: Exception) -> None:
+        """Loud: the user believes this interaction is recorded, and it is not."""
+        assert self.store is not None
+        log.error(
+            "FAILED to record %s %s key %s into %s: %s (the client got its live answer; "
+            "no cassette was written)",
+            plan.method,
+            plan.path,
+            plan.key,
+            self.store.relative(path),
+            error,
+        )
+        flow.marked = ":x:"
+        flow.comment = f"cassette: NOT recorded, write failed ({error})"
+
+    def _new_cassette(
+        self, flow: http.HTTPFlow, plan: Plan, response: dict[str, Any]
+    ) -> tuple[Path, Cassette]:
+        assert self.store is not None
         request = flow.request
         if ctx.options.cassette_normalize:
             digest = keys.recording_hash(plan.method, plan.path, plan.body, plan.test_id)
@@ -505,7 +649,11 @@ class CassetteRecorder:
             headers=recordable_headers(request.headers, ctx.options.cassette_record_headers),
             response=response,
         )
-        # Indexed at once so the next request is a hit even before the file is on disk.
+        return path, cassette
+
+    def _recorded(self, flow: http.HTTPFlow, plan: Plan, path: Path, cassette: Cassette) -> None:
+        """Index a cassette that is on disk, count it, log it, mark the flow."""
+        assert self.store is not None
         self.store.add(path, cassette)
         self.counts["recorded"] += 1
         relative = self.store.relative(path)
@@ -520,29 +668,73 @@ class CassetteRecorder:
             plan.key[:12],
             relative,
         )
-        task = asyncio.get_running_loop().create_task(self._write_file(path, cassette))
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
 
-    async def _write_file(self, path: Path, cassette: Cassette) -> None:
-        try:
-            await asyncio.to_thread(write_cassette, path, cassette)
-        except OSError as e:
-            log.error("FAILED to write cassette %s: %s (the client got its answer)", path, e)
+
+HeaderFields = tuple[tuple[bytes, bytes], ...]
+
+
+def _header_fields(wire: Wire, served_from: str) -> HeaderFields | None:
+    """The header fields Response.make would give a replayed answer, or None when the
+    body would need encoding (content-encoding) or has no length (transfer-encoding)."""
+    headers = {"content-type": wire.content_type, FILE_HEADER: served_from}
+    headers.update(wire.headers)
+    lowered = {k.lower() for k in headers}
+    if "content-encoding" in lowered or "transfer-encoding" in lowered:
+        return None
+    fields = [
+        (k.encode("utf-8", "surrogateescape"), v.encode("utf-8", "surrogateescape"))
+        for k, v in headers.items()
+        if k.lower() != "content-length"
+    ]
+    fields.append((b"content-length", str(len(wire.body)).encode()))
+    return tuple(fields)
+
+
+def _not_keyable(request: http.Request) -> str | None:
+    """Why a request body cannot be keyed and recorded (it then passes through)."""
+    if request.raw_content is None:
+        return "the request body is streamed (stream_large_bodies)"
+    if len(request.raw_content) > MAX_CASSETTE_BYTES:
+        return (
+            f"the request body is {len(request.raw_content) / 2**20:.1f} MiB, over the "
+            f"{MAX_CASSETTE_BYTES // 2**20} MiB a cassette may hold"
+        )
+    return None
 
 
 class _Tap:
-    """The stream tap: passes every read through untouched and feeds the recorder."""
+    """The stream tap: passes every read through untouched and feeds the recorder.
 
-    def __init__(self, plan: Plan) -> None:
+    When the stream's own end marker arrives ([DONE], "done": true) or the upstream ends
+    it cleanly, the cassette is written before those bytes go on to the client.
+    """
+
+    def __init__(
+        self,
+        addon: CassetteRecorder,
+        flow: http.HTTPFlow,
+        plan: Plan,
+        decoder: StreamDecoder | None,
+    ) -> None:
+        self.addon = addon
+        self.flow = flow
         self.plan = plan
+        self.decoder = decoder
 
     def __call__(self, data: bytes) -> bytes:
         recorder = self.plan.recorder
-        if recorder is not None and data:
-            try:
-                recorder.feed(data)
-            except Exception as e:  # noqa: BLE001 - an exception here would hang the client
-                log.info("stop recording %s: %s", self.plan.key[:12], e)
-                self.plan.recorder = None
+        if recorder is None or self.plan.recorded:
+            return data
+        try:
+            if data:
+                recorder.feed(self.decoder.feed(data) if self.decoder else data)
+                if recorder.complete:
+                    self.addon._finish_stream(self.flow, self.plan, clean_end=False)
+            else:  # b"": the upstream ended the body cleanly
+                if self.decoder:
+                    recorder.feed(self.decoder.flush())
+                self.addon._finish_stream(self.flow, self.plan, clean_end=True)
+        except Exception as e:  # noqa: BLE001 - an exception here would hang the client
+            self.plan.recorder = None
+            self.addon._not_recorded(self.flow, self.plan, f"stream not recordable: {e}")
         return data

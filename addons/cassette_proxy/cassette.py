@@ -17,6 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # Temp files start with this prefix; the store ignores and removes them.
 TEMP_PREFIX = ".cassette-tmp-"
+# The largest cassette file read or written. The largest of llama-stack's 3,316 is under
+# 1 MB; a bigger file is a mistake (a 50 MB upload) that would slow every start and every
+# git clone. The proxy never writes a file it would refuse to load.
+MAX_CASSETTE_BYTES = 32 * 1024 * 1024
 
 
 class RecordedRequest(BaseModel):
@@ -96,6 +100,12 @@ class CassetteError(Exception):
 
 def read_cassette(path: Path) -> Cassette:
     try:
+        size = path.stat().st_size
+        if size > MAX_CASSETTE_BYTES:
+            raise CassetteError(
+                f"{path}: too large ({size / 2**20:.1f} MiB; a cassette may hold "
+                f"{MAX_CASSETTE_BYTES // 2**20} MiB), skipped"
+            )
         raw = path.read_bytes()
     except OSError as e:
         raise CassetteError(f"{path}: cannot read: {e.strerror or e}") from e
@@ -103,6 +113,8 @@ def read_cassette(path: Path) -> Cassette:
         doc = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CassetteError(f"{path}: not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise CassetteError(f"{path}: JSON nested too deeply to read") from e
     if not isinstance(doc, dict) or "request" not in doc or "response" not in doc:
         raise CassetteError(f"{path}: not a cassette (needs 'request' and 'response' objects)")
     try:
@@ -112,19 +124,30 @@ def read_cassette(path: Path) -> Cassette:
         raise CassetteError(f"{path}: wrong shape: {' '.join(first[:3])}") from e
 
 
-def write_cassette(path: Path, cassette: Cassette) -> None:
+def write_cassette(path: Path, cassette: Cassette, durable: bool = True) -> None:
     """Write atomically: temp file in the same folder, fsync, rename, fsync the folder.
 
     A crash at any point leaves either the old file or the new one, never half of one.
+    ``durable=False`` skips both fsyncs: the file then survives a crash of the process
+    (the kernel holds it) but not of the machine until ``sync_cassette`` has run; the
+    stream tap uses it because it must not wait for the disk on the event loop.
+    Raises CassetteError for a cassette larger than MAX_CASSETTE_BYTES, OSError when
+    the disk refuses; nothing is left behind either way.
     """
     text = cassette.to_json()
+    if len(text) > MAX_CASSETTE_BYTES:
+        raise CassetteError(
+            f"{path}: the cassette would be {len(text) / 2**20:.1f} MiB, over the "
+            f"{MAX_CASSETTE_BYTES // 2**20} MiB a cassette may hold"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".partial", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="ascii") as f:
             f.write(text)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -132,7 +155,22 @@ def write_cassette(path: Path, cassette: Cassette) -> None:
         except OSError:
             pass
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    if durable:
+        _fsync_folder(path.parent)
+
+
+def sync_cassette(path: Path) -> None:
+    """Flush a cassette written with ``durable=False`` (and its folder entry) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:

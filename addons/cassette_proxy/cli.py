@@ -10,13 +10,14 @@ returns the proxy's own status: 0 after a clean stop, 1 when it could not start
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
@@ -25,7 +26,6 @@ from .store import key_of
 
 DEFAULT_DIR = "cassettes"
 MODES = ("auto", "record", "replay", "record-if-missing", "passthrough")
-T = TypeVar("T")
 
 dir_option = click.option(
     "--cassette-dir",
@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 @contextmanager
-def progress(items: Sequence[T], label: str) -> Iterator[Iterable[T]]:
+def progress[T](items: Sequence[T], label: str) -> Iterator[Iterable[T]]:
     """A progress bar on stderr for long work, when a person is watching."""
     if len(items) > 200 and sys.stderr.isatty():
         with click.progressbar(items, label=label, file=sys.stderr) as bar:
@@ -86,7 +86,10 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Iterable
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
 
     def line(cells: Sequence[str]) -> str:
-        parts = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
+        parts = [
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
         return "  ".join(parts).rstrip()
 
     return "\n".join([line(headers), *(line(r) for r in rows)])
@@ -265,14 +268,25 @@ def show_command(target: str, cassette_dir: Path, full: bool, as_json: bool, raw
     body = catalog.request_body_of(request)
     view = catalog.reassemble(cassette)
     if not full:
-        body, view = shorten(body), shorten(view)
+        # Long strings (base64 images, long prompts) are cut; the answer itself is not.
+        body = shorten(body)
+        for name in ("body", "data"):
+            if name in view:
+                view[name] = shorten(view[name])
+        if isinstance(view.get("body"), list) and len(view["body"]) > 40:
+            view["body"] = [*view["body"][:40], f"… {len(view['body']) - 40} more (--full)"]
     s = catalog.summarize(cassette)
     if as_json:
         doc = {
             "file": item.rel,
             "key": _key(item),
             "test_id": cassette.test_id,
-            "request": {"method": s.method, "url": request.url, "endpoint": s.endpoint, "body": body},
+            "request": {
+                "method": s.method,
+                "url": request.url,
+                "endpoint": s.endpoint,
+                "body": body,
+            },
             "response": view,
         }
         click.echo(json.dumps(doc, indent=2))
@@ -445,16 +459,31 @@ def stats_command(cassette_dir: Path, as_json: bool) -> None:
         f"{tests} test id(s)" + (f", {bad} unreadable" if bad else "")
     )
     click.echo("")
-    click.echo(table(["ENDPOINT", "CASSETTES"], [[e, str(n)] for e, n in by_endpoint.most_common()], right=(1,)))
+    click.echo(
+        table(
+            ["ENDPOINT", "CASSETTES"],
+            [[e, str(n)] for e, n in by_endpoint.most_common()],
+            right=(1,),
+        )
+    )
     click.echo("")
     rows = []
     for model, n in by_model.most_common():
         used = tokens_by_model.get(model, Counter())
         rows.append(
             [model, str(n)]
-            + [str(used[k]) if k in used else "-" for k in ("prompt_tokens", "completion_tokens", "total_tokens")]
+            + [
+                str(used[k]) if k in used else "-"
+                for k in ("prompt_tokens", "completion_tokens", "total_tokens")
+            ]
         )
-    click.echo(table(["MODEL", "CASSETTES", "PROMPT TOKENS", "COMPLETION TOKENS", "TOTAL TOKENS"], rows, right=(1, 2, 3, 4)))
+    click.echo(
+        table(
+            ["MODEL", "CASSETTES", "PROMPT TOKENS", "COMPLETION TOKENS", "TOTAL TOKENS"],
+            rows,
+            right=(1, 2, 3, 4),
+        )
+    )
     click.echo("")
     click.echo(
         f"tokens recorded: {tokens['prompt_tokens']} prompt, "
@@ -505,7 +534,9 @@ def prune_command(cassette_dir: Path, usage_logs: tuple[Path, ...], yes: bool) -
         click.echo(f"{'removing' if yes else 'would remove'} {path.relative_to(root)}")
     kept = len(catalog.cassette_paths(cassette_dir)) - len(unused)
     if not yes:
-        click.echo(f"{len(unused)} unused, {kept} used; nothing removed (dry run: add --yes)", err=True)
+        click.echo(
+            f"{len(unused)} unused, {kept} used; nothing removed (dry run: add --yes)", err=True
+        )
         return
     failed = 0
     with progress(unused, "removing") as bar:
@@ -535,7 +566,9 @@ def _remove_empty_folders(root: Path) -> None:
 
 
 @cli.command("import")
-@click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument(
+    "sources", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
 @dir_option
 @click.option("--test-id", help="Record every interaction under this test id.")
 @click.option(
@@ -591,7 +624,11 @@ def import_command(
     for path in written:
         click.echo(f"imported {path}")
     detail = ", ".join(f"{n} {why}" for why, n in skipped.most_common())
-    click.echo(f"{len(written)} imported, {sum(skipped.values())} skipped" + (f" ({detail})" if detail else ""), err=True)
+    click.echo(
+        f"{len(written)} imported, {sum(skipped.values())} skipped"
+        + (f" ({detail})" if detail else ""),
+        err=True,
+    )
 
 
 # ---- run -------------------------------------------------------------------------------
@@ -605,6 +642,10 @@ def _setting(sets: Sequence[str], name: str) -> str | None:
         if sep and key == name:
             value = rest
     return value
+
+
+def _above_info(record: logging.LogRecord) -> bool:
+    return record.levelno > logging.INFO
 
 
 def _client_host(listen_host: str) -> str:
@@ -629,22 +670,50 @@ def client_lines(url: str, reverse: str | None, ca: Path | None) -> list[str]:
             f"# reverse proxy to {reverse}: send requests to {url} instead",
             f"export OPENAI_BASE_URL={url}/v1",
         ]
-    lines = [f"export {name}={url}" for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")]
+    lines = [
+        f"export {name}={url}"
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")
+    ]
     if ca is not None:
-        lines += [f"export {name}={ca}" for name in ("SSL_CERT_FILE", "NODE_EXTRA_CA_CERTS", "CURL_CA_BUNDLE")]
+        lines += [
+            f"export {name}={ca}"
+            for name in ("SSL_CERT_FILE", "NODE_EXTRA_CA_CERTS", "CURL_CA_BUNDLE")
+        ]
     return lines
 
 
 @cli.command("run", context_settings={"show_default": True})
-@click.option("--mode", type=click.Choice(MODES), default="auto", help="What to do with each request.")
+@click.option(
+    "--mode", type=click.Choice(MODES), default="auto", help="What to do with each request."
+)
 @dir_option
 @click.option("--listen-host", default="127.0.0.1", help="Address to listen on.")
-@click.option("--listen-port", "-p", type=click.IntRange(1, 65535), default=8080, help="Port to listen on.")
+@click.option(
+    "--listen-port", "-p", type=click.IntRange(1, 65535), default=8080, help="Port to listen on."
+)
 @click.option("--reverse", metavar="URL", help="Reverse mode: act as this upstream (base URL).")
-@click.option("--confdir", type=click.Path(file_okay=False, path_type=Path), help="mitmproxy's folder (its CA). [default: ~/.mitmproxy]")
-@click.option("--usage-log", type=click.Path(dir_okay=False, path_type=Path), help="Log the cassettes used, for `prune`.")
-@click.option("--set", "sets", multiple=True, metavar="NAME=VALUE", help="Any mitmproxy or cassette option (repeatable).")
-@click.option("--full", is_flag=True, help="Host the addon in mitmdump's full master (its options, -w) instead of the lean one.")
+@click.option(
+    "--confdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="mitmproxy's folder (its CA). [default: ~/.mitmproxy]",
+)
+@click.option(
+    "--usage-log",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Log the cassettes used, for `prune`.",
+)
+@click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Any mitmproxy or cassette option (repeatable).",
+)
+@click.option(
+    "--full",
+    is_flag=True,
+    help="Host the addon in mitmdump's full master (its options, -w) instead of the lean one.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="Log warnings and errors only.")
 @click.option("--verbose", "-v", is_flag=True, help="Log debug lines too.")
 def run_command(
@@ -696,12 +765,18 @@ def run_command(
             settings.append("flow_detail=0")
     elif verbose:
         settings.append("termlog_verbosity=debug")
-    settings += sets  # given last, so they win
+    # A --set wins over the option it overrides (mitmproxy refuses two values for one).
+    given = {spec.partition("=")[0] for spec in sets}
+    settings = [spec for spec in settings if spec.partition("=")[0] not in given] + list(sets)
 
     listen_host = _setting(settings, "listen_host") or "127.0.0.1"
     url = f"http://{_client_host(listen_host)}:{_setting(settings, 'listen_port')}"
     proxy_mode = _setting(settings, "mode")
-    reverse_to = proxy_mode.removeprefix("reverse:") if proxy_mode and proxy_mode.startswith("reverse:") else None
+    reverse_to = (
+        proxy_mode.removeprefix("reverse:")
+        if proxy_mode and proxy_mode.startswith("reverse:")
+        else None
+    )
     conf = Path(_setting(settings, "confdir") or "~/.mitmproxy").expanduser()
     ca = None if reverse_to else _ca_cert(conf)
     folder = Path(_setting(settings, "cassette_dir") or DEFAULT_DIR)
@@ -713,14 +788,19 @@ def run_command(
         click.echo(line)
     sys.stdout.flush()
 
+    if not verbose:
+        # mitmproxy logs every client connect and disconnect at info; `run` keeps info
+        # for one line per interaction, so those lines wait for --verbose.
+        logging.getLogger("mitmproxy.proxy.server").addFilter(_above_info)
     addon = CassetteRecorder()
     addon.log_summary = False  # printed below, once
     status = run_proxy(settings, lean=not full, addon=addon)
     c = addon.counts
-    click.echo(
-        f"cassette-proxy: {c['hit']} hits, {c['miss']} misses, {c['recorded']} recorded, "
-        f"{c['fallback']} offline fallbacks"
-    )
+    if status == 0 or any(c.values()):  # not after a failed start: the error says it all
+        click.echo(
+            f"cassette-proxy: {c['hit']} hits, {c['miss']} misses, {c['recorded']} recorded, "
+            f"{c['fallback']} offline fallbacks"
+        )
     sys.exit(status)
 
 

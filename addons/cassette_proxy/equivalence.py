@@ -18,6 +18,8 @@ from typing import Any
 
 
 def _is_ollama(path: str, *endpoints: str) -> bool:
+    if "/api/" not in path:  # the common case, checked once per request: keep it cheap
+        return False
     return any(path.endswith("/api/" + e) for e in endpoints)
 
 

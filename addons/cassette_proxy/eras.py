@@ -132,8 +132,11 @@ def recorded_wire(cassette: Cassette) -> WireRequest:
         extra_body = body.pop("extra_body", None)
         if isinstance(extra_body, dict):
             body = {**body, **extra_body}  # the openai SDK merges it at the top level
-        if path.endswith(OLLAMA_STREAMABLE) and "stream" not in body:
-            body["stream"] = False  # the ollama client always sends it
+    if path.endswith(OLLAMA_STREAMABLE) and isinstance(body, dict) and "stream" not in body:
+        # llama-stack's Ollama URLs carry no base path, so an SDK call cannot be told from a
+        # wire recording by its URL; but whether the answer streamed says what was asked:
+        # the ollama client's default is false, the server's (for curl) is true.
+        body = {**body, "stream": bool(cassette.response.is_streaming)}
     if method == "POST" and path.endswith(GET_SUFFIXES) and body in ({}, None):
         method = "GET"  # GET /v1/models, /api/tags, /api/ps recorded as POST {}
         body = {}

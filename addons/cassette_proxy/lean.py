@@ -129,6 +129,20 @@ class _HookTable(addonmanager.AddonManager):
                 await self.trigger_event(hooks.UpdateHook([message]))
 
 
+class _TermLog(termlog.TermLog):
+    """mitmproxy's termlog, plus: the root logger's level follows ``termlog_verbosity``.
+
+    mitmproxy leaves the root logger at DEBUG and filters in each handler, so every
+    ``log.info`` builds a record even when nothing prints it; here a quiet proxy skips
+    that work. (errorcheck only needs ERROR, which every verbosity lets through.)
+    """
+
+    def configure(self, updated: set[str]) -> None:
+        super().configure(updated)
+        if "termlog_verbosity" in updated:
+            logging.getLogger().setLevel(self.logger.level)
+
+
 class LeanMaster(master.Master):
     """A mitmproxy Master with only the built-in addons the cassette proxy needs."""
 
@@ -141,7 +155,7 @@ class LeanMaster(master.Master):
         # The deprecated add_log hook costs a call_soon + a hook per log line; nothing
         # here listens to it.
         self._legacy_log_events.uninstall()
-        self._termlog_addon = termlog.TermLog()
+        self._termlog_addon = _TermLog()
         self.addons.add(
             self._termlog_addon,
             proxyserver.Proxyserver(),
@@ -205,6 +219,14 @@ def _configure_logging() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def _quiet_cancellations(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """At exit, connections still open are cancelled, and asyncio's stream callback
+    then reports each CancelledError with a traceback; that is noise, not an error."""
+    if isinstance(context.get("exception"), asyncio.CancelledError):
+        return
+    loop.default_exception_handler(context)
+
+
 async def _serve(sets: list[str], lean: bool, addon: Any, fast_dispatch: bool = True) -> int:
     _configure_logging()
     opts = options.Options()
@@ -235,6 +257,7 @@ async def _serve(sets: list[str], lean: bool, addon: Any, fast_dispatch: bool = 
         return 2
 
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_quiet_cancellations)
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
             loop.add_signal_handler(sig, m.shutdown)

@@ -13,22 +13,64 @@ from typing import Any
 from . import keys
 from .cassette import Cassette, make_cassette
 from .families import Family, NotRecordable, error_response
+from .redact import redact_body, redact_path, redact_strings
 from .store import safe_folder
 
-# Answers that say "try again later" are never frozen into a cassette.
+# Answers that say "try again later" are never frozen into a cassette by default.
 UNRECORDED_ERRORS = frozenset({408, 409, 429})
+# ``cassette_record_errors=4xx``, the default: a client error is an answer worth
+# replaying (llama-stack records them as exceptions); a 5xx or a retry-later is not.
+DEFAULT_RECORDED_ERRORS = frozenset(range(400, 500)) - UNRECORDED_ERRORS
 
 
-def whole_response(family: Family, path: str, body: Any, status: int, data: Any) -> dict[str, Any]:
+def recorded_errors(spec: str) -> frozenset[int]:
+    """The error statuses ``cassette_record_errors`` asks to record.
+
+    A comma-separated list of: ``none`` (no error is recorded), ``4xx`` (every 4xx but
+    the retryable 408, 409 and 429), ``5xx`` (every 5xx), or a status from 400 to 599
+    (``4xx,429`` adds 429). Raises ValueError with a readable message.
+    """
+    items = [item.strip().lower() for item in spec.split(",") if item.strip()]
+    if not items:
+        raise ValueError("cassette_record_errors is empty; use none to record no error")
+    if "none" in items:
+        if len(items) > 1:
+            raise ValueError("cassette_record_errors: none cannot be combined with statuses")
+        return frozenset()
+    statuses: set[int] = set()
+    for item in items:
+        if item == "4xx":
+            statuses |= DEFAULT_RECORDED_ERRORS
+        elif item == "5xx":
+            statuses |= set(range(500, 600))
+        elif item.isdigit() and 400 <= int(item) <= 599:
+            statuses.add(int(item))
+        else:
+            raise ValueError(
+                f"cassette_record_errors: {item!r} is not none, 4xx, 5xx or a status 400-599"
+            )
+    return frozenset(statuses)
+
+
+def whole_response(
+    family: Family,
+    path: str,
+    body: Any,
+    status: int,
+    data: Any,
+    errors: frozenset[int] = DEFAULT_RECORDED_ERRORS,
+) -> dict[str, Any]:
     """The response half for a whole (non-streamed) JSON answer.
 
-    Raises NotRecordable (with the reason) for answers that must not be recorded:
-    5xx, 408/409/429, 1xx/3xx, or a body the family cannot type.
+    Raises NotRecordable (with the reason) for answers that must not be recorded: an
+    error status not in ``errors`` (by default 5xx and 408/409/429), 1xx/3xx, or a body
+    the family cannot type. Recorded errors have keys and bearer tokens redacted: a 401
+    is where an upstream echoes the credential it was sent.
     """
     if 200 <= status < 300:
         return family.record(path, body, status, data)
-    if 400 <= status < 500 and status not in UNRECORDED_ERRORS:
-        return error_response(status, data)
+    if status in errors:
+        return error_response(status, redact_strings(data))
     raise NotRecordable(f"upstream answered {status}")
 
 
@@ -45,9 +87,11 @@ def new_recording(
 ) -> tuple[Path, Cassette]:
     """The cassette for one interaction and the file it belongs in below ``root``.
 
-    ``url`` and ``headers`` must already be redacted. The name is the documented
-    request hash; a test's cassettes go in a folder of their own.
+    ``url`` and ``headers`` must already be redacted; credential fields of the body and
+    keys in the path are redacted here (the proxy keys requests the same way). The name
+    is the documented request hash; a test's cassettes go in a folder of their own.
     """
+    body, path = redact_body(body), redact_path(path)
     model = body.get("model") if isinstance(body, dict) else None
     cassette = make_cassette(
         test_id=test_id,

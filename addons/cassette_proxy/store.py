@@ -12,14 +12,17 @@ import logging
 import os
 import re
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from . import eras, keys
 from .cassette import TEMP_PREFIX, Cassette, CassetteError, RecordedResponse, read_cassette
 from .equivalence import normal_form
-from .redact import keyed_query
+from .families import unknown_type
+from .index_cache import IndexCache
+from .redact import keyed_query, redact_body, redact_path
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +80,22 @@ def key_of(cassette: Cassette) -> tuple[str, str]:
     """
     wire = eras.recorded_wire(cassette)
     query = keyed_query(wire.query)
-    return keys.request_key(wire.method, wire.path, wire.body, query), wire.path
+    # Keyed as the proxy keys a live request: credentials in the body and path redacted.
+    path = redact_path(wire.path)
+    return keys.request_key(wire.method, path, redact_body(wire.body), query), wire.path
+
+
+def live_key(
+    method: str, path: str, body: Any, query: Iterable[tuple[str, str]]
+) -> tuple[str, str, Any, list[tuple[str, str]]]:
+    """How the proxy keys a live request: (key, path, body, query) as they are recorded.
+
+    Credentials are redacted first (keys in the path, credential fields of the body,
+    credential query parameters), exactly as the cassette will hold them, so that
+    ``key_of`` of the cassette written for this request gives this same key.
+    """
+    path, body, pairs = redact_path(path), redact_body(body), keyed_query(query)
+    return keys.request_key(method, path, body, pairs), path, body, pairs
 
 
 def safe_folder(test_id: str) -> str:
@@ -98,6 +116,10 @@ class CassetteStore:
     def __len__(self) -> int:
         return sum(len(v) for v in self._index.values())
 
+    def __contains__(self, key: object) -> bool:
+        """Whether anything is recorded under this exact request key."""
+        return bool(self._index.get(key))  # type: ignore[call-overload]
+
     def load(self) -> LoadReport:
         """(Re)build the index. Bad files are skipped and reported, never fatal."""
         report = LoadReport()
@@ -108,8 +130,15 @@ class CassetteStore:
         if not self.root.is_dir():
             return report
         root = self.root.resolve()
+        # What indexing found per file, kept across starts by path + size + mtime.
+        cache = IndexCache(root)
+        mtimes: dict[Path, int] = {}
         for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in dirnames:
+                # os.walk does not follow a symlinked folder; say so if it leads outside.
+                if problem := _symlink_problem(Path(dirpath) / name, root):
+                    report.bad.append(f"{Path(dirpath) / name}: {problem}, not followed")
             for name in sorted(filenames):
                 path = Path(dirpath) / name
                 if name.startswith(TEMP_PREFIX):
@@ -117,23 +146,48 @@ class CassetteStore:
                     continue
                 if not name.endswith(".json"):
                     continue
-                if path.is_symlink() and not path.resolve().is_relative_to(root):
-                    report.bad.append(f"{path}: symlink points outside {root}, skipped")
+                if problem := _symlink_problem(path, root):
+                    report.bad.append(f"{path}: {problem}, skipped")
+                    continue
+                try:
+                    stat = path.stat()
+                except OSError as e:
+                    report.bad.append(f"{path}: cannot read: {e.strerror or e}")
+                    continue
+                mtimes[path] = stat.st_mtime_ns
+                relative = os.path.relpath(path, root)
+                record = cache.get(relative, stat)
+                if record is not None:
+                    report.loaded += 1
+                    if "unservable" in record:
+                        report.unservable.append(f"{self.relative(path)}: {record['unservable']}")
+                    else:
+                        self._insert(_entry_from(record, path))
                     continue
                 try:
                     cassette = read_cassette(path)
+                    reason = eras.unservable_reason(cassette)
+                    odd = unknown_type(cassette.response.body) if reason is None else None
+                    if odd is not None:  # a typed answer no family can put on the wire
+                        raise CassetteError(f"{path}: {odd}")
+                    entry = self._add(path, cassette) if reason is None else None
                 except CassetteError as e:
                     report.bad.append(str(e))
                     continue
-                report.loaded += 1
-                reason = eras.unservable_reason(cassette)
-                if reason is not None:
-                    report.unservable.append(f"{self.relative(path)}: {reason}")
+                except Exception as e:  # noqa: BLE001 - one odd file never stops a start
+                    report.bad.append(f"{path}: cannot be indexed: {type(e).__name__}: {e}")
                     continue
-                self._add(path, cassette)
+                report.loaded += 1
+                if entry is None:
+                    report.unservable.append(f"{self.relative(path)}: {reason}")
+                    cache.put(relative, stat, {"unservable": reason})
+                    continue
+                cache.put(relative, stat, _entry_record(entry))
+        cache.save()
         for entries in [*self._index.values(), *self._loose.values()]:
-            # Newest first, so a fresh recording wins over an older file with the same key.
-            entries.sort(key=_mtime, reverse=True)
+            if len(entries) > 1:
+                # Newest first, so a fresh recording wins over an older file with the same key.
+                entries.sort(key=lambda e: mtimes.get(e.path, 0), reverse=True)
         return report
 
     def _remove_temp(self, path: Path, report: LoadReport) -> None:
@@ -146,13 +200,17 @@ class CassetteStore:
     def _add(self, path: Path, cassette: Cassette) -> Entry:
         wire = eras.recorded_wire(cassette)
         query = keyed_query(wire.query)
-        key = keys.request_key(wire.method, wire.path, wire.body, query)
-        loose = keys.loose_keys(wire.method, wire.path, wire.body, query)
+        body, keyed_path = redact_body(wire.body), redact_path(wire.path)  # as a live request
+        key = keys.request_key(wire.method, keyed_path, body, query)
+        loose = keys.loose_keys(wire.method, keyed_path, body, query)
         merge = eras.model_list_field(cassette)
-        entry = Entry(key, path, cassette.test_id, wire.method, wire.path, loose, merge)
-        self._index.setdefault(key, []).append(entry)
-        self._by_path.setdefault(wire.path, []).append(entry)
-        for k in loose:
+        entry = Entry(key, path, cassette.test_id, wire.method, keyed_path, loose, merge)
+        return self._insert(entry)
+
+    def _insert(self, entry: Entry) -> Entry:
+        self._index.setdefault(entry.key, []).append(entry)
+        self._by_path.setdefault(entry.wire_path, []).append(entry)
+        for k in entry.loose:
             self._loose.setdefault(k, []).append(entry)
         return entry
 
@@ -189,6 +247,11 @@ class CassetteStore:
 
     def test_ids(self, key: str) -> list[str]:
         return sorted({e.test_id for e in self._index.get(key, []) if e.test_id})
+
+    def path_test_ids(self, method: str, wire_path: str) -> list[str]:
+        """The test ids recorded for a method and path (for a miss message)."""
+        entries = self._by_path.get(wire_path, [])
+        return sorted({e.test_id for e in entries if e.test_id and e.method == method.upper()})
 
     def read(self, entry: Entry) -> Cassette:
         """The cassette as it is replayed: ids mapped back, model lists merged."""
@@ -252,6 +315,29 @@ class CassetteStore:
 
 def _read_mapped(path: Path) -> Cassette:
     return eras.apply_id_mapping(read_cassette(path))
+
+
+def _symlink_problem(path: Path, root: Path) -> str | None:
+    """Why a symlink below ``root`` is not followed: it leads outside, loops or is broken."""
+    if not path.is_symlink():
+        return None
+    try:
+        target = path.resolve(strict=True)
+    except FileNotFoundError:
+        return "broken symlink"
+    except (OSError, RuntimeError):
+        return "symlink loop"
+    return None if target.is_relative_to(root) else f"symlink points outside {root}"
+
+
+def _entry_record(entry: Entry) -> dict[str, Any]:
+    """An entry as the index cache keeps it (the path is the cache's own key)."""
+    return {f.name: getattr(entry, f.name) for f in fields(Entry) if f.name != "path"}
+
+
+def _entry_from(record: dict[str, Any], path: Path) -> Entry:
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in record.items()}
+    return Entry(path=path, **values)
 
 
 def _pick(entries: list[Entry] | None, test_id: str | None) -> Entry | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Family, NotRecordable, StreamRecorder, Wire
+from .base import Family, NotRecordable, StreamRecorder, Wire, is_typed
 from .ollama import OllamaFamily
 from .openai import OpenAIFamily
 from .raw import RawFamily, encode_exception, error_response
@@ -22,7 +22,13 @@ __all__ = [
     "classify",
     "encode",
     "error_response",
+    "unknown_type",
 ]
+
+# The modules whose ``__type__`` names a family can put back on the wire. A typed object
+# of any other module would otherwise reach the raw family and be replayed as its
+# ``{"__type__", "__data__"}`` wrapper, which no client parses.
+TYPE_MODULES = ("openai.", "ollama.")
 
 
 def classify(method: str, path: str) -> Family:
@@ -33,10 +39,24 @@ def classify(method: str, path: str) -> Family:
     raise AssertionError("the raw family claims every request")
 
 
+def unknown_type(body: Any) -> str | None:
+    """Why a recorded response body cannot be replayed: a ``__type__`` no family knows.
+
+    Looks at the body itself and, for a stream, every chunk: cheap next to parsing.
+    """
+    for item in body if isinstance(body, list) else [body]:
+        if is_typed(item) and not str(item["__type__"]).startswith(TYPE_MODULES):
+            return f"unknown __type__ {str(item['__type__'])[:200]!r}: no family can replay it"
+    return None
+
+
 def encode(path: str, request_body: Any, response: dict[str, Any]) -> Wire:
     """Put a recorded response back on the wire as its upstream would have sent it."""
     if response.get("is_exception"):
         return encode_exception(response)
+    odd = unknown_type(response.get("body"))
+    if odd is not None:
+        raise NotRecordable(odd)
     for family in FAMILIES:
         wire = family.encode(path, request_body, response)
         if wire is not None:

@@ -140,10 +140,15 @@ class OpenAIFamily:
             return json_wire(200, {"object": "list", "data": []})
         if is_typed(body) and str(body["__type__"]).startswith("openai."):
             data = body["__data__"]
-            if body["__type__"] == EMBEDDINGS and wants_base64(request_body):
+            if body["__type__"] == EMBEDDINGS:
+                # Each request gets the encoding it asks for, whichever one was recorded
+                # (llama-stack kept base64 strings when its caller asked for base64).
+                recode = encode_embedding if wants_base64(request_body) else decode_embedding
                 data = dict(data)
                 data["data"] = [
-                    {**item, "embedding": encode_embedding(item.get("embedding"))}
+                    {**item, "embedding": recode(item.get("embedding"))}
+                    if isinstance(item, dict)
+                    else item
                     for item in data.get("data") or []
                 ]
             return json_wire(200, data)

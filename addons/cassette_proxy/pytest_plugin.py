@@ -1,0 +1,248 @@
+"""The pytest plugin: a cassette proxy for the test session, a test id per test.
+
+Loaded by the ``pytest11`` entry point once cassette-proxy is installed. Nothing starts
+until a test asks for one of its fixtures:
+
+``cassette_proxy`` (session)
+    ``cassette-proxy run`` in a subprocess, in the mode and folder configured (ini
+    ``cassette_mode`` / ``cassette_dir``, or ``--cassette-mode`` / ``--cassette-dir``),
+    and the printed client environment (``HTTP_PROXY``, ``HTTPS_PROXY``,
+    ``SSL_CERT_FILE``, ...) set in ``os.environ`` for the session, so subprocesses a
+    test starts (curl, node, a server under test) go through it.
+``cassette_test_id``, ``cassette_headers``
+    the test's node id, and ``{"X-Cassette-Test-Id": node id}`` for any client.
+``cassette_http_client``, ``cassette_openai_client``
+    an ``httpx.Client`` / ``openai.OpenAI`` wired to the proxy that sends the test id
+    with every request, so each test's cassettes go in a folder of their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+MODES = ("auto", "record", "replay", "record-if-missing", "passthrough")
+TEST_ID_HEADER = "X-Cassette-Test-Id"
+_PROXY_VARS = (
+    "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY",
+    "http_proxy", "https_proxy", "all_proxy", "no_proxy",
+)  # fmt: skip
+_SUMMARY = pytest.StashKey["CassetteProxy"]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("cassette-proxy", "cassette-proxy: record and replay LLM traffic")
+    group.addoption("--cassette-mode", choices=MODES, help="Overrides ini cassette_mode.")
+    group.addoption("--cassette-dir", help="Overrides ini cassette_dir.")
+    group.addoption("--cassette-reverse", metavar="URL", help="Overrides ini cassette_reverse.")
+    group.addoption("--cassette-usage-log", help="Log the cassettes used (for `prune`).")
+    parser.addini("cassette_mode", f"Proxy mode: {', '.join(MODES)}.", default="auto")
+    parser.addini("cassette_dir", "Cassette folder, relative to the rootdir.", default="cassettes")
+    parser.addini("cassette_reverse", "Reverse mode: the upstream's base URL.", default="")
+    parser.addini(
+        "cassette_openai_base_url",
+        "Base URL of cassette_openai_client in forward mode.",
+        default="http://127.0.0.1:8000/v1",
+    )
+    parser.addini("cassette_proxy_args", "More `cassette-proxy run` arguments.", type="args")
+    parser.addini(
+        "cassette_set_env", "Set HTTP(S)_PROXY etc. for the session.", type="bool", default=True
+    )
+
+
+@dataclass
+class CassetteProxy:
+    """A running ``cassette-proxy run``."""
+
+    url: str  # where the proxy listens
+    mode: str
+    cassette_dir: Path
+    reverse: str | None
+    ca_cert: Path
+    env: dict[str, str]  # the lines it printed for clients
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    summary: str = field(default="")
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        for line in self.output().splitlines():
+            if line.startswith("cassette-proxy: ") and " hits, " in line:
+                self.summary = line
+        return self.proc.returncode
+
+
+def _setting(config: pytest.Config, name: str) -> Any:
+    given = config.getoption(f"--{name.replace('_', '-')}", default=None)
+    return given if given not in (None, "") else config.getini(name)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_proxy(config: pytest.Config, workdir: Path, timeout: float = 30.0) -> CassetteProxy:
+    mode = str(_setting(config, "cassette_mode"))
+    if mode not in MODES:
+        raise pytest.UsageError(f"cassette_mode must be one of {', '.join(MODES)}, not {mode!r}")
+    folder = Path(str(_setting(config, "cassette_dir")))
+    if not folder.is_absolute():
+        folder = config.rootpath / folder
+    reverse = str(_setting(config, "cassette_reverse") or "") or None
+    confdir = workdir / "confdir"
+    base = [sys.executable, "-m", "cassette_proxy.cli", "run", "--mode", mode]
+    base += ["-d", str(folder), "--confdir", str(confdir)]
+    if reverse:
+        base += ["--reverse", reverse]
+    usage = config.getoption("--cassette-usage-log", default=None)
+    if usage:
+        base += ["--usage-log", str(Path(usage).resolve())]
+    base += list(config.getini("cassette_proxy_args") or [])
+    env = {k: v for k, v in os.environ.items() if k not in _PROXY_VARS}
+    env["PYTHONUNBUFFERED"] = "1"
+    for attempt in range(3):  # a free port can be taken before the proxy binds it
+        port = _free_port()
+        log_path = workdir / f"cassette-proxy-{port}.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                [*base, "--listen-port", str(port)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            time.sleep(0.05)
+        output = log_path.read_text(errors="replace")
+        if proc.poll() is None and time.monotonic() < deadline:
+            exports = dict(
+                line.removeprefix("export ").split("=", 1)
+                for line in output.splitlines()
+                if line.startswith("export ")
+            )
+            return CassetteProxy(
+                url=f"http://127.0.0.1:{port}",
+                mode=mode,
+                cassette_dir=folder,
+                reverse=reverse,
+                ca_cert=confdir / "mitmproxy-ca-cert.pem",
+                env=exports,
+                proc=proc,
+                log_path=log_path,
+            )
+        if proc.poll() is None:
+            proc.kill()
+        if "address already in use" not in output or attempt == 2:
+            raise pytest.UsageError(f"cassette-proxy did not start:\n{output}")
+    raise AssertionError("unreachable")
+
+
+@pytest.fixture(scope="session")
+def cassette_proxy(
+    pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[CassetteProxy]:
+    """The session's cassette proxy; its client environment is set while it runs."""
+    proxy = start_proxy(pytestconfig, tmp_path_factory.mktemp("cassette-proxy"))
+    pytestconfig.stash[_SUMMARY] = proxy
+    with pytest.MonkeyPatch.context() as mp:
+        if pytestconfig.getini("cassette_set_env"):
+            for name, value in proxy.env.items():
+                mp.setenv(name, value)
+            if not proxy.reverse:
+                for name in ("NO_PROXY", "no_proxy"):  # a local upstream must not bypass it
+                    mp.delenv(name, raising=False)
+        try:
+            yield proxy
+        finally:
+            proxy.stop()
+
+
+@pytest.fixture
+def cassette_test_id(request: pytest.FixtureRequest) -> str:
+    """The id this test's cassettes are recorded and looked up under: its node id."""
+    return request.node.nodeid
+
+
+@pytest.fixture
+def cassette_headers(cassette_test_id: str) -> dict[str, str]:
+    """Headers that tie a request to this test; add them to any client."""
+    return {TEST_ID_HEADER: cassette_test_id}
+
+
+@pytest.fixture
+def cassette_http_client(
+    cassette_proxy: CassetteProxy, cassette_headers: dict[str, str]
+) -> Iterator[Any]:
+    """An ``httpx.Client`` through the proxy (or at it, in reverse mode) with the test id."""
+    import httpx
+
+    if cassette_proxy.reverse:
+        client = httpx.Client(
+            base_url=cassette_proxy.url, headers=cassette_headers, trust_env=False, timeout=60
+        )
+    else:
+        verify = ssl.create_default_context(cafile=str(cassette_proxy.ca_cert))
+        client = httpx.Client(
+            proxy=cassette_proxy.url,
+            verify=verify,
+            headers=cassette_headers,
+            trust_env=False,
+            timeout=60,
+        )
+    with client:
+        yield client
+
+
+@pytest.fixture
+def cassette_openai_client(
+    cassette_proxy: CassetteProxy, cassette_http_client: Any, pytestconfig: pytest.Config
+) -> Any:
+    """An ``openai.OpenAI`` client whose requests carry the test id.
+
+    Its base URL is ini ``cassette_openai_base_url`` (forward mode) or the proxy's
+    ``/v1`` (reverse mode); the API key is ``OPENAI_API_KEY`` or a placeholder.
+    """
+    import openai
+
+    if cassette_proxy.reverse:
+        base_url = f"{cassette_proxy.url}/v1"
+    else:
+        base_url = str(pytestconfig.getini("cassette_openai_base_url"))
+    return openai.OpenAI(
+        base_url=base_url,
+        api_key=os.environ.get("OPENAI_API_KEY") or "sk-cassette-placeholder",
+        http_client=cassette_http_client,
+    )
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    proxy = config.stash.get(_SUMMARY, None)
+    if proxy is not None and proxy.summary:
+        terminalreporter.write_line(f"{proxy.summary} ({proxy.mode} mode, {proxy.cassette_dir})")

@@ -1,0 +1,859 @@
+"""cassette-proxy benchmark: replay, record, time to first token, cold start, soak.
+
+Everything runs side by side on 127.0.0.1 in one go (``scripts/bench``; ``--smoke`` for
+a seconds-long check without timing claims). Each proxy is a real subprocess; the
+upstreams are ``bench/upstream.py`` processes; the load generator is ``wrk`` (or
+``bench/loadgen.py`` when wrk is missing). On a 2-core machine the load generator, the
+proxy and the upstream share the CPU: absolute numbers are lower than on a bigger box,
+ratios between hosts measured back to back in the same run are what the targets use.
+
+Hosts compared (all quiet: errors only on the terminal, as ``mitmdump -q``):
+  mitmdump+baseline  mitmdump -s bench/baseline_addon.py (same bytes from memory)
+  mitmdump+recorder  mitmdump -s addons/recorder.py (the addon as a mitmproxy script)
+  lean+baseline      the baseline addon in cassette-proxy's lean master
+  lean+recorder      python -m cassette_proxy.lean, as scripts/run starts it
+  direct             the fast upstream itself, no proxy: the limit
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))
+
+from corpus import make_cassettes  # noqa: E402
+
+HOST = "127.0.0.1"
+PY = sys.executable
+MITMDUMP = str(Path(sys.executable).parent / "mitmdump")
+RECORDER = str(ROOT / "addons" / "recorder.py")
+BASELINE = str(BENCH / "baseline_addon.py")
+OPTIMIZED = {"PYTHONOPTIMIZE": "1"}  # as scripts/run starts the lean proxy
+N_DISTINCT = 64  # distinct recorded requests the replay load rotates through
+
+
+# ---- processes --------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Proc:
+    name: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@dataclass
+class Bench:
+    work: Path
+    smoke: bool
+    confdir: Path
+    procs: list[Proc] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+    def spawn(
+        self, name: str, argv: list[str], env: dict[str, str] | None = None, port: int = 0
+    ) -> Proc:
+        port = port or free_port()
+        log = self.work / f"{name}.log"
+        full_env = {**os.environ, **self.env, **(env or {})}
+        for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"):
+            full_env.pop(var, None)
+        argv = [a.replace("{port}", str(port)) for a in argv]
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=full_env,
+                cwd=self.work,
+            )
+        p = Proc(name, proc, port, log)
+        self.procs.append(p)
+        return p
+
+    def proxy(
+        self, name: str, host: str, sets: list[str], env: dict[str, str] | None = None
+    ) -> Proc:
+        """Start one of the hosts with ``sets`` (name=value) and wait until it listens."""
+        common = [f"confdir={self.confdir}"]
+        if host == "mitmdump":
+            script = sets[0]
+            argv = [MITMDUMP, "-q", "--listen-host", HOST, "--listen-port", "{port}"]
+            if script != "none":
+                argv += ["-s", script]
+            for s in common + sets[1:]:
+                argv += ["--set", s]
+            p = self.spawn(name, argv, env)
+        elif host == "lean-recorder":
+            argv = [PY, "-m", "cassette_proxy.lean", "-q", "--listen-port", "{port}"]
+            for s in common + sets:
+                argv += ["--set", s]
+            p = self.spawn(name, argv, {**OPTIMIZED, **(env or {})})
+        else:  # lean host for any addon script (or none)
+            script = sets[0]
+            argv = [
+                PY,
+                str(BENCH / "host.py"),
+                script,
+                "termlog_verbosity=error",
+                f"listen_host={HOST}",
+                "listen_port={port}",
+                *common,
+                *sets[1:],
+            ]
+            p = self.spawn(name, argv, {**OPTIMIZED, **(env or {})})
+        wait_listening(p)
+        return p
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            p.stop()
+        self.procs.clear()
+
+
+def wait_listening(p: Proc, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if p.proc.poll() is not None:
+            raise RuntimeError(f"{p.name} exited early:\n{p.log.read_text(errors='replace')}")
+        try:
+            socket.create_connection((HOST, p.port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"{p.name} not listening after {timeout}s")
+
+
+def start_upstream(b: Bench, name: str, *args: str) -> Proc:
+    port = free_port()
+    argv = [PY, str(BENCH / "upstream.py"), "--port", str(port), *args]
+    p = b.spawn(name, argv, port=port)
+    wait_listening(p)
+    return p
+
+
+# ---- HTTP helpers (setup, TTFT, cold start) -----------------------------------------
+
+
+def post(
+    proxy_port: int | None, url: str, body: str, timeout: float = 30.0
+) -> tuple[int, bytes, float]:
+    """One POST (through a forward proxy when proxy_port is set); status, body, first-byte s."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    target_port = proxy_port or parts.port
+    target = url if proxy_port else parts.path
+    data = body.encode()
+    request = (
+        f"POST {target} HTTP/1.1\r\nHost: {parts.netloc}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(data)}\r\nconnection: close\r\n\r\n"
+    ).encode() + data
+    with socket.create_connection((HOST, target_port), timeout=timeout) as s:
+        t = time.monotonic()
+        s.sendall(request)
+        raw = b""
+        first = None
+        while not _complete(raw):
+            buf = s.recv(65536)
+            if not buf:
+                break
+            raw += buf
+            if first is None and b"data:" in raw:
+                first = time.monotonic() - t
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1]) if head else 0
+    if b"transfer-encoding: chunked" in head.lower():
+        rest = _dechunk(rest)
+    return status, rest, first if first is not None else time.monotonic() - t
+
+
+def _complete(raw: bytes) -> bool:
+    """Whether a whole HTTP/1.1 response is in ``raw`` (content-length or chunked)."""
+    head, sep, rest = raw.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    lower = head.lower()
+    m = re.search(rb"content-length:\s*(\d+)", lower)
+    if m:
+        return len(rest) >= int(m.group(1))
+    if b"transfer-encoding: chunked" in lower:
+        return rest.endswith(b"\r\n0\r\n\r\n") or rest == b"0\r\n\r\n"
+    return False
+
+
+def _dechunk(data: bytes) -> bytes:
+    out, i = [], 0
+    while i < len(data):
+        j = data.find(b"\r\n", i)
+        if j < 0:
+            break
+        size = int(data[i:j].split(b";")[0], 16)
+        if size == 0:
+            break
+        out.append(data[j + 2 : j + 2 + size])
+        i = j + 2 + size + 2
+    return b"".join(out)
+
+
+def chat_body(text: str, stream: bool) -> str:
+    msg = {"model": "bench-model", "messages": [{"role": "user", "content": text}]}
+    return json.dumps({**msg, "stream": stream})
+
+
+# ---- load generation --------------------------------------------------------------
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60000.0}
+
+
+def _ms(text: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s|m)$", text.strip())
+    return float(m.group(1)) * _UNITS[m.group(2)] if m else float("nan")
+
+
+def _lua(path: str, authority: str, bodies: list[str] | None, counter_body: bool) -> str:
+    if counter_body:
+        # Every request its own body (so record mode records each one).
+        body = (
+            'string.format(\'{"model": "bench-model", "messages": [{"role": '
+            '"user", "content": "Record %s-%d-%d"}], "stream": %s}\', run, id, n, stream)'
+        )
+        return (
+            "local n = 0\nlocal id = 0\nlocal stream = os.getenv('BENCH_STREAM') or 'false'\n"
+            "local run = os.getenv('BENCH_RUN') or '0'\n"
+            "setup = function(thread) id = id + 1; thread:set('id', id) end\n"
+            "request = function()\n  n = n + 1\n"
+            f"  return wrk.format('POST', '{path}', "
+            f"{{['Host']='{authority}', ['Content-Type']='application/json'}}, {body})\nend\n"
+        )
+    items = ",\n".join("[==[" + b + "]==]" for b in bodies or [])
+    return (
+        f"local bodies = {{\n{items}\n}}\nlocal i = math.random(#bodies)\n"
+        "request = function()\n  i = i % #bodies + 1\n"
+        f"  return wrk.format('POST', '{path}', "
+        f"{{['Host']='{authority}', ['Content-Type']='application/json'}}, bodies[i])\nend\n"
+    )
+
+
+def load(
+    b: Bench,
+    port: int,
+    path: str,
+    authority: str,
+    conns: int,
+    seconds: float,
+    bodies: list[str] | None = None,
+    counter_body: bool = False,
+    stream: bool = False,
+) -> dict[str, Any]:
+    """Drive CONNS keep-alive connections for SECONDS; rps, p50/p99 ms, errors."""
+    if shutil.which("wrk") and not os.environ.get("BENCH_NO_WRK"):
+        script = b.work / f"load-{port}-{conns}.lua"
+        script.write_text(_lua(path, authority, bodies, counter_body))
+        env = {**os.environ, "BENCH_STREAM": "true" if stream else "false"}
+        env["BENCH_RUN"] = str(time.monotonic_ns())  # record mode: every body new
+        out = subprocess.run(
+            [
+                "wrk",
+                "-t1",
+                f"-c{conns}",
+                f"-d{max(1, round(seconds))}s",
+                "--latency",
+                "-s",
+                str(script),
+                f"http://{HOST}:{port}/",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=seconds + 60,
+        ).stdout
+        rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+        total = re.search(r"(\d+) requests in", out)
+        errs = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+        sock = re.search(
+            r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out
+        )
+        p50 = re.search(r"^\s+50%\s+(\S+)", out, re.M)
+        p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M)
+        return {
+            "rps": float(rps.group(1)) if rps else 0.0,
+            "requests": int(total.group(1)) if total else 0,
+            "errors": (int(errs.group(1)) if errs else 0)
+            + (sum(int(x) for x in sock.groups()) if sock else 0),
+            "p50_ms": _ms(p50.group(1)) if p50 else float("nan"),
+            "p99_ms": _ms(p99.group(1)) if p99 else float("nan"),
+            "tool": "wrk",
+        }
+    if counter_body:
+        bodies = [chat_body(f"Record {i} {time.monotonic_ns()}", stream) for i in range(20000)]
+    bodies_file = b.work / f"bodies-{port}.json"
+    bodies_file.write_text(json.dumps(bodies))
+    out = subprocess.run(
+        [
+            PY,
+            str(BENCH / "loadgen.py"),
+            f"http://{HOST}:{port}",
+            path,
+            str(conns),
+            str(seconds),
+            str(bodies_file),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+    ).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    return {**result, "tool": "loadgen.py"}
+
+
+# ---- sections -----------------------------------------------------------------------
+
+
+def record_replay_set(b: Bench, upstream: Proc, cassettes: Path) -> tuple[list[str], list[str]]:
+    """Record N_DISTINCT plain and streamed chats through the lean proxy; their bodies."""
+    rec = b.proxy(
+        "setup-record", "lean-recorder", [f"cassette_dir={cassettes}", "cassette_mode=record"]
+    )
+    url = f"http://{HOST}:{upstream.port}/v1/chat/completions"
+    n = 4 if b.smoke else N_DISTINCT
+    plain = [chat_body(f"Question {i}: what is {i} plus {i}?", False) for i in range(n)]
+    streamed = [chat_body(f"Question {i}: count to {i}.", True) for i in range(n)]
+    for body in plain + streamed:
+        status, _, _ = post(rec.port, url, body)
+        assert status == 200, f"recording for the benchmark failed: {status}"
+    rec.stop()
+    b.procs.remove(rec)
+    return plain, streamed
+
+
+def section_replay(b: Bench, up: Proc, cassettes: Path, out: dict[str, Any]) -> None:
+    plain, streamed = record_replay_set(b, up, cassettes)
+    # The baseline answers with the very bytes a replay sends, from memory.
+    replay = b.proxy(
+        "setup-replay", "lean-recorder", [f"cassette_dir={cassettes}", "cassette_mode=replay"]
+    )
+    url = f"http://{HOST}:{up.port}/v1/chat/completions"
+    for kind, body in (("json", plain[0]), ("sse", streamed[0])):
+        status, data, _ = post(replay.port, url, body)
+        assert status == 200, f"replay for the benchmark failed: {status}"
+        (b.work / f"{kind}.body").write_bytes(data)
+        b.env[f"BENCH_{kind.upper()}_BODY"] = str(b.work / f"{kind}.body")
+    out["sizes"] = {
+        "json_bytes": len((b.work / "json.body").read_bytes()),
+        "sse_bytes": len((b.work / "sse.body").read_bytes()),
+    }
+    replay.stop()
+    b.procs.remove(replay)
+
+    sets = [f"cassette_dir={cassettes}", "cassette_mode=replay"]
+    hosts = {
+        "mitmdump+baseline": b.proxy("md-base", "mitmdump", [BASELINE]),
+        "mitmdump+recorder": b.proxy("md-rec", "mitmdump", [RECORDER, *sets]),
+        "lean+baseline": b.proxy("lean-base", "lean", [BASELINE]),
+        "lean+recorder": b.proxy("lean-rec", "lean-recorder", sets),
+    }
+    conns_list = [16] if b.smoke else [1, 16, 64]
+    rows = []
+    targets = [*hosts.items(), ("direct", up)]
+    for kind, bodies in (("json", plain), ("sse", streamed)):
+        for conns in conns_list:
+            trials = interleaved(b, targets, conns, url, up, bodies=bodies)
+            for name, r in trials.items():
+                rows.append({"kind": kind, "conns": conns, "host": name, **r})
+                show("replay", kind, conns, name, r)
+    for p in hosts.values():
+        p.stop()
+        b.procs.remove(p)
+    out["replay"] = rows
+
+
+ROUNDS = 3  # interleaved rounds per measurement; the median is reported
+
+
+def interleaved(
+    b: Bench,
+    targets: list[tuple[str, Proc]],
+    conns: int,
+    url: str,
+    up: Proc,
+    bodies: list[str] | None = None,
+    stream: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Load each target in turn, ROUNDS times (2 s each; 1 round of 1 s in smoke), so
+    that a burst of other work on the machine hits one trial, not one host; the median
+    trial (by rps) of each target is its result, all trials are kept."""
+    rounds, seconds = (1, 1) if b.smoke else (ROUNDS, 2)
+    counter = bodies is None
+    trials: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in targets}
+    for i in range(rounds):
+        for name, p in targets:
+            path = "/v1/chat/completions" if name == "direct" else url
+            authority = f"{HOST}:{up.port}"
+            if i == 0 and not b.smoke:  # warm up: connections, caches, code paths
+                load(b, p.port, path, authority, conns, 1, bodies, counter, stream)
+            trials[name].append(
+                load(b, p.port, path, authority, conns, seconds, bodies, counter, stream)
+            )
+    result = {}
+    for name, rs in trials.items():
+        ordered = sorted(rs, key=lambda r: r["rps"])
+        mid = ordered[len(ordered) // 2]
+        total = {"requests": sum(r["requests"] for r in rs), "errors": sum(r["errors"] for r in rs)}
+        result[name] = {**mid, **total, "trials_rps": [round(r["rps"], 1) for r in rs]}
+    return result
+
+
+def show(
+    section: str, kind: str, conns: int, name: str, r: dict[str, Any], extra: str = ""
+) -> None:
+    trials = "/".join(f"{x:.0f}" for x in r.get("trials_rps", []))
+    print(
+        f"  {section} {kind:4} c={conns:<3} {name:26} {r['rps']:8.0f} req/s  "
+        f"p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  err {r['errors']}"
+        f"  [{trials}]{extra}",
+        flush=True,
+    )
+
+
+def section_record(b: Bench, up: Proc, out: dict[str, Any]) -> None:
+    """Forward + record against plain forwarding, each host with its own folder."""
+    url = f"http://{HOST}:{up.port}/v1/chat/completions"
+    rows = []
+    for stream in (False, True):
+        kind = "sse" if stream else "json"
+        hosts: list[tuple[str, Proc]] = []
+        folders: dict[str, Path] = {}
+        for name, host in (
+            ("mitmdump plain forwarding", "mitmdump"),
+            ("mitmdump+recorder record", "mitmdump"),
+            ("lean plain forwarding", "lean"),
+            ("lean+recorder record", "lean-recorder"),
+        ):
+            if b.smoke and name not in ("mitmdump plain forwarding", "lean+recorder record"):
+                continue
+            folder = folders[name] = b.work / f"rec-{kind}-{len(folders)}"
+            rec = [f"cassette_dir={folder}", "cassette_mode=record"]
+            tag = f"rec-{kind}-{len(folders)}"
+            if name == "mitmdump plain forwarding":
+                p = b.proxy(tag, host, ["none"])
+            elif name == "mitmdump+recorder record":
+                p = b.proxy(tag, host, [RECORDER, *rec])
+            elif name == "lean plain forwarding":
+                p = b.proxy(tag, host, ["none"])
+            else:
+                p = b.proxy(tag, host, rec)
+            hosts.append((name, p))
+        trials = interleaved(b, hosts, 16, url, up, bodies=None, stream=stream)
+        for name, p in hosts:
+            p.stop()
+            b.procs.remove(p)
+            folder = folders[name]
+            written = len(list(folder.rglob("*.json"))) if folder.exists() else 0
+            r = trials[name]
+            rows.append({"kind": kind, "conns": 16, "host": name, "cassettes": written, **r})
+            show("record", kind, 16, name, r, f"  cassettes {written}")
+    out["record"] = rows
+
+
+def section_ttft(b: Bench, out: dict[str, Any]) -> None:
+    """First SSE event: upstream sends it after 200 ms, then one every 20 ms."""
+    events = 10
+    slow = start_upstream(
+        b, "slow-upstream", "--chunks", str(events), "--first-ms", "200", "--every-ms", "20"
+    )
+    url = f"http://{HOST}:{slow.port}/v1/chat/completions"
+    targets = {
+        "direct": None,
+        "lean+recorder record": b.proxy(
+            "ttft-lean",
+            "lean-recorder",
+            [f"cassette_dir={b.work / 'ttft-lean'}", "cassette_mode=record"],
+        ),
+        "mitmdump+recorder record": b.proxy(
+            "ttft-md",
+            "mitmdump",
+            [RECORDER, f"cassette_dir={b.work / 'ttft-md'}", "cassette_mode=record"],
+        ),
+    }
+    n = 3 if b.smoke else 25
+    samples: dict[str, list[float]] = {k: [] for k in targets}
+    for i in range(n + 1):
+        for name, p in targets.items():
+            _, data, first = post(p.port if p else None, url, chat_body(f"TTFT {name} {i}", True))
+            assert b"[DONE]" in data, f"{name}: stream did not finish"
+            if i:  # the first round warms connections and code paths
+                samples[name].append(first * 1000)
+    rows = []
+    direct = samples["direct"]
+    for name, xs in samples.items():
+        row = {"target": name, "n": len(xs), "p50_ms": _pct(xs, 0.5), "p99_ms": _pct(xs, 0.99)}
+        row["added_p50_ms"] = row["p50_ms"] - _pct(direct, 0.5)
+        row["added_p99_ms"] = row["p99_ms"] - _pct(direct, 0.99)
+        rows.append(row)
+        print(
+            f"  ttft {name:26} p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  "
+            f"added p50 {row['added_p50_ms']:+6.1f} ms  p99 {row['added_p99_ms']:+6.1f} ms",
+            flush=True,
+        )
+    for p in [*[t for t in targets.values() if t], slow]:
+        p.stop()
+        b.procs.remove(p)
+    out["ttft"] = {"first_event_ms": 200, "every_ms": 20, "events": events, "rows": rows}
+
+
+def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+def _probe_request(folder: Path) -> tuple[str, str]:
+    """A request that some cassette in folder answers: (url, body)."""
+    for path in sorted(folder.glob("*.json")):
+        doc = json.loads(path.read_text())
+        req = doc["request"]
+        varied_by_test_id = "[variant-" in (doc.get("test_id") or "")
+        if req.get("endpoint") == "/v1/chat/completions" and not varied_by_test_id:
+            return "http://localhost:8000/v1/chat/completions", json.dumps(req["body"])
+    raise RuntimeError("no chat cassette to probe with")
+
+
+def section_cold(b: Bench, out: dict[str, Any]) -> None:
+    sizes = [200] if b.smoke else [1000, 10000]
+    rows = []
+    for n in sizes:
+        folder = b.work / f"cold-{n}"
+        t = time.monotonic()
+        nbytes = make_cassettes(folder, n)
+        made = time.monotonic() - t
+        url, body = _probe_request(folder)
+        for host in ("lean+recorder",) if b.smoke else ("lean+recorder", "mitmdump+recorder"):
+            cache = b.work / f"index-cache-{host}-{n}"
+            for start in ("first start", "restart"):
+                env = {"CASSETTE_PROXY_CACHE_DIR": str(cache)}
+                t = time.monotonic()
+                sets = [f"cassette_dir={folder}", "cassette_mode=replay"]
+                if host == "lean+recorder":
+                    argv = [PY, "-m", "cassette_proxy.lean", "-q", "--listen-port", "{port}"]
+                    env.update(OPTIMIZED)
+                else:
+                    argv = [
+                        MITMDUMP,
+                        "-q",
+                        "-s",
+                        RECORDER,
+                        "--listen-host",
+                        HOST,
+                        "--listen-port",
+                        "{port}",
+                    ]
+                for s in [f"confdir={b.confdir}", *sets]:
+                    argv += ["--set", s]
+                p = b.spawn(f"cold-{host}-{n}", argv, env)
+                status = 0
+                while time.monotonic() - t < 120:
+                    try:
+                        status, _, _ = post(p.port, url, body, timeout=60)
+                        break
+                    except OSError:
+                        time.sleep(0.01)
+                served = time.monotonic() - t
+                rss = p.rss_mb()
+                p.stop()
+                b.procs.remove(p)
+                assert status == 200, f"cold start probe got {status} ({p.log})"
+                row = {
+                    "cassettes": n,
+                    "bytes": nbytes,
+                    "host": host,
+                    "start": start,
+                    "seconds": served,
+                    "rss_mb": rss,
+                }
+                rows.append(row)
+                print(
+                    f"  cold {n:6} cassettes ({nbytes / 1e6:5.1f} MB, made in {made:4.1f} s) "
+                    f"{host:18} {start:11} first replay after {served:5.2f} s, RSS {rss:5.1f} MB",
+                    flush=True,
+                )
+        shutil.rmtree(folder, ignore_errors=True)
+    out["cold_start"] = rows
+
+
+def section_soak(b: Bench, up: Proc, cassettes: Path, out: dict[str, Any]) -> None:
+    url = f"http://{HOST}:{up.port}/v1/chat/completions"
+    plain = [
+        chat_body(f"Question {i}: what is {i} plus {i}?", False)
+        for i in range(4 if b.smoke else N_DISTINCT)
+    ]
+    streamed = [
+        chat_body(f"Question {i}: count to {i}.", True) for i in range(4 if b.smoke else N_DISTINCT)
+    ]
+    bodies = plain + streamed
+    p = b.proxy("soak", "lean-recorder", [f"cassette_dir={cassettes}", "cassette_mode=replay"])
+    target = 500 if b.smoke else 20000
+    warm = load(b, p.port, url, f"{HOST}:{up.port}", 16, 1 if b.smoke else 2, bodies)
+    before = p.rss_mb()
+    done, errors, t = 0, 0, time.monotonic()
+    samples = [before]
+    while done < target:
+        r = load(b, p.port, url, f"{HOST}:{up.port}", 16, 1 if b.smoke else 2, bodies)
+        done += r["requests"]
+        errors += r["errors"]
+        samples.append(p.rss_mb())
+    after = p.rss_mb()
+    p.stop()
+    b.procs.remove(p)
+    out["soak"] = {
+        "warmup_requests": warm["requests"],
+        "replays": done,
+        "errors": errors,
+        "seconds": time.monotonic() - t,
+        "rss_before_mb": before,
+        "rss_after_mb": after,
+        "rss_samples_mb": samples,
+        "growth_mb": after - before,
+    }
+    print(
+        f"  soak {done} replays (mixed plain/streamed): RSS {before:.1f} MB -> {after:.1f} MB "
+        f"({after - before:+.1f} MB), errors {errors}",
+        flush=True,
+    )
+
+
+def section_profile(b: Bench, up: Proc, cassettes: Path, out: dict[str, Any]) -> None:
+    """py-spy over the lean proxy replaying: where the CPU goes, by our code and by layer."""
+    spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
+    if not Path(spy).exists():
+        out["profile"] = {"skipped": "py-spy is not installed"}
+        return
+    url = f"http://{HOST}:{up.port}/v1/chat/completions"
+    bodies = [chat_body(f"Question {i}: what is {i} plus {i}?", False) for i in range(N_DISTINCT)]
+    p = b.proxy("profile", "lean-recorder", [f"cassette_dir={cassettes}", "cassette_mode=replay"])
+    raw = b.work / "profile.txt"
+    lua = b.work / "profile.lua"
+    lua.write_text(_lua(url, f"{HOST}:{up.port}", bodies, False))
+    wrk = subprocess.Popen(
+        ["wrk", "-t1", "-c16", "-d12s", "-s", str(lua), f"http://{HOST}:{p.port}/"],
+        stdout=subprocess.DEVNULL,
+    )
+    time.sleep(1.5)
+    subprocess.run(
+        [spy, "record", "-p", str(p.proc.pid), "-d", "8", "-r", "250", "-f", "raw", "-o", str(raw)],
+        capture_output=True,
+        timeout=60,
+    )
+    wrk.wait()
+    p.stop()
+    b.procs.remove(p)
+    out["profile"] = summarize_profile(raw) if raw.exists() else {"skipped": "py-spy failed"}
+
+
+# Where a sample's time goes, by the innermost frame that names one of these areas.
+AREAS = [
+    ("cassette addon: key (json.loads, normal form, canonical JSON, sha256)", ("_plan",)),
+    ("cassette addon: lookup + cached answer + Response.make", ("_serve", "_replay")),
+    ("cassette addon: other hooks", ("CassetteRecorder.",)),
+    ("hook dispatch (lean _HookTable)", ("_HookTable.",)),
+    ("mitmproxy HTTP/1 layers + connection handling", ("mitmproxy/proxy/",)),
+    ("asyncio event loop + sockets", ("asyncio/", "selectors.py")),
+]
+
+
+def summarize_profile(raw: Path) -> dict[str, Any]:
+    total = 0
+    areas: dict[str, int] = {name: 0 for name, _ in AREAS}
+    areas["other"] = 0
+    frames: dict[str, int] = {}
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        count = int(n)
+        total += count
+        parts = stack.split(";")
+        frames[parts[-1]] = frames.get(parts[-1], 0) + count
+        for name, needles in AREAS:  # first matching area, outermost-first semantics
+            if any(any(x in f for x in needles) for f in parts[4:]):
+                areas[name] += count
+                break
+        else:
+            areas["other"] += count
+    top = sorted(frames.items(), key=lambda kv: -kv[1])[:15]
+    return {
+        "samples": total,
+        "areas_pct": {k: round(100 * v / total, 1) for k, v in areas.items()} if total else {},
+        "top_self_pct": [[f, round(100 * c / total, 1)] for f, c in top] if total else [],
+    }
+
+
+# ---- report -----------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import mitmproxy.version
+
+    wrk = shutil.which("wrk")
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "mitmproxy": mitmproxy.version.VERSION,
+        "load_generator": (
+            subprocess.run([wrk, "-v"], capture_output=True, text=True).stdout.splitlines()
+            or ["wrk"]
+        )[0]
+        if wrk
+        else "bench/loadgen.py",
+        "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
+    }
+
+
+def ratios(out: dict[str, Any]) -> dict[str, Any]:
+    """The target ratios, from rows of this one run."""
+    res: dict[str, Any] = {}
+
+    def rps(rows: list[dict[str, Any]], **match: Any) -> float:
+        for r in rows:
+            if all(r.get(k) == v for k, v in match.items()):
+                return float(r["rps"]) or float("nan")
+        return float("nan")
+
+    rep = out.get("replay", [])
+    for kind in ("json", "sse"):
+        for conns in sorted({r["conns"] for r in rep}):
+            m = {"kind": kind, "conns": conns}
+            res[f"replay {kind} c{conns}: lean+recorder / lean+baseline"] = rps(
+                rep, host="lean+recorder", **m
+            ) / rps(rep, host="lean+baseline", **m)
+            res[f"replay {kind} c{conns}: mitmdump+recorder / mitmdump+baseline"] = rps(
+                rep, host="mitmdump+recorder", **m
+            ) / rps(rep, host="mitmdump+baseline", **m)
+            res[f"replay {kind} c{conns}: lean+recorder / mitmdump+recorder"] = rps(
+                rep, host="lean+recorder", **m
+            ) / rps(rep, host="mitmdump+recorder", **m)
+    rec = out.get("record", [])
+    for kind in ("json", "sse"):
+        res[f"record {kind} c16: mitmdump+recorder / mitmdump plain forwarding"] = rps(
+            rec, kind=kind, host="mitmdump+recorder record"
+        ) / rps(rec, kind=kind, host="mitmdump plain forwarding")
+        res[f"record {kind} c16: lean+recorder / lean plain forwarding"] = rps(
+            rec, kind=kind, host="lean+recorder record"
+        ) / rps(rec, kind=kind, host="lean plain forwarding")
+        res[f"record {kind} c16: lean+recorder / mitmdump plain forwarding"] = rps(
+            rec, kind=kind, host="lean+recorder record"
+        ) / rps(rec, kind=kind, host="mitmdump plain forwarding")
+    return {k: round(v, 3) for k, v in res.items()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="seconds, tiny sizes, no claims")
+    ap.add_argument("--out", default=str(ROOT / "bench-results" / "latest.json"))
+    ap.add_argument(
+        "--only", default="replay,record,ttft,cold,soak,profile", help="comma-separated sections"
+    )
+    ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    args = ap.parse_args()
+    only = set(args.only.split(","))
+
+    work = Path(tempfile.mkdtemp(prefix="cassette-bench-"))
+    confdir = work / "confdir"
+    from mitmproxy.certs import CertStore
+
+    CertStore.from_store(confdir, "mitmproxy", 2048)  # the CA once, before any proxy
+    b = Bench(work, args.smoke, confdir)
+    b.env["CASSETTE_PROXY_CACHE_DIR"] = str(work / "index-cache")  # never the user's cache
+    out: dict[str, Any] = {"smoke": args.smoke, "machine": machine(), "started": time.time()}
+    t0 = time.monotonic()
+    try:
+        up = start_upstream(b, "upstream", "--chunks", "100")
+        cassettes = work / "replay-cassettes"
+        print(
+            f"benchmark in {work} ({'smoke' if args.smoke else 'full'}), "
+            f"load generator: {out['machine']['load_generator']}",
+            flush=True,
+        )
+        if {"replay", "soak", "profile"} & only:
+            if "replay" in only:
+                section_replay(b, up, cassettes, out)
+            else:
+                record_replay_set(b, up, cassettes)
+        if "record" in only:
+            section_record(b, up, out)
+        if "ttft" in only:
+            section_ttft(b, out)
+        if "cold" in only:
+            section_cold(b, out)
+        if "soak" in only:
+            section_soak(b, up, cassettes, out)
+        if "profile" in only and not args.smoke and shutil.which("wrk"):
+            section_profile(b, up, cassettes, out)
+    finally:
+        b.stop_all()
+        out["seconds"] = time.monotonic() - t0
+        out["machine"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
+        out["ratios"] = ratios(out)
+        path = Path(args.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=2) + "\n")
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print("\nratios (this run):")
+    for k, v in out["ratios"].items():
+        print(f"  {k:66} {v:6.3f}")
+    print(f"\nwrote {path} in {out['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
