@@ -663,46 +663,74 @@ def section_soak(b: Bench, up: Proc, cassettes: Path, out: dict[str, Any]) -> No
 
 
 def section_profile(b: Bench, up: Proc, cassettes: Path, out: dict[str, Any]) -> None:
-    """py-spy over the lean proxy replaying: where the CPU goes, by our code and by layer."""
+    """py-spy over the lean proxy under load: where the CPU goes, replaying and recording."""
     spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
     if not Path(spy).exists():
         out["profile"] = {"skipped": "py-spy is not installed"}
         return
     url = f"http://{HOST}:{up.port}/v1/chat/completions"
     bodies = [chat_body(f"Question {i}: what is {i} plus {i}?", False) for i in range(N_DISTINCT)]
-    p = b.proxy("profile", "lean-recorder", [f"cassette_dir={cassettes}", "cassette_mode=replay"])
-    raw = b.work / "profile.txt"
-    lua = b.work / "profile.lua"
-    lua.write_text(_lua(url, f"{HOST}:{up.port}", bodies, False))
-    wrk = subprocess.Popen(
-        ["wrk", "-t1", "-c16", "-d12s", "-s", str(lua), f"http://{HOST}:{p.port}/"],
-        stdout=subprocess.DEVNULL,
-    )
-    time.sleep(1.5)
-    subprocess.run(
-        [spy, "record", "-p", str(p.proc.pid), "-d", "8", "-r", "250", "-f", "raw", "-o", str(raw)],
-        capture_output=True,
-        timeout=60,
-    )
-    wrk.wait()
-    p.stop()
-    b.procs.remove(p)
-    out["profile"] = summarize_profile(raw) if raw.exists() else {"skipped": "py-spy failed"}
+    out["profile"] = {}
+    for what, sets, lua_src in (
+        ("replay json c16", ["cassette_mode=replay", f"cassette_dir={cassettes}"],
+         _lua(url, f"{HOST}:{up.port}", bodies, False)),
+        ("record json c16", ["cassette_mode=record", f"cassette_dir={b.work / 'profile-rec'}"],
+         _lua(url, f"{HOST}:{up.port}", None, True)),
+    ):  # fmt: skip
+        p = b.proxy("profile", "lean-recorder", sets)
+        raw = b.work / "profile.txt"
+        lua = b.work / "profile.lua"
+        lua.write_text(lua_src)
+        wrk = subprocess.Popen(
+            ["wrk", "-t1", "-c16", "-d12s", "-s", str(lua), f"http://{HOST}:{p.port}/"],
+            stdout=subprocess.DEVNULL,
+            env={**os.environ, "BENCH_RUN": "profile"},
+        )
+        time.sleep(1.5)
+        subprocess.run(
+            [spy, "record", "-p", str(p.proc.pid), "-d", "8", "-r", "250", "-f", "raw",
+             "-o", str(raw)],
+            capture_output=True, timeout=60,
+        )  # fmt: skip
+        wrk.wait()
+        p.stop()
+        b.procs.remove(p)
+        summary = summarize_profile(raw) if raw.exists() else {"skipped": "py-spy failed"}
+        out["profile"][what] = summary
+        print(f"  profile {what}: {summary.get('areas_pct', summary)}", flush=True)
 
 
 # Where a sample's time goes, by the innermost frame that names one of these areas.
 AREAS = [
-    ("cassette addon: key (json.loads, normal form, canonical JSON, sha256)", ("_plan",)),
-    ("cassette addon: lookup + cached answer + Response.make", ("_serve", "_replay")),
-    ("cassette addon: other hooks", ("CassetteRecorder.",)),
+    (
+        "cassette addon: key (json.loads, redaction, normal form, canonical JSON, sha256)",
+        ("CassetteRecorder._plan",),
+    ),
+    ("cassette addon: lookup + cached answer + Response", ("CassetteRecorder._serve",)),
+    (
+        "cassette addon: write cassette (model, JSON indent=2, file)",
+        (
+            "write_cassette",
+            "CassetteRecorder._write",
+            "CassetteRecorder._finish_stream",
+            "CassetteRecorder._new_cassette",
+            "CassetteRecorder._recorded",
+        ),
+    ),
+    ("cassette addon: stream tap (SSE framing, JSON per event)", ("_Tap.",)),
+    ("cassette addon: other hooks + probe", ("CassetteRecorder.", "UpstreamProbe")),
     ("hook dispatch (lean _HookTable)", ("_HookTable.",)),
     ("mitmproxy HTTP/1 layers + connection handling", ("mitmproxy/proxy/",)),
     ("asyncio event loop + sockets", ("asyncio/", "selectors.py")),
 ]
 
 
+# Leaf frames of waiting, not working: the event loop's select, idle writer threads.
+IDLE_FRAMES = ("EpollSelector.select", "_worker (concurrent/futures/thread.py:89)")
+
+
 def summarize_profile(raw: Path) -> dict[str, Any]:
-    total = 0
+    total = idle_samples = 0
     areas: dict[str, int] = {name: 0 for name, _ in AREAS}
     areas["other"] = 0
     frames: dict[str, int] = {}
@@ -711,8 +739,11 @@ def summarize_profile(raw: Path) -> dict[str, Any]:
         if not n.isdigit():
             continue
         count = int(n)
-        total += count
         parts = stack.split(";")
+        if any(idle in parts[-1] for idle in IDLE_FRAMES):
+            idle_samples += count
+            continue
+        total += count
         frames[parts[-1]] = frames.get(parts[-1], 0) + count
         for name, needles in AREAS:  # first matching area, outermost-first semantics
             if any(any(x in f for x in needles) for f in parts[4:]):
@@ -723,6 +754,7 @@ def summarize_profile(raw: Path) -> dict[str, Any]:
     top = sorted(frames.items(), key=lambda kv: -kv[1])[:15]
     return {
         "samples": total,
+        "idle_samples": idle_samples,
         "areas_pct": {k: round(100 * v / total, 1) for k, v in areas.items()} if total else {},
         "top_self_pct": [[f, round(100 * c / total, 1)] for f, c in top] if total else [],
     }

@@ -281,3 +281,11 @@ def test_bad_usage_exits_2() -> None:
     assert code == 2 and "'sometimes' is not one of" in err
     code, _, err = invoke("prune")
     assert code == 2 and "--usage-log" in err
+
+
+def test_modes_are_the_addons() -> None:
+    """The CLI and the plugin spell the modes out (so `ls` need not import mitmproxy)."""
+    from cassette_proxy import addon, pytest_plugin
+    from cassette_proxy import cli as cli_module
+
+    assert cli_module.MODES == addon.MODES == pytest_plugin.MODES

@@ -384,6 +384,7 @@ def verify_command(paths: tuple[Path, ...], cassette_dir: Path, strict: bool, qu
         items += read_folder(root, "verifying")
     errors = warnings = 0
     seen: dict[tuple[str, str | None], str] = {}
+    lines: list[str] = []  # printed after the progress bar, not through it
     with progress(items, "checking") as bar:
         for item in bar:
             found = catalog.verify_item(item)
@@ -393,12 +394,12 @@ def verify_command(paths: tuple[Path, ...], cassette_dir: Path, strict: bool, qu
                     found.warnings.append(f"answers the same request as {seen[key]}")
                 else:
                     seen[key] = item.rel
-            for message in found.errors:
-                errors += 1
-                click.echo(f"error    {item.rel}: {message}")
-            for message in found.warnings:
-                warnings += 1
-                click.echo(f"warning  {item.rel}: {message}")
+            errors += len(found.errors)
+            warnings += len(found.warnings)
+            lines += [f"error    {item.rel}: {message}" for message in found.errors]
+            lines += [f"warning  {item.rel}: {message}" for message in found.warnings]
+    for line in lines:
+        click.echo(line)
     verdict = f"{len(items)} cassette(s): {errors} error(s), {warnings} warning(s)"
     click.echo(verdict, err=quiet)
     if errors or (strict and warnings):

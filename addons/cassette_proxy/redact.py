@@ -42,6 +42,24 @@ _SECRET_IN_TEXT = re.compile(
 )
 
 
+def wire_text(text: str) -> str:
+    """Text as a URL parser reading its bytes with ``errors="replace"`` sees it.
+
+    mitmproxy decodes a request line's non-UTF-8 bytes as lone surrogates
+    (``surrogateescape``); a cassette's URL cannot hold them (JSON and ``urlencode`` want
+    UTF-8), so both sides of the key use U+FFFD where the wire had a bad byte.
+    """
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        try:
+            raw = text.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raw = text.encode("utf-8", "surrogatepass")
+        return raw.decode("utf-8", "replace")
+
+
 def is_secret_query_param(name: str) -> bool:
     return name.lower() in SECRET_QUERY_PARAMS
 
@@ -52,7 +70,9 @@ def keyed_query(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     Values are redacted as ``redact_url`` writes them, so the key of a live request is
     the key of its cassette.
     """
-    return [(k, redact_text(v)) for k, v in pairs if not is_secret_query_param(k)]
+    return [
+        (wire_text(k), redact_text(wire_text(v))) for k, v in pairs if not is_secret_query_param(k)
+    ]
 
 
 def redact_text(text: str) -> str:
@@ -104,7 +124,7 @@ def redact_strings(value: Any) -> Any:
 
 def redact_url(url: str) -> str:
     """The URL with credential query values and embedded keys replaced by REDACTED."""
-    parts = urlsplit(url)
+    parts = urlsplit(wire_text(url))
     query = urlencode(
         [
             (k, REDACTED if is_secret_query_param(k) else redact_text(v))

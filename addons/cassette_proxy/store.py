@@ -22,7 +22,7 @@ from .cassette import TEMP_PREFIX, Cassette, CassetteError, RecordedResponse, re
 from .equivalence import normal_form
 from .families import unknown_type
 from .index_cache import IndexCache
-from .redact import keyed_query, redact_body, redact_path
+from .redact import keyed_query, redact_body, redact_path, wire_text
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +94,15 @@ def live_key(
     credential query parameters), exactly as the cassette will hold them, so that
     ``key_of`` of the cassette written for this request gives this same key.
     """
-    path, body, pairs = redact_path(path), redact_body(body), keyed_query(query)
+    path, body, pairs = redact_path(wire_text(path)), redact_body(body), keyed_query(query)
     return keys.request_key(method, path, body, pairs), path, body, pairs
 
 
 def safe_folder(test_id: str) -> str:
     """A folder name derived from a test id that can never leave ``cassette_dir``."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", test_id).strip("._-")[:80] or "test"
-    return f"{slug}-{hashlib.sha256(test_id.encode()).hexdigest()[:8]}"
+    digest = hashlib.sha256(test_id.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{slug}-{digest}"
 
 
 class CassetteStore:

@@ -9,15 +9,31 @@ from __future__ import annotations
 import codecs
 
 
+class _Text:
+    """UTF-8 reads to text with CRLF made LF, also when a read ends between CR and LF."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._cr = False  # the last read ended with a CR: it may be half of a CRLF
+
+    def decode(self, data: bytes) -> str:
+        text = self._decoder.decode(data)
+        if self._cr:
+            text, self._cr = "\r" + text, False
+        if text.endswith("\r"):
+            text, self._cr = text[:-1], True
+        return text.replace("\r\n", "\n")
+
+
 class SSEFramer:
     """Server-sent events: an event ends at a blank line."""
 
     def __init__(self) -> None:
-        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._decoder = _Text()
         self._buffer = ""
 
     def feed(self, data: bytes) -> list[str]:
-        self._buffer += self._decoder.decode(data).replace("\r\n", "\n")
+        self._buffer += self._decoder.decode(data)
         *events, self._buffer = self._buffer.split("\n\n")
         return [e for e in events if e.strip()]
 
@@ -42,11 +58,11 @@ class LineFramer:
     """Newline-delimited JSON (Ollama) and, for raw recordings, the lines of any stream."""
 
     def __init__(self) -> None:
-        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._decoder = _Text()
         self._buffer = ""
 
     def feed(self, data: bytes) -> list[str]:
-        self._buffer += self._decoder.decode(data).replace("\r\n", "\n")
+        self._buffer += self._decoder.decode(data)
         *lines, self._buffer = self._buffer.split("\n")
         return lines
 

@@ -138,6 +138,9 @@ class OpenAIFamily:
             return Wire(200, "text/event-stream", (events + "data: [DONE]\n\n").encode())
         if body == [] and endpoint_kind(path) == "models":
             return json_wire(200, {"object": "list", "data": []})
+        streamed = endpoint_kind(path) in ("chat", "completions")
+        if body == [] and response.get("is_streaming") and streamed:
+            return Wire(200, "text/event-stream", b"data: [DONE]\n\n")  # a stream of no chunk
         if is_typed(body) and str(body["__type__"]).startswith("openai."):
             data = body["__data__"]
             if body["__type__"] == EMBEDDINGS:

@@ -58,8 +58,8 @@ class RawFamily:
             is_sse = any(line.startswith(("data:", "event:")) for line in body)
             kind = "text/event-stream" if is_sse else "application/x-ndjson"
             return Wire(status, kind, text.encode())
-        if isinstance(body, (dict, list, str, int, float, bool)):
-            return json_wire(status, body)
+        if body is None or isinstance(body, (dict, list, str, int, float, bool)):
+            return json_wire(status, body)  # an answer of JSON null is an answer too
         raise NotRecordable("recorded response has no body to replay")
 
 
@@ -69,7 +69,7 @@ def error_response(status: int, data: Any) -> dict[str, Any]:
     Only the OpenAI-shaped ``{"error": {...}}`` fits that shape; any other error body
     is kept as a raw answer with its status, so it replays unchanged.
     """
-    if isinstance(data, dict) and set(data) == {"error"}:
+    if isinstance(data, dict) and set(data) == {"error"} and data["error"] is not None:
         err = data["error"]
         message = err.get("message") if isinstance(err, dict) else str(err)
         return {
