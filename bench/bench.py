@@ -407,6 +407,27 @@ def section_replay(b: Bench, up: Proc, cassettes: Path, out: dict[str, Any]) -> 
     out["replay"] = rows
 
 
+def section_ablation(b: Bench, up: Proc, out: dict[str, Any]) -> None:
+    """What each part of the lean master buys, with the baseline addon (plain JSON, c16)."""
+    url = f"http://{HOST}:{up.port}/v1/chat/completions"
+    bodies = [chat_body(f"Question {i}: what is {i} plus {i}?", False) for i in range(8)]
+    no_o = {"PYTHONOPTIMIZE": ""}
+    hosts = [
+        ("mitmdump (36 addons), -O", b.proxy("ab-md", "mitmdump", [BASELINE], OPTIMIZED)),
+        ("lean, mitmproxy's dispatch, no -O", b.proxy("ab-1", "lean", [BASELINE, "--slow"], no_o)),
+        ("lean, hook table, no -O", b.proxy("ab-2", "lean", [BASELINE], no_o)),
+        ("lean, hook table, -O", b.proxy("ab-3", "lean", [BASELINE])),
+    ]
+    trials = interleaved(b, hosts, 16, url, up, bodies=bodies)
+    rows = []
+    for name, p in hosts:
+        p.stop()
+        b.procs.remove(p)
+        rows.append({"host": name, **trials[name]})
+        show("ablation", "json", 16, name, trials[name])
+    out["ablation"] = rows
+
+
 ROUNDS = 3  # interleaved rounds per measurement; the median is reported
 
 
@@ -858,6 +879,8 @@ def main() -> int:
         if {"replay", "soak", "profile"} & only:
             if "replay" in only:
                 section_replay(b, up, cassettes, out)
+                if not args.smoke:
+                    section_ablation(b, up, out)
             else:
                 record_replay_set(b, up, cassettes)
         if "record" in only:

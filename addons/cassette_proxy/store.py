@@ -308,6 +308,9 @@ class CassetteStore:
         return (best[1], best[2]) if best else None
 
     def relative(self, path: Path) -> str:
+        if ".." not in path.parts and path.is_relative_to(self.root):
+            # A path the proxy built under root: no realpath() syscalls on every recording.
+            return str(path.relative_to(self.root))
         try:
             return str(path.resolve().relative_to(self.root.resolve()))
         except ValueError:

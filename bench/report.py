@@ -1,0 +1,180 @@
+"""Render a benchmark result (bench-results/latest.json) as the Markdown tables of
+docs/benchmarks.md: ``python bench/report.py [FILE]``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def render(d: dict[str, Any]) -> str:
+    m = d["machine"]
+    out = [
+        f"Machine: {m['nproc']} cores ({m['cpu']}), Python {m['python']}, mitmproxy "
+        f"{m['mitmproxy']}, load generator {m['load_generator'].split(' Copyright')[0]}; "
+        f"load average {' '.join(m['loadavg_start'])} at start, "
+        f"{' '.join(m.get('loadavg_end', []))} at the end; the run took {d['seconds']:.0f} s.",
+        "",
+    ]
+    if "replay" in d:
+        base = {
+            (r["kind"], r["conns"], r["host"]): r["rps"]
+            for r in d["replay"]
+            if r["host"].endswith("baseline")
+        }
+        rows = []
+        for r in d["replay"]:
+            host = r["host"]
+            ratio = ""
+            if host.endswith("recorder"):
+                b = base.get((r["kind"], r["conns"], host.split("+")[0] + "+baseline"))
+                ratio = f"{r['rps'] / b:.2f}x" if b else ""
+            rows.append(
+                [
+                    "plain JSON" if r["kind"] == "json" else "SSE, 100 chunks",
+                    str(r["conns"]),
+                    host,
+                    f"{r['rps']:,.0f}",
+                    f"{r['p50_ms']:.2f}",
+                    f"{r['p99_ms']:.2f}",
+                    ratio,
+                    "/".join(f"{x:,.0f}" for x in r.get("trials_rps", [])),
+                ]
+            )
+        out += [
+            "### Replay",
+            "",
+            table(
+                [
+                    "answer",
+                    "conns",
+                    "host",
+                    "req/s",
+                    "p50 ms",
+                    "p99 ms",
+                    "ours / baseline (same host)",
+                    "trials req/s",
+                ],
+                rows,
+            ),  # fmt: skip
+            "",
+        ]
+    if "ablation" in d:
+        rows = [
+            [r["host"], f"{r['rps']:,.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
+             "/".join(f"{x:,.0f}" for x in r.get("trials_rps", []))]
+            for r in d["ablation"]
+        ]  # fmt: skip
+        out += [
+            "### What the lean master's parts buy (baseline addon, plain JSON, 16 connections)",
+            "",
+            table(["host", "req/s", "p50 ms", "p99 ms", "trials req/s"], rows),
+            "",
+        ]
+    if "record" in d:
+        rows = [
+            [
+                "plain JSON" if r["kind"] == "json" else "SSE, 100 chunks",
+                r["host"],
+                f"{r['rps']:,.0f}",
+                f"{r['p50_ms']:.2f}",
+                f"{r['p99_ms']:.2f}",
+                str(r["cassettes"]),
+                "/".join(f"{x:,.0f}" for x in r.get("trials_rps", [])),
+            ]
+            for r in d["record"]
+        ]
+        out += [
+            "### Record (16 connections, every request a new cassette)",
+            "",
+            table(
+                [
+                    "answer",
+                    "host",
+                    "req/s",
+                    "p50 ms",
+                    "p99 ms",
+                    "cassettes written",
+                    "trials req/s",
+                ],
+                rows,
+            ),  # fmt: skip
+            "",
+        ]
+    if "ttft" in d:
+        t = d["ttft"]
+        rows = [
+            [
+                r["target"],
+                str(r["n"]),
+                f"{r['p50_ms']:.1f}",
+                f"{r['p99_ms']:.1f}",
+                f"{r['added_p50_ms']:+.1f}",
+                f"{r['added_p99_ms']:+.1f}",
+            ]
+            for r in t["rows"]
+        ]
+        out += [
+            f"### Time to first token (first event after {t['first_event_ms']} ms, then one "
+            f"every {t['every_ms']} ms; {t['events']} events)",
+            "",
+            table(["path", "n", "p50 ms", "p99 ms", "added p50 ms", "added p99 ms"], rows),
+            "",
+        ]
+    if "cold_start" in d:
+        rows = [
+            [
+                f"{r['cassettes']:,}",
+                f"{r['bytes'] / 1e6:.1f} MB",
+                r["host"],
+                r["start"],
+                f"{r['seconds']:.2f}",
+                f"{r['rss_mb']:.0f}",
+            ]
+            for r in d["cold_start"]
+        ]
+        out += [
+            "### Cold start (process start until the first replay is served)",
+            "",
+            table(["cassettes", "on disk", "host", "start", "seconds", "RSS MB"], rows),
+            "",
+        ]
+    if "soak" in d:
+        s = d["soak"]
+        out += [
+            "### Soak",
+            "",
+            f"{s['replays']:,} replays (plain and streamed, 128 cassettes, 16 connections) "
+            f"in {s['seconds']:.0f} s, {s['errors']} errors: RSS {s['rss_before_mb']:.1f} MB "
+            f"before, {s['rss_after_mb']:.1f} MB after ({s['growth_mb']:+.1f} MB); samples "
+            + ", ".join(f"{x:.1f}" for x in s["rss_samples_mb"])
+            + " MB.",
+            "",
+        ]
+    if isinstance(d.get("profile"), dict):
+        for what, p in d["profile"].items():
+            if not isinstance(p, dict) or "areas_pct" not in p:
+                continue
+            rows = [[k, f"{v:.1f}%"] for k, v in p["areas_pct"].items() if v]
+            out += [
+                f"### Where the CPU goes: lean proxy, {what} ({p['samples']:,} busy samples)",
+                "",
+                table(["area", "share of busy samples"], rows),
+                "",
+            ]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    path = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "bench-results" / "latest.json"
+    print(render(json.loads(path.read_text())))
