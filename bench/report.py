@@ -140,13 +140,25 @@ def render(d: dict[str, Any]) -> str:
                 r["start"],
                 f"{r['seconds']:.2f}",
                 f"{r['rss_mb']:.0f}",
+                "/".join(f"{x:.2f}" for x in r.get("trials_s", [])),
             ]
             for r in d["cold_start"]
         ]
         out += [
             "### Cold start (process start until the first replay is served)",
             "",
-            table(["cassettes", "on disk", "host", "start", "seconds", "RSS MB"], rows),
+            table(
+                [
+                    "cassettes",
+                    "on disk",
+                    "host",
+                    "start",
+                    "seconds (median)",
+                    "RSS MB (max)",
+                    "trials s",
+                ],
+                rows,
+            ),  # fmt: skip
             "",
         ]
     if "soak" in d:

@@ -298,7 +298,7 @@ class CassetteRecorder:
 
     def _serve(self, flow: http.HTTPFlow, plan: Plan, why: str = "") -> None:
         flow.response = self._replay(plan, why)
-        file = flow.response.headers.get(FILE_HEADER)
+        file = plan.served_from  # set on a hit, as the answer's FILE_HEADER
         flow.comment = f"cassette: {file}" if file else "cassette: miss"
         flow.marked = ":tape:" if file else ":x:"
         if why:
@@ -319,15 +319,16 @@ class CassetteRecorder:
             return self._miss(plan, broken=f"{self.store.relative(entry.path)}: {e}")
         self.counts["hit"] += 1
         self.usage.note("fallback" if why else "hit", plan.served_from)
-        log.info(
-            "%s hit %s %s key %s -> %s%s",
-            ctx.options.cassette_mode,
-            plan.method,
-            plan.path,
-            plan.key[:12],
-            plan.served_from,
-            f" (fallback: {why})" if why else "",
-        )
+        if log.isEnabledFor(logging.INFO):  # a quiet proxy skips building the line
+            log.info(
+                "%s hit %s %s key %s -> %s%s",
+                ctx.options.cassette_mode,
+                plan.method,
+                plan.path,
+                plan.key[:12],
+                plan.served_from,
+                f" (fallback: {why})" if why else "",
+            )
         if fields is None:
             headers = {"content-type": wire.content_type, FILE_HEADER: plan.served_from}
             headers.update(wire.headers)
@@ -543,6 +544,9 @@ class CassetteRecorder:
             data = json.loads(flow.response.get_content(strict=False) or b"")
         except (ValueError, UnicodeDecodeError):
             self._not_recorded(flow, plan, "answer is not JSON")
+            return
+        except RecursionError:
+            self._not_recorded(flow, plan, "answer is JSON nested too deeply")
             return
         try:
             response = whole_response(

@@ -13,6 +13,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+try:
+    import orjson
+except ImportError:  # pragma: no cover - a dependency; json alone works, slower
+    orjson = None  # type: ignore[assignment]
 from pydantic import BaseModel, ConfigDict, Field
 
 # Temp files start with this prefix; the store ignores and removes them.
@@ -98,6 +102,29 @@ class CassetteError(Exception):
     """A file that is not a readable cassette; the message names the file and the reason."""
 
 
+# Every ASCII digit as b"0": a run of 19+ digits is then a plain substring search, about
+# ten times faster than the regex \d{19} over a whole cassette (it is run on every file
+# at start).
+_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_LONG_DIGITS = b"0" * 19
+
+
+def _parse_json(raw: bytes) -> Any:
+    """json.loads, sped up by orjson: every cassette is parsed once when the proxy starts.
+
+    What orjson refuses (NaN, UTF-16, ...) goes to json, so a file is accepted or refused
+    exactly as json.loads decides. orjson does not refuse an integer beyond 64 bits: it
+    reads it as a float, which would change the request key and the replayed answer; a
+    file with a run of 19+ digits (the only way to write one) is left to json.
+    """
+    if orjson is not None and raw.translate(_DIGITS_AS_ZERO).find(_LONG_DIGITS) < 0:
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(raw)
+
+
 def read_cassette(path: Path) -> Cassette:
     try:
         size = path.stat().st_size
@@ -110,7 +137,7 @@ def read_cassette(path: Path) -> Cassette:
     except OSError as e:
         raise CassetteError(f"{path}: cannot read: {e.strerror or e}") from e
     try:
-        doc = json.loads(raw)
+        doc = _parse_json(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CassetteError(f"{path}: not valid JSON: {e}") from e
     except RecursionError as e:
