@@ -64,9 +64,14 @@ def test_recorded_replayed_fallback_and_missed_flows_are_marked(
     assert ask(proxy, upstream, "whole").status_code == 200
     assert ask(proxy, upstream, "streamed", stream=True).status_code == 200
     client = openai_client(proxy, upstream)
-    client.chat.completions.create(
+    # The SDK reads to [DONE] and hangs up before the final chunk terminator (held
+    # back by the upstream): mitmproxy reports an error, and the stream is still recorded.
+    upstream.configure(done_tail_delay=0.5)
+    for _ in client.chat.completions.create(
         model="fake-model", messages=[{"role": "user", "content": "sdk"}], stream=True
-    ).close()  # the SDK hangs up after [DONE]: mitmproxy reports an error, still recorded
+    ):
+        pass
+    upstream.configure(done_tail_delay=0.0)
     upstream.configure(fail_mode="cut", fail_times=1)
     with pytest.raises(httpx.HTTPError):
         ask(proxy, upstream, "cut", stream=True)

@@ -204,3 +204,19 @@ def test_ollama_error_is_recorded_and_replayed_with_its_status(proxy_factory, ol
         client.chat(model="missing", messages=MSG)
     assert replayed.value.status_code == 404
     assert replayed.value.error == live.value.error
+
+
+def test_curl_style_error_without_stream_field_replays(proxy_factory, ollama_upstream):
+    # No "stream" in the body: the server's default (a stream) applies, and a recorded
+    # error must be found again under that same key.
+    proxy = proxy_factory(mode="auto")
+    body = {"model": "missing", "messages": MSG}
+    with httpx.Client(proxy=proxy.url, trust_env=False, timeout=30) as http:
+        live = http.post(f"{ollama_upstream.url}/api/chat", json=body)
+        assert live.status_code == 404
+        wait_for_files(proxy.cassette_dir, 1)
+        ollama_upstream.stop()
+        replayed = http.post(f"{ollama_upstream.url}/api/chat", json=body)
+    assert replayed.status_code == 404
+    assert replayed.headers.get("x-cassette-file")
+    assert replayed.json() == live.json()

@@ -136,7 +136,13 @@ def recorded_wire(cassette: Cassette) -> WireRequest:
         # llama-stack's Ollama URLs carry no base path, so an SDK call cannot be told from a
         # wire recording by its URL; but whether the answer streamed says what was asked:
         # the ollama client's default is false, the server's (for curl) is true.
-        body = {**body, "stream": bool(cassette.response.is_streaming)}
+        # A recorded error says nothing either way; it comes from a wire recording (curl,
+        # the server's default), as llama-stack recorded no Ollama exceptions.
+        response = cassette.response
+        failed = bool(getattr(response, "is_exception", False)) or int(
+            getattr(response, "status", None) or 200
+        ) >= 400
+        body = {**body, "stream": failed or bool(response.is_streaming)}
     if method == "POST" and path.endswith(GET_SUFFIXES) and body in ({}, None):
         method = "GET"  # GET /v1/models, /api/tags, /api/ps recorded as POST {}
         body = {}
