@@ -15,6 +15,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from stat import S_ISLNK
 from typing import Any
 
 from . import eras, keys
@@ -134,6 +135,7 @@ class CassetteStore:
         # What indexing found per file, kept across starts by path + size + mtime.
         cache = IndexCache(root)
         mtimes: dict[Path, int] = {}
+        prefix = len(str(root).rstrip(os.sep)) + 1
         for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in dirnames:
@@ -147,16 +149,18 @@ class CassetteStore:
                     continue
                 if not name.endswith(".json"):
                     continue
-                if problem := _symlink_problem(path, root):
-                    report.bad.append(f"{path}: {problem}, skipped")
-                    continue
                 try:
-                    stat = path.stat()
+                    stat = os.lstat(path)  # one syscall for most files: not a symlink
+                    if S_ISLNK(stat.st_mode):
+                        if problem := _symlink_problem(path, root):
+                            report.bad.append(f"{path}: {problem}, skipped")
+                            continue
+                        stat = path.stat()
                 except OSError as e:
                     report.bad.append(f"{path}: cannot read: {e.strerror or e}")
                     continue
                 mtimes[path] = stat.st_mtime_ns
-                relative = os.path.relpath(path, root)
+                relative = str(path)[prefix:]  # path relative to root, without relpath()
                 record = cache.get(relative, stat)
                 if record is not None:
                     report.loaded += 1
