@@ -337,10 +337,17 @@ def ollama_client(
 
 
 @pytest.fixture(autouse=True)
-def _no_env_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
+def _no_env_proxies(
+    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     # A proxy inherited from the environment would send test traffic off-box.
     for var in _PROXY_VARS:
         monkeypatch.delenv(var, raising=False)
+    # Proxies started by tests keep their index cache out of the user's ~/.cache.
+    if "CASSETTE_PROXY_CACHE_DIR" not in os.environ:
+        monkeypatch.setenv(
+            "CASSETTE_PROXY_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "index-cache")
+        )
 
 
 @pytest.fixture(scope="session")
