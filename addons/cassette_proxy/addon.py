@@ -62,6 +62,9 @@ MISS_HEADER = "x-cassette-miss"
 # The openai SDKs retry 408, 409, 429 and 5xx; a miss must not be retried.
 MISS_STATUS = 404
 STREAM_TYPES = ("text/event-stream", "application/x-ndjson", "application/jsonl")
+# Request bytes -> key, for requests sent again (at most this many, bodies up to 64 KiB).
+KEY_MEMO_SIZE = 512
+KEY_MEMO_MAX_BODY = 64 * 1024
 WIRE_CACHE_SIZE = 256  # encoded answers kept for repeated hits (as many as the store's cache)
 
 
@@ -106,6 +109,7 @@ class CassetteRecorder:
             OrderedDict()
         )
         self.usage = UsageLog()
+        self._keys: OrderedDict[tuple[Any, ...], tuple[str, str, Any, Any]] = OrderedDict()
         # flow -> its Plan; an entry goes when mitmproxy drops the flow.
         self.plans: weakref.WeakKeyDictionary[http.HTTPFlow, Plan] = weakref.WeakKeyDictionary()
         self.log_summary = True  # `cassette-proxy run` prints the summary itself
@@ -266,6 +270,16 @@ class CassetteRecorder:
             mode = ctx.options.cassette_mode
             log.info("%s passthrough %s %s: %s", mode, request.method, redact_path(path), why)
             return None
+        # The same request bytes always give the same key: a test suite re-sends the
+        # same requests, and the key's work (parse, redact, normal form, hash) was the
+        # biggest part of the addon's time per hit (docs/benchmarks.md).
+        memo_key = (request.method, request.path, request.headers.get("content-encoding"),
+                    request.raw_content)  # fmt: skip
+        memo = self._keys.get(memo_key)
+        if memo is not None:
+            self._keys.move_to_end(memo_key)
+            key, path, body, query = memo
+            return self._plan_for(request.method, key, path, body, query, test_id)
         if request.raw_content:
             try:
                 body = json.loads(request.get_content(strict=False) or b"")
@@ -283,16 +297,26 @@ class CassetteRecorder:
             # Credentials never reach a cassette, nor the key (store.live_key).
             pairs = request.query.items(multi=True) if has_query else []
             key, path, body, query = live_key(request.method, path, body, pairs)
-            # Loose keys are only consulted when the exact key has nothing recorded.
-            known = self.store is not None and key in self.store
-            loose = () if known else keys.loose_keys(request.method, path, body, query)
+            plan = self._plan_for(request.method, key, path, body, query, test_id)
         except RecursionError:
             mode = ctx.options.cassette_mode
             shown = redact_path(path)
             log.info("%s passthrough %s %s: JSON nested too deeply", mode, request.method, shown)
             return None
-        family = classify(request.method, path)
-        return Plan(family, key, request.method.upper(), path, body, test_id, loose_keys=loose)
+        if len(request.raw_content or b"") <= KEY_MEMO_MAX_BODY:
+            self._keys[memo_key] = (key, path, body, query)
+            if len(self._keys) > KEY_MEMO_SIZE:
+                self._keys.popitem(last=False)
+        return plan
+
+    def _plan_for(
+        self, method: str, key: str, path: str, body: Any, query: Any, test_id: str | None
+    ) -> Plan:
+        # Loose keys are only consulted when the exact key has nothing recorded.
+        known = self.store is not None and key in self.store
+        loose = () if known else keys.loose_keys(method, path, body, query)
+        family = classify(method, path)
+        return Plan(family, key, method.upper(), path, body, test_id, loose_keys=loose)
 
     def _lookup(self, plan: Plan) -> Any:
         assert self.store is not None
