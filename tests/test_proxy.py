@@ -451,3 +451,18 @@ def test_record_if_missing_with_upstream_down_answers_hits_and_explains_misses(
     assert len(list(client.chat.completions.create(**seed["request"]["body"]))) == 9
     with pytest.raises(openai.NotFoundError, match="nearest recording"):
         client.chat.completions.create(**chat_kwargs("never"))
+
+
+def test_answer_from_the_stand_in_looks_like_any_replay(proxy_factory, upstream):
+    proxy = proxy_factory(mode="auto", options={"cassette_probe_ttl_ms": 600_000})
+    body = chat_kwargs("stand-in")
+    with httpx.Client(proxy=proxy.url, trust_env=False) as http:
+        live = http.post(f"{upstream.url}/v1/chat/completions", json=body)
+        wait_for_files(proxy.cassette_dir, 1)
+    upstream.stop()
+    with httpx.Client(proxy=proxy.url, trust_env=False) as http:
+        first = http.post(f"{upstream.url}/v1/chat/completions", json=body)
+        second = http.post(f"{upstream.url}/v1/chat/completions", json=body)
+    assert first.json() == second.json() == live.json()
+    assert "connection" not in first.headers  # the stand-in's own "close" stays behind
+    assert "went away" in proxy.log_text()

@@ -530,6 +530,9 @@ class CassetteRecorder:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if ctx.options.cassette_mode == "passthrough" or flow.response is None:
             return
+        if TOKEN_HEADER in flow.request.headers:
+            # The stand-in closes its own socket; the client's connection stays as it was.
+            flow.response.headers.pop("connection", None)
         content_type = flow.response.headers.get("content-type", "").lower()
         if not content_type.startswith(STREAM_TYPES):
             self._mark_pending(flow)
