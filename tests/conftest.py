@@ -23,7 +23,13 @@ import httpx
 import ollama
 import openai
 import pytest
-from upstreams import OllamaUpstream, OpenAIUpstream, start_ollama_upstream, start_openai_upstream
+from upstreams import (
+    OllamaUpstream,
+    OpenAIUpstream,
+    start_ollama_upstream,
+    start_openai_upstream,
+    start_tls_openai_upstream,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RECORDER_SCRIPT = REPO_ROOT / "addons" / "recorder.py"
@@ -49,6 +55,19 @@ def cassette_files(directory: Path | str) -> list[Path]:
     """Sorted list of *.json files below `directory`, recursively."""
     d = Path(directory)
     return sorted(d.rglob("*.json")) if d.exists() else []
+
+
+def wait_for_files(directory: Path, n: int, timeout: float = 10.0) -> list[Path]:
+    """The cassettes below `directory` once there are `n` (or what is there at timeout).
+
+    Cassettes can land just after the client has its answer (fsync, a stream's end)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        files = cassette_files(directory)
+        if len(files) >= n:
+            return files
+        time.sleep(0.05)
+    return cassette_files(directory)
 
 
 def ensure_ca(confdir: Path) -> Path:
@@ -406,6 +425,14 @@ def upstream_factory() -> Iterator[Callable[..., OpenAIUpstream]]:
     yield factory
     for up in started:
         up.stop()
+
+
+@pytest.fixture
+def tls_upstream(tmp_path: Path) -> Iterator[OpenAIUpstream]:
+    """The fake OpenAI upstream over TLS, with a self-signed certificate (``.cert``)."""
+    server = start_tls_openai_upstream(tmp_path)
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import ssl
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,6 @@ import ollama
 import pytest
 from cliproxy import CliProxy, start_cli_proxy
 from conftest import cassette_files
-from test_https import self_signed
 from upstreams import (
     OllamaUpstream,
     OpenAIUpstream,
@@ -36,20 +34,6 @@ NODE = shutil.which("node")
 CURL = shutil.which("curl")
 needs_curl = pytest.mark.skipif(CURL is None, reason="curl is not installed")
 needs_node = pytest.mark.skipif(NODE is None, reason="node is not installed (Node 20 tests)")
-
-
-@pytest.fixture
-def tls_upstream(tmp_path: Path) -> Iterator[OpenAIUpstream]:
-    """The fake OpenAI upstream over TLS, with a self-signed certificate (.cert)."""
-    cert, key = self_signed(tmp_path)
-    server = OpenAIUpstream("TLS")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    server.start()
-    server.cert = cert  # type: ignore[attr-defined]
-    yield server
-    server.stop()
 
 
 def chat_body(prompt: str, stream: bool = False) -> str:

@@ -6,28 +6,17 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import ollama
 import pytest
-from conftest import cassette_files, ollama_client
+from conftest import cassette_files, ollama_client, wait_for_files
 from upstreams import answer_text, embedding_vector, start_ollama_upstream
 
 T = "ollama._types."
 MSG = [{"role": "user", "content": "hi there"}]
-
-
-def wait_for_files(directory: Path, n: int, timeout: float = 10.0) -> list[Path]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        files = cassette_files(directory)
-        if len(files) >= n:
-            return files
-        time.sleep(0.05)
-    return cassette_files(directory)
 
 
 def docs(directory: Path) -> list[dict[str, Any]]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import cassette_files, openai_client
+from conftest import cassette_files, openai_client, wait_for_files
 from upstreams import answer_text, blackhole_port, refused_port
 
 CHAT = "openai.types.chat.chat_completion.ChatCompletion"
@@ -39,17 +39,6 @@ def chat_kwargs(text: str = "hello there", **extra) -> dict:
 
 def stream_text(stream) -> str:
     return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-
-
-def wait_for_files(directory: Path, n: int, timeout: float = 10.0) -> list[Path]:
-    # Cassettes are written off the event loop, just after the answer went out.
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        files = cassette_files(directory)
-        if len(files) >= n:
-            return files
-        time.sleep(0.05)
-    return cassette_files(directory)
 
 
 # ---- recording ----------------------------------------------------------------------

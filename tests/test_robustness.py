@@ -506,7 +506,7 @@ class PreferH2(ssl.SSLContext):
 
 
 def test_http2_clients_record_and_replay_over_https(proxy_factory, tmp_path):
-    from test_https import self_signed
+    from upstreams import self_signed
 
     cert, key = self_signed(tmp_path)
     upstream = OpenAIUpstream("H2")

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from cassette_proxy import keys
 from cassette_proxy.store import safe_folder
-from conftest import cassette_files, openai_client
+from conftest import cassette_files, openai_client, wait_for_files
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from upstreams import answer_text
@@ -25,13 +24,6 @@ HEADER = "X-Cassette-Test-Id"
 T1 = "tests/integration/test_chat.py::test_one[ollama/llama3.2:3b]"
 T2 = "tests/integration/test_chat.py::test_two"
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "scoped"}]}
-
-
-def wait_for_files(directory: Path, n: int, timeout: float = 10.0) -> list[Path]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and len(cassette_files(directory)) < n:
-        time.sleep(0.05)
-    return cassette_files(directory)
 
 
 def chat(proxy, upstream, test_id: str | None) -> str:

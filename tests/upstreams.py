@@ -58,6 +58,15 @@ try:  # zstd is in the standard library from 3.14; mitmproxy pulls in the backpo
     from compression import zstd  # type: ignore[import-not-found]
 except ImportError:  # pragma: no cover - Python < 3.14
     from backports import zstd  # type: ignore[import-not-found,no-redef]
+import datetime
+import ipaddress
+import ssl
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 HOST = "127.0.0.1"
 EMBEDDING_DIM = 8
@@ -1042,3 +1051,54 @@ def blackhole_port(fillers: int = 3) -> Iterator[int]:
         yield hole.port
     finally:
         hole.close()
+
+
+# --------------------------------------------------------------------------
+# TLS: the same fake upstream over HTTPS, with a self-signed certificate
+# --------------------------------------------------------------------------
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and localhost, and its key."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=7))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "upstream-cert.pem", directory / "upstream-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def start_tls_openai_upstream(directory: Path, tag: str = "TLS") -> OpenAIUpstream:
+    """The fake OpenAI upstream over TLS; its certificate file is ``.cert``."""
+    cert, key = self_signed(directory)
+    server = OpenAIUpstream(tag)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    server.start()
+    server.cert = cert  # type: ignore[attr-defined]
+    return server
