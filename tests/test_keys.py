@@ -6,17 +6,21 @@ import json
 from cassette_proxy import keys
 
 
-def test_key_ignores_key_order_nulls_and_float_noise():
+def test_key_ignores_key_order_and_float_noise_but_keeps_nulls():
     a = {"model": "m", "temperature": 0.7, "messages": [{"role": "user", "content": "hi"}]}
     b = {
         "messages": [{"content": "hi", "role": "user"}],
         "temperature": 0.700000001,
         "model": "m",
-        "seed": None,
     }
     assert keys.request_key("POST", "/v1/chat/completions", a) == keys.request_key(
         "post", "/v1/chat/completions", b
     )
+    # A null is not an absent field (issue 9 finding 1): only a loose key forgets it.
+    with_null = {**b, "seed": None}
+    exact = keys.request_key("POST", "/v1/chat/completions", a)
+    assert keys.request_key("POST", "/v1/chat/completions", with_null) != exact
+    assert exact in keys.loose_keys("POST", "/v1/chat/completions", with_null)
 
 
 def test_key_treats_integral_floats_as_ints():

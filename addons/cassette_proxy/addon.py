@@ -29,7 +29,7 @@ from mitmproxy.proxy import server_hooks
 from mitmproxy.tls import TlsData
 from OpenSSL import SSL
 
-from . import keys
+from . import keys, matching
 from .cassette import (
     MAX_CASSETTE_BYTES,
     Cassette,
@@ -87,7 +87,9 @@ class Plan:
     recorder: StreamRecorder | None = None
     recorded: bool = False
     notes: list[str] = field(default_factory=list)
-    loose_keys: tuple[str, ...] = ()  # weaker keys tried after a miss (keys.loose_keys)
+    request: matching.Request | None = None  # as matching sees it (redacted, as recorded)
+    upstream: str | None = None  # host:port the request is for (host affinity)
+    rule: str | None = None  # the matching rule of a hit: exact, or the loose rules
 
 
 
@@ -105,7 +107,7 @@ class CassetteRecorder:
         self.counts = {"hit": 0, "miss": 0, "recorded": 0, "fallback": 0}
         # Encoded answers by cassette file: a hit re-sends bytes, no model_dump/encode.
         # Valid while the store still holds the same Cassette object for that file.
-        self._wires: OrderedDict[Path, tuple[Cassette, str, Wire, str, HeaderFields | None]] = (
+        self._wires: OrderedDict[Path, tuple[Cassette, Any, Wire, str, HeaderFields | None]] = (
             OrderedDict()
         )
         self.usage = UsageLog()
@@ -279,7 +281,8 @@ class CassetteRecorder:
         if memo is not None:
             self._keys.move_to_end(memo_key)
             key, path, body, query = memo
-            return self._plan_for(request.method, key, path, body, query, test_id)
+            host = matching.upstream(request.host, request.port)
+            return self._plan_for(request.method, key, path, body, query, test_id, host)
         if request.raw_content:
             try:
                 body = json.loads(request.get_content(strict=False) or b"")
@@ -297,7 +300,8 @@ class CassetteRecorder:
             # Credentials never reach a cassette, nor the key (store.live_key).
             pairs = request.query.items(multi=True) if has_query else []
             key, path, body, query = live_key(request.method, path, body, pairs)
-            plan = self._plan_for(request.method, key, path, body, query, test_id)
+            host = matching.upstream(request.host, request.port)
+            plan = self._plan_for(request.method, key, path, body, query, test_id, host)
         except RecursionError:
             mode = ctx.options.cassette_mode
             shown = redact_path(path)
@@ -310,17 +314,25 @@ class CassetteRecorder:
         return plan
 
     def _plan_for(
-        self, method: str, key: str, path: str, body: Any, query: Any, test_id: str | None
+        self,
+        method: str,
+        key: str,
+        path: str,
+        body: Any,
+        query: Any,
+        test_id: str | None,
+        host: str | None = None,
     ) -> Plan:
-        # Loose keys are only consulted when the exact key has nothing recorded.
-        known = self.store is not None and key in self.store
-        loose = () if known else keys.loose_keys(method, path, body, query)
         family = classify(method, path)
-        return Plan(family, key, method.upper(), path, body, test_id, loose_keys=loose)
+        request = matching.Request(method.upper(), path, body, tuple(query))
+        plan = Plan(family, key, method.upper(), path, body, test_id, request=request)
+        plan.upstream = host
+        return plan
 
-    def _lookup(self, plan: Plan) -> Any:
-        assert self.store is not None
-        return self.store.lookup(plan.key, plan.test_id, plan.loose_keys)
+    def _lookup(self, plan: Plan) -> matching.Match | None:
+        """The recording that answers the plan's request (``matching.find``), and why."""
+        assert self.store is not None and plan.request is not None
+        return matching.find(self.store, plan.request, plan.key, plan.test_id, plan.upstream)
 
     # ---- replay -------------------------------------------------------------------
 
@@ -335,10 +347,11 @@ class CassetteRecorder:
     def _replay(self, plan: Plan, why: str = "") -> http.Response:
         """The recorded answer for a plan, or the miss error; ``why`` names a fallback."""
         assert self.store is not None
-        entry = self.store.lookup(plan.key, plan.test_id, plan.loose_keys)
-        if entry is None:
+        match = self._lookup(plan)
+        if match is None:
             self.counts["miss"] += 1
             return self._miss(plan)
+        entry, plan.rule = match.entry, match.rule
         try:
             wire, plan.served_from, fields = self._wire(entry, plan)
         except (OSError, ValueError, NotRecordable, CassetteError) as e:
@@ -349,12 +362,13 @@ class CassetteRecorder:
         self.usage.note("fallback" if why else "hit", plan.served_from)
         if log.isEnabledFor(logging.INFO):  # a quiet proxy skips building the line
             log.info(
-                "%s hit %s %s key %s -> %s%s",
+                "%s hit %s %s key %s -> %s (%s)%s",
                 ctx.options.cassette_mode,
                 plan.method,
                 plan.path,
                 plan.key[:12],
                 plan.served_from,
+                plan.rule if plan.rule == matching.EXACT else f"loose: {plan.rule}",
                 f" (fallback: {why})" if why else "",
             )
         if fields is None:
@@ -373,14 +387,18 @@ class CassetteRecorder:
         answer's header fields (None when Response.make must encode the body itself)."""
         assert self.store is not None
         cassette = self.store.read(entry)
+        # One recording is encoded per what the request asked for, not only per key: the
+        # key leaves out encoding_format (embeddings as floats or base64), and a loose
+        # match may serve a stream to a request that did not ask for its usage chunk.
+        asked = (plan.key, _asked_for(plan.body))
         cached = self._wires.get(entry.path)
-        if cached is not None and cached[0] is cassette and cached[1] == plan.key:
+        if cached is not None and cached[0] is cassette and cached[1] == asked:
             self._wires.move_to_end(entry.path)
             return cached[2], cached[3], cached[4]
         wire = encode(plan.path, plan.body, cassette.response.model_dump())
         served_from = self.store.relative(entry.path)
         fields = _header_fields(wire, served_from)
-        self._wires[entry.path] = (cassette, plan.key, wire, served_from, fields)
+        self._wires[entry.path] = (cassette, asked, wire, served_from, fields)
         if len(self._wires) > WIRE_CACHE_SIZE:
             self._wires.popitem(last=False)
         return wire, served_from, fields
@@ -398,7 +416,11 @@ class CassetteRecorder:
         }
         if broken:
             message += f"; the matching cassette is unreadable: {broken}"
-        nearest = self.store.nearest(plan.method, plan.path, plan.body)
+        assert plan.request is not None
+        tried = matching.rules_tried(plan.request)
+        error["rules_tried"] = tried
+        message += f"; tried {', '.join(tried)}"
+        nearest = matching.nearest(self.store, plan.request, plan.test_id)
         if nearest is not None:
             entry, diff = nearest
             where = self.store.relative(entry.path)
@@ -407,13 +429,19 @@ class CassetteRecorder:
         else:
             message += "; nothing is recorded for this path"
         # Which tests recorded this path: a wrong or missing X-Cassette-Test-Id shows here.
-        ids = self.store.test_ids(plan.key) or self.store.path_test_ids(plan.method, plan.path)
-        if ids:
-            error["test_ids"] = ids
-            shown = ", ".join(ids[:10]) + (f" (+{len(ids) - 10} more)" if len(ids) > 10 else "")
-            message += f"; test ids recorded for this path: {shown}"
+        # A real suite records hundreds of tests per path: a count and a few, not all.
+        own, shown, others = matching.test_id_summary(self.store, plan.request, plan.test_id)
+        error["test_ids"] = shown
+        error["other_test_ids"] = others
         if plan.test_id:
-            message += f"; this request's test id: {plan.test_id}"
+            error["test_id"] = plan.test_id
+            error["test_id_recordings"] = own
+            has = f"has {own} recording(s)" if own else "has no recording"
+            message += f"; this request's test id: {plan.test_id} ({has} for this path)"
+        if others:
+            more = f" (+{others - len(shown)} more)" if others > len(shown) else ""
+            label = "other test ids" if plan.test_id else "test ids"
+            message += f"; {others} {label} recorded for this path: {', '.join(shown)}{more}"
         error["message"] = message
         mode = ctx.options.cassette_mode
         log.warning("%s miss %s", mode, message.removeprefix("cassette-proxy: "))
@@ -507,7 +535,10 @@ class CassetteRecorder:
             return
         if not (200 <= status < 300 or status in self.record_errors):
             return
-        path = recording_path(self.store.root, plan.method, plan.path, plan.body, plan.test_id)
+        query = matching.recorded_query(redact_url(flow.request.pretty_url))
+        path = recording_path(
+            self.store.root, plan.method, plan.path, plan.body, plan.test_id, query
+        )
         flow.marked = ":red_circle:"
         flow.comment = f"cassette: recording {self.store.relative(path)}"
 
@@ -732,6 +763,15 @@ def _header_fields(wire: Wire, served_from: str) -> HeaderFields | None:
     ]
     fields.append((b"content-length", str(len(wire.body)).encode()))
     return tuple(fields)
+
+
+def _asked_for(body: Any) -> tuple[Any, ...]:
+    """What in a request body shapes the encoded answer (``families.encode``)."""
+    if not isinstance(body, dict):
+        return ()
+    options = body.get("stream_options")
+    usage = options.get("include_usage") if isinstance(options, dict) else None
+    return (body.get("encoding_format"), bool(body.get("stream")), bool(usage))
 
 
 def _not_keyable(request: http.Request) -> str | None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from . import keys
+from . import keys, matching
 from .cassette import TEMP_PREFIX, Cassette, CassetteError, read_cassette
 from .families.base import is_typed
 from .store import key_of, request_body_of, wire_path_of
@@ -399,6 +399,9 @@ def expected_names(cassette: Cassette) -> set[str]:
         hashes.add(keys.recording_hash(request.method, endpoint, body, cassette.test_id))
     if "test_id" in cassette.model_fields_set and cassette.test_id is None:
         hashes.add(_hash_with_null_test_id(request.method, endpoint, body))
+    query = matching.recorded_query(url)
+    if query:  # the proxy names a request with a query by it too (matching.file_stem)
+        hashes.add(matching.file_stem(request.method, endpoint, body, query, cassette.test_id))
     names = set(hashes) | {h[:12] for h in hashes}
     objects = typed_objects(cassette)
     if objects and short_type(str(objects[0]["__type__"])) == "Model":

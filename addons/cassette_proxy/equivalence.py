@@ -6,10 +6,8 @@ caller did not choose; ``stream: false`` and no ``stream`` are the same OpenAI c
 key is computed from a *normal form* of the body, on both sides (the wire request and the
 recorded one), so these differences never cause a miss and lookup stays one dict hit.
 
-Loose forms are a second, weaker tier: tried only when the exact key misses. They drop a
-field that the recording cannot match on: ``stream_options`` (llama-stack itself ignores
-it for Bedrock, where it varies between runs), and the model of ``/api/pull`` (llama-stack
-recorded ``pull(model)`` with the model positional, so its body is ``{}``).
+Weaker, loose matches (a field forgotten) are not here: they are tried only after an
+exact miss, and live in ``matching.LOOSE_RULES``.
 """
 
 from __future__ import annotations
@@ -56,14 +54,3 @@ def normal_form(path: str, body: Any) -> Any:
     if _is_openai(path, "/completions") and body.get("stream") is False:
         return {k: v for k, v in body.items() if k != "stream"}
     return body
-
-
-def loose_forms(path: str, body: Any) -> list[Any]:
-    """Weaker forms of a normal-form body, tried in order after the exact key misses."""
-    if not isinstance(body, dict):
-        return []
-    if _is_openai(path, "/completions") and body.get("stream"):
-        return [{k: v for k, v in body.items() if k != "stream_options"}]
-    if _is_ollama(path, "pull"):
-        return [{k: v for k, v in body.items() if k != "model"}]
-    return []

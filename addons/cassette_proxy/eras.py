@@ -144,9 +144,30 @@ def recorded_wire(cassette: Cassette) -> WireRequest:
         ) >= 400
         body = {**body, "stream": failed or bool(response.is_streaming)}
     if method == "POST" and path.endswith(GET_SUFFIXES) and body in ({}, None):
-        method = "GET"  # GET /v1/models, /api/tags, /api/ps recorded as POST {}
-        body = {}
+        if written_by_llama_stack(cassette):
+            method = "GET"  # GET /v1/models, /api/tags, /api/ps recorded as POST {}
+            body = {}
     return WireRequest(method, path, body, query)
+
+
+def written_by_llama_stack(cassette: Cassette) -> bool:
+    """Whether a recording is llama-stack's, whose recorder wrote every call as POST.
+
+    Only then does ``POST {}`` to a GET endpoint mean the GET. The proxy writes the wire's
+    method, so its own recording of a stray ``POST /v1/models {}`` (answered 405) keeps
+    it, and never answers ``GET /v1/models``. The files are told apart by what only
+    llama-stack's recorder writes: an SDK call's URL (the base URL plus the endpoint
+    label, longer than the label); a typed answer (the proxy's families type these
+    endpoints' answers only for a GET, so its POST answers are raw or errors); or a
+    recorded exception with llama-stack's ``category`` and ``provider`` fields.
+    """
+    if is_sdk_call(cassette):
+        return True
+    if _typed_names(cassette):
+        return True
+    extra = cassette.response.model_extra or {}
+    data = extra.get("exception_data")
+    return isinstance(data, dict) and ("category" in data or "provider" in data)
 
 
 def _query_value(value: Any) -> str:

@@ -11,7 +11,7 @@ import hashlib
 import json
 from typing import Any
 
-from .equivalence import loose_forms, normal_form
+from .equivalence import normal_form
 
 # llama-stack rounds floats to 5 places before hashing; so do we, so that float
 # noise below 1e-5 (and 0 vs 0.0 from clients in other languages) still matches.
@@ -19,12 +19,13 @@ FLOAT_PLACES = 5
 
 
 def canonical_json(value: Any) -> Any:
-    """Keys sorted (by the dump), null-valued keys dropped, floats rounded.
+    """Keys sorted (by the dump), floats rounded; nulls kept (``{"a": null}`` is not
+    ``{}``: ignoring them is a loose rule, ``matching.null_insensitive``).
 
     Integral floats become ints: JavaScript sends ``0`` where Python sends ``0.0``.
     """
     if isinstance(value, dict):
-        return {k: canonical_json(v) for k, v in value.items() if v is not None}
+        return {k: canonical_json(v) for k, v in value.items()}
     if isinstance(value, list):
         return [canonical_json(v) for v in value]
     if isinstance(value, float):
@@ -42,27 +43,34 @@ def dumps_canonical(value: Any) -> str:
 def request_key(
     method: str, path: str, body: Any, query: list[tuple[str, str]] | None = None
 ) -> str:
-    """The full-hex sha256 key of a request as the proxy matches it.
+    """The exact key of a request as the proxy matches it (``matching.exact_key``).
 
     The body is taken in its normal form (``equivalence.normal_form``): client defaults
-    such as Ollama's ``stream: false`` / ``tools: []`` do not change the key.
+    such as Ollama's ``stream: false`` / ``tools: []`` do not change the key. A JSON
+    ``null`` body is keyed as no body.
     """
-    return _hash_key(method, path, normal_form(path, body), query)
+    body = {} if body is None else body
+    return hash_form(method, path, canonical_json(normal_form(path, body)), query)
 
 
 def loose_keys(
     method: str, path: str, body: Any, query: list[tuple[str, str]] | None = None
 ) -> tuple[str, ...]:
-    """Weaker keys, tried in order only when ``request_key`` misses (``loose_forms``)."""
-    forms = loose_forms(path, normal_form(path, body))
-    return tuple(_hash_key(method, path, form, query) for form in forms)
+    """The request's loose keys, tried in order after an exact miss (``matching``)."""
+    from . import matching  # matching builds on this module
+
+    request = matching.Request(method.upper(), path, body, tuple(query or ()))
+    return tuple(k for k, _ in matching.loose_keys(request))
 
 
-def _hash_key(method: str, path: str, body: Any, query: list[tuple[str, str]] | None) -> str:
+def hash_form(
+    method: str, path: str, canonical_body: Any, query: list[tuple[str, str]] | None
+) -> str:
+    """sha256 of method, path, a body already canonical (``canonical_json``) and query."""
     material: dict[str, Any] = {
         "method": method.upper(),
         "path": path,
-        "body": canonical_json(body),
+        "body": canonical_body,
     }
     if query:
         material["query"] = sorted(query)

@@ -7,10 +7,11 @@ the one the proxy would have recorded from the same traffic.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from . import keys
+from . import matching
 from .cassette import Cassette, make_cassette
 from .families import Family, NotRecordable, error_response
 from .redact import redact_body, redact_path, redact_strings
@@ -89,7 +90,8 @@ def new_recording(
 
     ``url`` and ``headers`` must already be redacted; credential fields of the body and
     keys in the path are redacted here (the proxy keys requests the same way). The name
-    is the documented request hash; a test's cassettes go in a folder of their own.
+    is the documented request hash (with the URL's query, if it has one: ``matching.
+    file_stem``); a test's cassettes go in a folder of their own.
     """
     body, path = redact_body(body), redact_path(path)
     model = body.get("model") if isinstance(body, dict) else None
@@ -103,10 +105,18 @@ def new_recording(
         model=model if isinstance(model, str) else None,
         response=response,
     )
-    return recording_path(root, method, path, body, test_id), cassette
+    query = matching.recorded_query(url)
+    return recording_path(root, method, path, body, test_id, query), cassette
 
 
-def recording_path(root: Path, method: str, path: str, body: Any, test_id: str | None) -> Path:
+def recording_path(
+    root: Path,
+    method: str,
+    path: str,
+    body: Any,
+    test_id: str | None,
+    query: Iterable[tuple[str, str]] = (),
+) -> Path:
     """Where the recording of a request goes: ``[<test folder>/]<request hash>.json``."""
-    name = keys.recording_hash(method, path, body, test_id) + ".json"
+    name = matching.file_stem(method, path, body, query, test_id) + ".json"
     return (root / safe_folder(test_id) if test_id else root) / name

@@ -1,8 +1,9 @@
 """The index over ``cassette_dir``: request key -> cassette file.
 
 Loading reads every ``*.json`` below the folder once and keeps only what a lookup
-needs (key, file, test id); responses are read on a hit and kept in a small cache.
-A lookup is a dict hit, not a scan.
+needs (keys, file, test id, upstream); responses are read on a hit and kept in a small
+cache. A lookup is a dict hit, not a scan. The store only indexes: which keys a request
+or a recording has, and which candidate answers, is ``matching``'s.
 """
 
 from __future__ import annotations
@@ -18,12 +19,10 @@ from pathlib import Path
 from stat import S_ISLNK
 from typing import Any
 
-from . import eras, keys
+from . import eras, matching
 from .cassette import TEMP_PREFIX, Cassette, CassetteError, RecordedResponse, read_cassette
-from .equivalence import normal_form
 from .families import unknown_type
 from .index_cache import IndexCache
-from .redact import keyed_query, redact_body, redact_path, wire_text
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +37,11 @@ class Entry:
     test_id: str | None
     method: str
     wire_path: str
-    loose: tuple[str, ...] = ()  # weaker keys (keys.loose_keys), tried after a miss
+    loose: tuple[str, ...] = ()  # weaker keys (matching.recording_keys), tried after a miss
     merge_field: str | None = None  # model lists: merged with same-key siblings by this
+    loose_rules: tuple[str, ...] = ()  # the loose rules of each of ``loose``
+    upstream: str | None = None  # host:port it was recorded against (host affinity)
+    model: str | None = None  # the request's model (a miss's nearest recording)
 
 
 @dataclass
@@ -74,29 +76,23 @@ def request_body_of(request: Any) -> Any:
 
 
 def key_of(cassette: Cassette) -> tuple[str, str]:
-    """The request key a cassette answers, and its wire path.
+    """The exact request key a cassette answers, and its wire path.
 
     The key is that of the wire request the real client sends for the recorded call
-    (``eras.recorded_wire``), so SDK-level recordings of every era match the wire.
+    (``matching.recorded_request``), so SDK-level recordings of every era match the wire.
     """
     wire = eras.recorded_wire(cassette)
-    query = keyed_query(wire.query)
-    # Keyed as the proxy keys a live request: credentials in the body and path redacted.
-    path = redact_path(wire.path)
-    return keys.request_key(wire.method, path, redact_body(wire.body), query), wire.path
+    return matching.exact_key(matching.recorded_request(cassette)), wire.path
 
 
 def live_key(
     method: str, path: str, body: Any, query: Iterable[tuple[str, str]]
 ) -> tuple[str, str, Any, list[tuple[str, str]]]:
-    """How the proxy keys a live request: (key, path, body, query) as they are recorded.
-
-    Credentials are redacted first (keys in the path, credential fields of the body,
-    credential query parameters), exactly as the cassette will hold them, so that
-    ``key_of`` of the cassette written for this request gives this same key.
+    """How the proxy keys a live request: (key, path, body, query) as they are recorded
+    (``matching.live_request``), so that ``key_of`` of its cassette gives this same key.
     """
-    path, body, pairs = redact_path(wire_text(path)), redact_body(body), keyed_query(query)
-    return keys.request_key(method, path, body, pairs), path, body, pairs
+    request = matching.live_request(method, path, body, query)
+    return matching.exact_key(request), request.path, request.body, list(request.query)
 
 
 def safe_folder(test_id: str) -> str:
@@ -203,13 +199,13 @@ class CassetteStore:
             pass
 
     def _add(self, path: Path, cassette: Cassette) -> Entry:
-        wire = eras.recorded_wire(cassette)
-        query = keyed_query(wire.query)
-        body, keyed_path = redact_body(wire.body), redact_path(wire.path)  # as a live request
-        key = keys.request_key(wire.method, keyed_path, body, query)
-        loose = keys.loose_keys(wire.method, keyed_path, body, query)
+        request = matching.recorded_request(cassette)
+        key, loose, rules = matching.recording_keys(request)
         merge = eras.model_list_field(cassette)
-        entry = Entry(key, path, cassette.test_id, wire.method, keyed_path, loose, merge)
+        entry = Entry(
+            key, path, cassette.test_id, request.method, request.path, loose, merge, rules,
+            matching.upstream_of(cassette.request.url), matching.model_of(request.body),
+        )  # fmt: skip
         return self._insert(entry)
 
     def _insert(self, entry: Entry) -> Entry:
@@ -236,18 +232,33 @@ class CassetteStore:
         self._remember(path, cassette)
         return entry
 
-    def lookup(
-        self, key: str, test_id: str | None = None, loose: tuple[str, ...] = ()
-    ) -> Entry | None:
-        """The entry for a key: the test's own first, then unscoped, then any other test's.
+    def exact(self, key: str) -> list[Entry]:
+        """The recordings whose exact key is ``key``, newest first."""
+        return self._index.get(key) or []
 
-        Only when the exact key has nothing, the loose keys are tried, in order, the same way.
-        """
-        entry = _pick(self._index.get(key), test_id)
+    def loose(self, key: str) -> list[Entry]:
+        """The recordings with ``key`` among their loose keys, newest first."""
+        return self._loose.get(key) or []
+
+    def on_path(self, wire_path: str) -> list[Entry]:
+        """Every recording of a wire path (for a miss message)."""
+        return self._by_path.get(wire_path) or []
+
+    def lookup(
+        self,
+        key: str,
+        test_id: str | None = None,
+        loose: tuple[str, ...] = (),
+        host: str | None = None,
+    ) -> Entry | None:
+        """The entry for an exact key (chosen by ``matching.choose``); only when it has
+        nothing, the given loose keys, in order. The proxy itself uses ``matching.find``."""
+        entry = matching.choose(self.exact(key), test_id, host)
         for k in loose:
             if entry is not None:
                 break
-            entry = _pick(self._loose.get(k), test_id)
+            found = self.loose(k) if k == key else [*self.exact(k), *self.loose(k)]
+            entry = matching.choose(found, test_id, host)
         return entry
 
     def test_ids(self, key: str) -> list[str]:
@@ -266,13 +277,15 @@ class CassetteStore:
             return cassette
         cassette = _read_mapped(entry.path)
         if entry.merge_field:
+            # Host affinity: lists recorded against this entry's upstream go last, so
+            # their models win over the same ids from other hosts (a later list wins).
             siblings = sorted(
                 (
                     e
                     for e in self._index.get(entry.key, [])
                     if e.test_id == entry.test_id and e.merge_field == entry.merge_field
                 ),
-                key=lambda e: str(e.path),
+                key=lambda e: (e.upstream == entry.upstream, str(e.path)),
             )
             if len(siblings) > 1:
                 group = [
@@ -289,27 +302,6 @@ class CassetteStore:
         self._cache.move_to_end(path)
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
-
-    def nearest(self, method: str, wire_path: str, body: Any) -> tuple[Entry, str] | None:
-        """The recorded request on the same path closest to ``body``, and the first difference.
-
-        Only runs on a miss, so it may read files again.
-        """
-        wanted = keys.canonical_json(normal_form(wire_path, body))
-        best: tuple[int, Entry, str] | None = None
-        for entry in self._by_path.get(wire_path, [])[:500]:
-            if entry.method != method.upper():
-                continue
-            try:
-                recorded_body = eras.recorded_wire(self.read(entry)).body
-            except CassetteError:
-                continue
-            recorded = keys.canonical_json(normal_form(wire_path, recorded_body))
-            diff = keys.first_difference(wanted, recorded) or "query string or test id"
-            score = _similarity(wanted, recorded)
-            if best is None or score > best[0]:
-                best = (score, entry, diff)
-        return (best[1], best[2]) if best else None
 
     def relative(self, path: Path) -> str:
         if ".." not in path.parts and path.is_relative_to(self.root):
@@ -348,29 +340,3 @@ def _entry_from(record: dict[str, Any], path: Path) -> Entry:
     return Entry(path=path, **values)
 
 
-def _pick(entries: list[Entry] | None, test_id: str | None) -> Entry | None:
-    """The test's own entry, else an unscoped one, else the first test id in sort order."""
-    if not entries:
-        return None
-    if test_id is not None:
-        for e in entries:
-            if e.test_id == test_id:
-                return e
-    for e in entries:
-        if e.test_id is None:
-            return e
-    return min(entries, key=lambda e: e.test_id or "")
-
-
-def _mtime(entry: Entry) -> float:
-    try:
-        return entry.path.stat().st_mtime
-    except OSError:
-        return 0.0
-
-
-def _similarity(a: Any, b: Any) -> int:
-    """How many top-level fields two bodies share with equal values."""
-    if not (isinstance(a, dict) and isinstance(b, dict)):
-        return int(a == b)
-    return sum(1 for k in a if k in b and a[k] == b[k])
