@@ -57,6 +57,27 @@ def encode_embedding(value: Any) -> Any:
     return base64.b64encode(struct.pack(f"<{len(value)}f", *value)).decode("ascii")
 
 
+def asks_for_usage(request_body: Any) -> bool:
+    """Whether a streamed request asked for the usage chunk (``stream_options``)."""
+    options = request_body.get("stream_options") if isinstance(request_body, dict) else None
+    return isinstance(options, dict) and bool(options.get("include_usage"))
+
+
+def without_usage(chunks: list[Any]) -> list[Any]:
+    """A recorded stream as sent to a request that did not ask for usage: no usage-only
+    chunk (``choices: []`` with a usage), and no usage on the others. A recording made
+    with ``include_usage`` may answer such a request (a loose match): its usage chunk
+    would break clients that read ``chunk.choices[0]``. ``usage: null`` stays as
+    recorded (llama-stack's chunks carry it whatever was asked)."""
+    out = []
+    for chunk in chunks:
+        if not isinstance(chunk, dict) or chunk.get("usage") is None:
+            out.append(chunk)
+        elif chunk.get("choices") != []:
+            out.append({k: v for k, v in chunk.items() if k != "usage"})
+    return out
+
+
 class SSEChunkRecorder:
     """Types each ``data:`` event of an OpenAI stream; complete once ``[DONE]`` is seen."""
 
@@ -134,7 +155,10 @@ class OpenAIFamily:
                 return None
             if body[0]["__type__"] == MODEL and not response.get("is_streaming"):
                 return json_wire(200, {"object": "list", "data": [m["__data__"] for m in body]})
-            events = "".join(f"data: {json.dumps(c['__data__'])}\n\n" for c in body)
+            chunks = [c["__data__"] for c in body]
+            if not asks_for_usage(request_body):
+                chunks = without_usage(chunks)
+            events = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks)
             return Wire(200, "text/event-stream", (events + "data: [DONE]\n\n").encode())
         if body == [] and endpoint_kind(path) == "models":
             return json_wire(200, {"object": "list", "data": []})
