@@ -281,7 +281,8 @@ class CassetteRecorder:
         if memo is not None:
             self._keys.move_to_end(memo_key)
             key, path, body, query = memo
-            host = matching.upstream(request.host, request.port)
+            # As the recorded URL names it (pretty_url), for host affinity.
+            host = matching.upstream(request.pretty_host, request.port)
             return self._plan_for(request.method, key, path, body, query, test_id, host)
         if request.raw_content:
             try:
@@ -300,7 +301,7 @@ class CassetteRecorder:
             # Credentials never reach a cassette, nor the key (store.live_key).
             pairs = request.query.items(multi=True) if has_query else []
             key, path, body, query = live_key(request.method, path, body, pairs)
-            host = matching.upstream(request.host, request.port)
+            host = matching.upstream(request.pretty_host, request.port)
             plan = self._plan_for(request.method, key, path, body, query, test_id, host)
         except RecursionError:
             mode = ctx.options.cassette_mode
