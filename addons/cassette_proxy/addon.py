@@ -363,14 +363,14 @@ class CassetteRecorder:
         self.usage.note("fallback" if why else "hit", plan.served_from)
         if log.isEnabledFor(logging.INFO):  # a quiet proxy skips building the line
             log.info(
-                "%s hit %s %s key %s -> %s (%s)%s",
+                "%s hit %s %s key %s -> %s%s (%s)",
                 ctx.options.cassette_mode,
                 plan.method,
                 plan.path,
                 plan.key[:12],
                 plan.served_from,
-                plan.rule if plan.rule == matching.EXACT else f"loose: {plan.rule}",
                 f" (fallback: {why})" if why else "",
+                plan.rule if plan.rule == matching.EXACT else f"loose: {plan.rule}",
             )
         if fields is None:
             headers = {"content-type": wire.content_type, FILE_HEADER: plan.served_from}
