@@ -223,6 +223,32 @@ def test_nearest_prefers_the_same_test_then_the_same_model_then_the_longest_pref
     assert near is not None and near[0].test_id == "mine"
 
 
+def test_find_names_the_rule_on_either_side(tmp_path):
+    def record(body: dict[str, Any]) -> None:
+        path, c = new_recording(
+            tmp_path, method="POST", path=CHAT, body=body, test_id=None,
+            url="http://h" + CHAT, headers={}, response={"body": {}, "is_streaming": False},
+        )  # fmt: skip
+        write_cassette(path, c, durable=False)
+
+    record({"model": "m", "seed": None})
+    store = CassetteStore(tmp_path)
+    store.load()
+    recorded = req({"model": "m", "seed": None})
+    found = matching.find(store, recorded, matching.exact_key(recorded), None)
+    assert found is not None and found.rule == "exact"
+    # The recording holds a null the request leaves out: a rule on the recording's side.
+    plain = req({"model": "m"})
+    found = matching.find(store, plain, matching.exact_key(plain), None)
+    assert found is not None and found.rule == "null_insensitive"
+    # A default query on top: two rules, named in LOOSE_RULES order.
+    asked = req({"model": "m", "seed": None, "n": None}, (("version", "1"),))
+    found = matching.find(store, asked, matching.exact_key(asked), None)
+    assert found is not None and found.rule == "null_insensitive+query_not_recorded"
+    other = req({"model": "other"})
+    assert matching.find(store, other, matching.exact_key(other), None) is None
+
+
 # ---- end to end -------------------------------------------------------------------------------
 
 
