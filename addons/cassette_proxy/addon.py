@@ -332,8 +332,9 @@ class CassetteRecorder:
 
     def _lookup(self, plan: Plan) -> matching.Match | None:
         """The recording that answers the plan's request (``matching.find``), and why."""
-        assert self.store is not None and plan.request is not None
-        return matching.find(self.store, plan.request, plan.key, plan.test_id, plan.upstream)
+        assert self.store is not None
+        request = _matched_request(plan)
+        return matching.find(self.store, request, plan.key, plan.test_id, plan.upstream)
 
     # ---- replay -------------------------------------------------------------------
 
@@ -417,11 +418,11 @@ class CassetteRecorder:
         }
         if broken:
             message += f"; the matching cassette is unreadable: {broken}"
-        assert plan.request is not None
-        tried = matching.rules_tried(plan.request)
+        request = _matched_request(plan)
+        tried = matching.rules_tried(request)
         error["rules_tried"] = tried
         message += f"; tried {', '.join(tried)}"
-        nearest = matching.nearest(self.store, plan.request, plan.test_id)
+        nearest = matching.nearest(self.store, request, plan.test_id)
         if nearest is not None:
             entry, diff = nearest
             where = self.store.relative(entry.path)
@@ -431,7 +432,7 @@ class CassetteRecorder:
             message += "; nothing is recorded for this path"
         # Which tests recorded this path: a wrong or missing X-Cassette-Test-Id shows here.
         # A real suite records hundreds of tests per path: a count and a few, not all.
-        own, shown, others = matching.test_id_summary(self.store, plan.request, plan.test_id)
+        own, shown, others = matching.test_id_summary(self.store, request, plan.test_id)
         error["test_ids"] = shown
         error["other_test_ids"] = others
         if plan.test_id:
@@ -764,6 +765,13 @@ def _header_fields(wire: Wire, served_from: str) -> HeaderFields | None:
     ]
     fields.append((b"content-length", str(len(wire.body)).encode()))
     return tuple(fields)
+
+
+def _matched_request(plan: Plan) -> matching.Request:
+    """The plan's request as matching sees it (``_plan_for`` sets it)."""
+    if plan.request is not None:
+        return plan.request
+    return matching.Request(plan.method, plan.path, plan.body)
 
 
 def _asked_for(body: Any) -> tuple[Any, ...]:
