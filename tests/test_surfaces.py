@@ -244,6 +244,9 @@ def test_responses_retrieve_cancel_and_input_items_record_and_replay_as_json(
     proxy = proxy_factory(mode="auto")
     client = openai_client(proxy, surface)
     created = client.responses.create(model="fake-model", input="keep me")
+    follow_up = client.responses.create(
+        model="fake-model", input="and then?", previous_response_id=created.id
+    )
     live = {
         "retrieve": client.responses.retrieve(created.id).model_dump(),
         "input_items": client.responses.input_items.list(created.id).model_dump(),
@@ -255,7 +258,7 @@ def test_responses_retrieve_cancel_and_input_items_record_and_replay_as_json(
     assert live["cancel"]["status"] == "cancelled" and deleted["deleted"] is True
     assert missing.status_code == 404
 
-    wait_for_files(proxy.cassette_dir, 6)
+    wait_for_files(proxy.cassette_dir, 7)
     raw = [d for d in docs(proxy.cassette_dir) if d["request"]["endpoint"] != "/v1/responses"]
     assert {(d["request"]["method"], d["request"]["endpoint"]) for d in raw} == {
         ("GET", f"/v1/responses/{created.id}"),
@@ -271,6 +274,11 @@ def test_responses_retrieve_cancel_and_input_items_record_and_replay_as_json(
     replay_proxy = proxy_factory(mode="replay")
     replay = openai_client(replay_proxy, surface)
     assert replay.responses.create(model="fake-model", input="keep me") == created
+    # A conversation chained by previous_response_id replays: the replayed id is the real one.
+    chained = replay.responses.create(
+        model="fake-model", input="and then?", previous_response_id=created.id
+    )
+    assert chained == follow_up and chained.previous_response_id == created.id
     assert replay.responses.retrieve(created.id).model_dump() == live["retrieve"]
     assert replay.responses.input_items.list(created.id).model_dump() == live["input_items"]
     assert replay.responses.cancel(created.id).model_dump() == live["cancel"]
@@ -753,3 +761,10 @@ def test_llama_stack_messages_recordings_verify_and_count_their_usage():
         if isinstance(body, dict):
             assert usage["prompt_tokens"] == body["usage"]["input_tokens"]
         assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+        view = catalog.reassemble(read_cassette(path))
+        assert view["kind"] == "anthropic-message"
+        if not isinstance(body, dict):  # a streamed answer: thinking, then the text
+            deltas = [json.loads(x[5:]) for x in body if x.startswith("data:") and "_delta" in x]
+            thinking = [d["delta"].get("thinking", "") for d in deltas if "delta" in d]
+            assert view["thinking"] == "".join(thinking) and view["thinking"]
+            assert view["text"] == "1, 2, 3, 4, 5"
