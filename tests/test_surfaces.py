@@ -345,6 +345,81 @@ def test_cassette_normalize_gives_responses_stable_files_that_still_replay(proxy
     assert replay.responses.create(model="fake-model", input="stable whole").id.startswith("rec-")
 
 
+def test_sdk_level_responses_recordings_replay_to_the_openai_sdk(proxy_factory, tmp_path):
+    """OGX's recorder patches ``responses.create`` too: its files (SDK kwargs, a doubled
+    ``/v1/v1`` URL, typed events without a wire form, llama-stack's normalised
+    ``created_at`` string) replay to the SDK as the objects they hold."""
+    message = {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "status": "completed",
+        "content": [{"type": "output_text", "text": "Hi!", "annotations": []}],
+    }
+    final = {
+        "id": "rec-0123456789ab",
+        "object": "response",
+        "created_at": 0,
+        "status": "completed",
+        "model": "m",
+        "output": [message],
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "usage": {"input_tokens": 2, "output_tokens": 1, "total_tokens": 3},
+    }
+    kinds = [
+        ("response.created", {"response": {**final, "status": "in_progress", "output": []}}),
+        (
+            "response.output_text.delta",
+            {"item_id": "msg_1", "output_index": 0, "content_index": 0, "delta": "Hi!"},
+        ),
+        ("response.completed", {"response": final}),
+    ]
+    events = [
+        {"__type__": event_type_name(k), "__data__": {"type": k, "sequence_number": n, **d}}
+        for n, (k, d) in enumerate(kinds)
+    ]
+    whole = {**final, "created_at": "1970-01-01T00:00:00.000000Z"}
+    cassettes = tmp_path / "ogx"
+    cassettes.mkdir()
+    for name, body, response in (
+        (
+            "a.json",
+            {"model": "m", "input": "hi", "stream": True},
+            {"body": events, "is_streaming": True},
+        ),
+        (
+            "b.json",
+            {"model": "m", "input": "hi"},
+            {
+                "body": {"__type__": RESPONSES + "response.Response", "__data__": whole},
+                "is_streaming": False,
+            },
+        ),
+    ):
+        request = {
+            "method": "POST",
+            "url": "http://localhost:8000/v1/v1/responses",
+            "headers": {},
+            "body": body,
+            "endpoint": "/v1/responses",
+            "model": "m",
+        }
+        doc = {
+            "test_id": None,
+            "request": request,
+            "response": response,
+            "id_normalization_mapping": {},
+        }
+        (cassettes / name).write_text(json.dumps(doc, indent=2) + "\n")
+    proxy = proxy_factory(mode="replay", cassette_dir=cassettes)
+    client = openai_client(proxy, "http://localhost:8000")
+    replayed = list(client.responses.create(model="m", input="hi", stream=True))
+    assert as_sent(replayed) == [e["__data__"] for e in events]
+    assert client.responses.create(model="m", input="hi").output_text == "Hi!"
+
+
 def test_responses_recorder_unit_split_reads_terminal_events_and_forms():
     body = b"".join(
         f"event: {t}\ndata: {json.dumps({'type': t, 'sequence_number': n}, separators=(',', ':'))}"
