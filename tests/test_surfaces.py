@@ -549,10 +549,13 @@ def test_anthropic_stream_keeps_its_lines_and_replays_byte_for_byte(proxy_factor
     }
     headers = {"x-api-key": ANTHROPIC_KEY, "anthropic-version": "2023-06-01"}
     live_raw = raw_stream(proxy, f"{surface.url}/v1/messages", body, headers)
+    helper = [{"role": "user", "content": "through the stream helper"}]
+    with client.messages.stream(model="claude-fake", max_tokens=64, messages=helper) as s:
+        live_final = s.get_final_message()
     assert [e.type for e in live][0] == "message_start" and live[-1].type == "message_stop"
     assert b"event: ping\n" in live_raw[2]
 
-    wait_for_files(proxy.cassette_dir, 2)
+    wait_for_files(proxy.cassette_dir, 3)
     doc = doc_for(proxy.cassette_dir, "/v1/messages", messages=messages)
     lines = doc["response"]["body"]
     assert doc["response"]["is_streaming"] is True
@@ -572,6 +575,10 @@ def test_anthropic_stream_keeps_its_lines_and_replays_byte_for_byte(proxy_factor
         )
     )
     assert dumps(again) == dumps(live)
+    replay_client = anthropic_client(replay, surface)
+    with replay_client.messages.stream(model="claude-fake", max_tokens=64, messages=helper) as s:
+        assert s.get_final_message() == live_final
+    assert live_final.content[0].text == answer_text("A", "through the stream helper")
     status, kind, data = raw_stream(replay, f"{surface.url}/v1/messages", body, headers)
     assert (status, kind.split(";")[0], data) == (200, "text/event-stream", live_raw[2])
 

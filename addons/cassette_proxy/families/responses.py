@@ -143,9 +143,10 @@ class ResponsesFamily:
         body = response.get("body")
         if is_typed(body) and str(body["__type__"]).startswith(PACKAGE):
             return json_wire(200, body["__data__"])
-        if not (isinstance(body, list) and body and all(is_typed(x) for x in body)):
+        # The first chunk's type first: a chat stream is not walked twice.
+        if not (isinstance(body, list) and body and is_typed(body[0])):
             return None
-        if not str(body[0]["__type__"]).startswith(PACKAGE):
+        if not str(body[0]["__type__"]).startswith(PACKAGE) or not all(map(is_typed, body)):
             return None
         form = {**DEFAULT_FORM, **(response.get("wire_form") or {})}
         options = _JSON_FORMS.get(str(form["json"]), _JSON_FORMS["spaced"])
