@@ -299,6 +299,8 @@ def test_responses_stats_and_show(proxy_factory, surface):
     wait_for_files(proxy.cassette_dir, 2)
     cassettes = str(proxy.cassette_dir)
 
+    verify = CliRunner().invoke(cli, ["verify", "--strict", "--cassette-dir", cassettes])
+    assert verify.exit_code == 0 and "0 error(s), 0 warning(s)" in verify.output, verify.output
     stats = cli_json("stats", "--cassette-dir", cassettes)
     assert stats["tokens"] == {
         "prompt_tokens": whole.usage.input_tokens + final.usage.input_tokens,
@@ -651,6 +653,8 @@ def test_anthropic_show_joins_text_and_tool_input_and_stats_reads_usage(proxy_fa
     assert view["stop_reason"] == "tool_use"
     assert view["usage"]["completion_tokens"] == delta.output_tokens
 
+    verify = CliRunner().invoke(cli, ["verify", "--strict", "--cassette-dir", cassettes])
+    assert verify.exit_code == 0 and "0 error(s), 0 warning(s)" in verify.output, verify.output
     stats = cli_json("stats", "--cassette-dir", cassettes)
     assert stats["tokens"] == {
         "prompt_tokens": start.input_tokens + whole.usage.input_tokens,
