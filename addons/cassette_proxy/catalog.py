@@ -198,16 +198,7 @@ def reassemble(cassette: Cassette) -> dict[str, Any]:
         }
     objects = typed_objects(cassette)
     if not objects and _is_anthropic_message(cassette):
-        view = {"kind": "anthropic-message"}
-        if isinstance(extra.get("status"), int):
-            view["status"] = extra["status"]
-        if response.is_streaming and isinstance(response.body, list):
-            view["lines"] = len(response.body)
-        view.update(anthropic.reassemble(response.body))
-        usage = anthropic.usage_of(response.body)
-        if usage:
-            view["usage"] = usage
-        return view
+        return _anthropic_view(response.body, bool(response.is_streaming), extra.get("status"))
     if not objects:
         return _raw_view(response.body, bool(response.is_streaming), extra.get("status"))
     kind = short_type(str(objects[0]["__type__"]))
@@ -236,6 +227,19 @@ def reassemble(cassette: Cassette) -> dict[str, Any]:
     else:
         view["data"] = datas[0] if len(datas) == 1 else datas
     usage = usage_of(objects)
+    if usage:
+        view["usage"] = usage
+    return view
+
+
+def _anthropic_view(body: Any, streamed: bool, status: Any) -> dict[str, Any]:
+    view: dict[str, Any] = {"kind": "anthropic-message"}
+    if isinstance(status, int):
+        view["status"] = status
+    if streamed and isinstance(body, list):
+        view["lines"] = len(body)
+    view.update(anthropic.reassemble(body))
+    usage = anthropic.usage_of(body)
     if usage:
         view["usage"] = usage
     return view
