@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from . import keys, matching
 from .cassette import TEMP_PREFIX, Cassette, CassetteError, read_cassette
+from .families import anthropic, responses
 from .families.base import is_typed
 from .store import key_of, request_body_of, wire_path_of
 
@@ -136,7 +137,7 @@ def summarize(cassette: Cassette) -> Summary:
         chunks=chunks,
         test_id=cassette.test_id,
         status=status,
-        usage=usage_of(objects),
+        usage=usage_of(objects) or _raw_usage(cassette),
     )
 
 
@@ -148,6 +149,10 @@ _OLLAMA_USAGE = {"prompt_eval_count": "prompt_tokens", "eval_count": "completion
 def usage_of(objects: list[dict[str, Any]]) -> dict[str, int]:
     """Tokens the recorded answer says it used (a stream reports them once, at its end)."""
     total: dict[str, int] = {}
+    if objects and responses.is_responses_type(str(objects[0].get("__type__"))):
+        # Responses: input/output tokens, in the Response (a stream's terminal event).
+        datas = [o["__data__"] for o in objects if isinstance(o.get("__data__"), dict)]
+        objects = [{"__data__": {"usage": _as_openai_usage(responses.usage_of(datas))}}]
     for obj in objects:
         data = obj.get("__data__")
         if not isinstance(data, dict):
@@ -165,6 +170,18 @@ def usage_of(objects: list[dict[str, Any]]) -> dict[str, int]:
     return total
 
 
+def _as_openai_usage(usage: dict[str, Any] | None) -> dict[str, Any]:
+    names = {"input_tokens": "prompt_tokens", "output_tokens": "completion_tokens"}
+    return {names.get(k, k): v for k, v in (usage or {}).items()}
+
+
+def _raw_usage(cassette: Cassette) -> dict[str, int]:
+    """Tokens of a raw recording whose API is known: Anthropic's Messages."""
+    if anthropic.is_messages_path(wire_path_of(cassette.request)):
+        return anthropic.usage_of(cassette.response.body)
+    return {}
+
+
 # ---- the answer put back together (``show``) ----------------------------------------------
 
 
@@ -180,6 +197,8 @@ def reassemble(cassette: Cassette) -> dict[str, Any]:
             "message": data.get("message") or extra.get("exception_message"),
         }
     objects = typed_objects(cassette)
+    if not objects and _is_anthropic_message(cassette):
+        return _anthropic_view(response.body, bool(response.is_streaming), extra.get("status"))
     if not objects:
         return _raw_view(response.body, bool(response.is_streaming), extra.get("status"))
     kind = short_type(str(objects[0]["__type__"]))
@@ -196,6 +215,9 @@ def reassemble(cassette: Cassette) -> dict[str, Any]:
         view["embeddings"] = len(vectors)
         first = vectors[0].get("embedding") if vectors and isinstance(vectors[0], dict) else None
         view["dimensions"] = len(first) if isinstance(first, list) else None
+    elif responses.is_responses_type(str(objects[0]["__type__"])):
+        view["kind"] = "Response"
+        view.update(responses.reassemble(datas))
     elif kind in ("ChatResponse", "GenerateResponse"):
         view.update(_ollama_answer(datas))
     elif kind == "EmbedResponse":
@@ -208,6 +230,29 @@ def reassemble(cassette: Cassette) -> dict[str, Any]:
     if usage:
         view["usage"] = usage
     return view
+
+
+def _anthropic_view(body: Any, streamed: bool, status: Any) -> dict[str, Any]:
+    view: dict[str, Any] = {"kind": "anthropic-message"}
+    if isinstance(status, int):
+        view["status"] = status
+    if streamed and isinstance(body, list):
+        view["lines"] = len(body)
+    view.update(anthropic.reassemble(body))
+    usage = anthropic.usage_of(body)
+    if usage:
+        view["usage"] = usage
+    return view
+
+
+def _is_anthropic_message(cassette: Cassette) -> bool:
+    """A Messages answer (not count_tokens, not an error body) kept as raw HTTP."""
+    body = cassette.response.body
+    if not wire_path_of(cassette.request).rstrip("/").endswith("/v1/messages"):
+        return False
+    if isinstance(body, dict):
+        return body.get("type") == "message"
+    return bool(cassette.response.is_streaming) and isinstance(body, list)
 
 
 def _openai_choices(datas: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ SECRET_HEADERS = frozenset(
         "proxy-authorization",
         "api-key",
         "x-api-key",
+        "anthropic-api-key",
         "cookie",
         "set-cookie",
         "x-goog-api-key",

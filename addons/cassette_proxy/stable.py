@@ -11,13 +11,18 @@ unchanged answer leaves an empty git diff:
 * ``total_duration``, ``load_duration``, ``prompt_eval_duration``, ``eval_duration`` -> ``0``
   when present and not null (Ollama).
 
-Raw answers (untyped) and recorded errors are left as they are, as llama-stack does.
+Responses API answers (``openai.types.responses``) are normalised throughout:
+``families.responses.normalize_body``. Raw answers (untyped) and recorded errors are
+left as they are, as llama-stack does.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from .families import responses
+
+RESPONSES = responses.PACKAGE
 EPOCH = "1970-01-01T00:00:00.000000Z"
 DURATIONS = ("total_duration", "load_duration", "prompt_eval_duration", "eval_duration")
 
@@ -41,6 +46,10 @@ def normalize_data(data: dict[str, Any], request_hash: str) -> dict[str, Any]:
 def normalize_response(response: dict[str, Any], request_hash: str) -> dict[str, Any]:
     """The response half with every typed object normalised; anything else unchanged."""
     body = response.get("body")
+    first = body[0] if isinstance(body, list) and body else body
+    if isinstance(first, dict) and str(first.get("__type__", "")).startswith(RESPONSES):
+        # Responses: ids nested in events and items, and a float created_at (not a date).
+        return {**response, "body": responses.normalize_body(body, request_hash)}
 
     def one(obj: Any) -> Any:
         if isinstance(obj, dict) and "__type__" in obj and isinstance(obj.get("__data__"), dict):

@@ -4,14 +4,24 @@ from __future__ import annotations
 
 from typing import Any
 
+from .anthropic import AnthropicFamily
 from .base import Family, NotRecordable, StreamRecorder, Wire, is_typed
 from .ollama import OllamaFamily
 from .openai import OpenAIFamily
 from .raw import RawFamily, encode_exception, error_response
+from .responses import ResponsesFamily
 
 # Ollama first: its exact /api/... endpoints must win over the openai family's suffix
-# match (``/api/embeddings`` ends with ``/embeddings``).
-FAMILIES: list[Family] = [OllamaFamily(), OpenAIFamily(), RawFamily()]
+# match (``/api/embeddings`` ends with ``/embeddings``). Responses before OpenAI: its
+# typed objects are ``openai.`` types too, which the openai family would encode as chat
+# chunks. Anthropic before raw: its streams end at message_stop, not at any clean end.
+FAMILIES: list[Family] = [
+    OllamaFamily(),
+    ResponsesFamily(),
+    AnthropicFamily(),
+    OpenAIFamily(),
+    RawFamily(),
+]
 
 __all__ = [
     "FAMILIES",
