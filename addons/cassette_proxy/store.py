@@ -3,6 +3,11 @@
 Loading reads every ``*.json`` below the folder once and keeps only what a lookup
 needs (key, file, test id); responses are read on a hit and kept in a small cache.
 A lookup is a dict hit, not a scan.
+
+Other proxies (pytest-xdist workers, CI jobs on a shared volume) and people change the
+folder while a proxy runs. ``refresh`` rescans it on a miss (at most once a second) for
+files added, changed or removed; ``changed`` stats a hit's file (at most once a second
+per file) so that a file rewritten or deleted in place is reread or dropped.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import hashlib
 import logging
 import os
 import re
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
@@ -19,7 +25,14 @@ from stat import S_ISLNK
 from typing import Any
 
 from . import eras, keys
-from .cassette import TEMP_PREFIX, Cassette, CassetteError, RecordedResponse, read_cassette
+from .cassette import (
+    TEMP_PREFIX,
+    Cassette,
+    CassetteError,
+    RecordedResponse,
+    read_cassette,
+    stale_temp,
+)
 from .equivalence import normal_form
 from .families import unknown_type
 from .index_cache import IndexCache
@@ -29,6 +42,11 @@ log = logging.getLogger(__name__)
 
 # The version segment the recorder doubled (base_url + endpoint): /v1/v1/ on the wire is /v1/.
 _DOUBLED_VERSION = re.compile(r"/(v\d+(?:beta\d*|alpha\d*)?)/\1/")
+# A miss rescans the folder at most this often (seconds), and never more than a twentieth
+# of the time (a rescan of a huge folder must not eat the event loop); a hit's file is
+# stat'ed at most this often.
+RESCAN_INTERVAL = 1.0
+HIT_CHECK_INTERVAL = 1.0
 
 
 @dataclass(frozen=True)
@@ -114,6 +132,13 @@ class CassetteStore:
         self._loose: dict[str, list[Entry]] = {}
         self._cache: OrderedDict[Path, Cassette] = OrderedDict()
         self._cache_size = cache_size
+        # What is known of each file below root, indexed or not: (size, mtime_ns).
+        self._files: dict[Path, tuple[int, int]] = {}
+        self._entry_of: dict[Path, Entry] = {}
+        self._checked: dict[Path, float] = {}  # file -> when a hit last stat'ed it
+        self._scanned_at = time.monotonic()
+        self._scan_cost = 0.0
+        self._real_root = root
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._index.values())
@@ -129,9 +154,13 @@ class CassetteStore:
         self._by_path.clear()
         self._loose.clear()
         self._cache.clear()
+        self._files.clear()
+        self._entry_of.clear()
+        self._checked.clear()
+        self._scanned_at = time.monotonic()
+        self._real_root = root = self.root.resolve()
         if not self.root.is_dir():
             return report
-        root = self.root.resolve()
         # What indexing found per file, kept across starts by path + size + mtime.
         cache = IndexCache(root)
         mtimes: dict[Path, int] = {}
@@ -151,11 +180,13 @@ class CassetteStore:
                     continue
                 try:
                     stat = os.lstat(path)  # one syscall for most files: not a symlink
+                    self._files[path] = (stat.st_size, stat.st_mtime_ns)
                     if S_ISLNK(stat.st_mode):
                         if problem := _symlink_problem(path, root):
                             report.bad.append(f"{path}: {problem}, skipped")
                             continue
                         stat = path.stat()
+                        self._files[path] = (stat.st_size, stat.st_mtime_ns)
                 except OSError as e:
                     report.bad.append(f"{path}: cannot read: {e.strerror or e}")
                     continue
@@ -196,11 +227,130 @@ class CassetteStore:
         return report
 
     def _remove_temp(self, path: Path, report: LoadReport) -> None:
+        """Remove a temp file left by a crash; another proxy's in-flight one stays."""
+        if not stale_temp(path):
+            return
         try:
             path.unlink()
             report.removed_temp += 1
         except OSError:
             pass
+
+    # ---- refresh: the folder changes while the proxy runs -----------------------------
+
+    def refresh(self) -> bool:
+        """Rescan the folder for cassettes added, changed or removed, if not done lately.
+
+        Called on a miss. Returns whether the index changed (a lookup may now hit).
+        Never removes a temp file: that is for a start (``load``) to do.
+        """
+        now = time.monotonic()
+        if now - self._scanned_at < max(RESCAN_INTERVAL, 20 * self._scan_cost):
+            return False
+        changed = False
+        seen: set[Path] = set()
+        if self.root.is_dir():
+            root = self._real_root
+            for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                for name in filenames:
+                    if not name.endswith(".json") or name.startswith(TEMP_PREFIX):
+                        continue
+                    path = Path(dirpath) / name
+                    try:
+                        stat = os.lstat(path)
+                        if S_ISLNK(stat.st_mode):
+                            if _symlink_problem(path, root):
+                                continue
+                            stat = path.stat()
+                    except OSError:
+                        continue
+                    seen.add(path)
+                    if self._files.get(path) != (stat.st_size, stat.st_mtime_ns):
+                        self._reindex(path, stat)
+                        changed = True
+        for path in [p for p in self._files if p not in seen]:
+            self._forget(path)
+            log.info("cassette removed from the folder, no longer served: %s", path)
+            changed = True
+        self._scanned_at = time.monotonic()
+        self._scan_cost = self._scanned_at - now
+        return changed
+
+    def changed(self, entry: Entry) -> bool:
+        """Whether a hit's file changed on disk since it was indexed; if so, it is reread
+        (or dropped when gone or unreadable) and the caller looks up again.
+
+        Stats the file at most once per HIT_CHECK_INTERVAL: a hit stays a dict lookup.
+        """
+        now = time.monotonic()
+        last = self._checked.get(entry.path)
+        if last is not None and now - last < HIT_CHECK_INTERVAL:
+            return False
+        self._checked[entry.path] = now
+        try:
+            stat = entry.path.stat()
+        except OSError:
+            self._forget(entry.path)
+            log.warning("cassette %s is gone from the folder, no longer served", entry.path)
+            return True
+        if self._files.get(entry.path) == (stat.st_size, stat.st_mtime_ns):
+            return False
+        self._reindex(entry.path, stat)
+        return True
+
+    def _reindex(self, path: Path, stat: os.stat_result) -> None:
+        """(Re)read one file that is new or changed; a bad one is dropped and reported."""
+        self._forget(path)
+        self._files[path] = (stat.st_size, stat.st_mtime_ns)
+        try:
+            cassette = read_cassette(path)
+            reason = eras.unservable_reason(cassette)
+            odd = unknown_type(cassette.response.body) if reason is None else None
+            if odd is not None:
+                raise CassetteError(f"{path}: {odd}")
+            if reason is not None:
+                log.info("cassette not served: %s: %s", self.relative(path), reason)
+                return
+            entry = self._add(path, cassette)
+        except CassetteError as e:
+            log.warning("cassette skipped: %s", e)
+            return
+        except Exception as e:  # noqa: BLE001 - one odd file never stops the proxy
+            name = type(e).__name__
+            log.warning("cassette skipped: %s: cannot be indexed: %s: %s", path, name, e)
+            return
+        self._first(entry)  # the newest file wins, as at a start
+        log.info("cassette (re)loaded from the folder: %s", self.relative(path))
+
+    def _forget(self, path: Path) -> None:
+        """Drop a file from the index (it was removed, or is about to be reread)."""
+        self._files.pop(path, None)
+        self._cache.pop(path, None)
+        entry = self._entry_of.get(path)
+        if entry is not None:
+            self._remove(entry)
+
+    def _remove(self, entry: Entry) -> None:
+        self._index[entry.key].remove(entry)
+        self._by_path[entry.wire_path].remove(entry)
+        for k in entry.loose:
+            self._loose[k].remove(entry)
+        self._cache.pop(entry.path, None)
+        if self._entry_of.get(entry.path) is entry:
+            del self._entry_of[entry.path]
+
+    def _first(self, entry: Entry) -> None:
+        """Put an entry just indexed (last in its lists) first: the newest wins."""
+        self._index[entry.key].insert(0, self._index[entry.key].pop())
+        for k in entry.loose:
+            self._loose[k].insert(0, self._loose[k].pop())
+
+    def _real(self, path: Path) -> Path:
+        """A path built on ``root`` as the walk of the folder spells it (root resolved)."""
+        if self._real_root != self.root and path.is_relative_to(self.root):
+            return self._real_root / path.relative_to(self.root)
+        return path
 
     def _add(self, path: Path, cassette: Cassette) -> Entry:
         wire = eras.recorded_wire(cassette)
@@ -213,6 +363,7 @@ class CassetteStore:
         return self._insert(entry)
 
     def _insert(self, entry: Entry) -> Entry:
+        self._entry_of[entry.path] = entry
         self._index.setdefault(entry.key, []).append(entry)
         self._by_path.setdefault(entry.wire_path, []).append(entry)
         for k in entry.loose:
@@ -221,19 +372,22 @@ class CassetteStore:
 
     def add(self, path: Path, cassette: Cassette) -> Entry:
         """Index a cassette just recorded; it replaces older entries for its key and test id."""
+        path = self._real(path)
         key, _ = key_of(cassette)
         old = [e for e in self._index.get(key, []) if e.test_id == cassette.test_id]
+        same_file = self._entry_of.get(path)
+        if same_file is not None and same_file not in old:
+            old.append(same_file)
         for e in old:
-            self._index[key].remove(e)
-            self._by_path[e.wire_path].remove(e)
-            for k in e.loose:
-                self._loose[k].remove(e)
-            self._cache.pop(e.path, None)
+            self._remove(e)
         entry = self._add(path, cassette)
-        self._index[key].insert(0, self._index[key].pop())
-        for k in entry.loose:
-            self._loose[k].insert(0, self._loose[k].pop())
+        self._first(entry)
         self._remember(path, cassette)
+        try:  # so that a rescan sees the file as known, not as new
+            stat = path.stat()
+            self._files[path] = (stat.st_size, stat.st_mtime_ns)
+        except OSError:
+            pass
         return entry
 
     def lookup(
