@@ -324,9 +324,11 @@ class CassetteRecorder:
     def _lookup(self, plan: Plan) -> Any:
         assert self.store is not None
         entry = self.store.lookup(plan.key, plan.test_id, plan.loose_keys)
-        # Other proxies and people change the folder: a miss rescans it, a hit's file is
-        # checked (both rate-limited, see store.refresh), then the lookup is done again.
-        if self.store.changed(entry) if entry is not None else self.store.refresh():
+        # Other proxies and people change the folder: a hit's file is checked, a miss
+        # rescans it (both rate-limited, see store.refresh), then the lookup is redone.
+        if entry is not None and self.store.changed(entry):
+            entry = self.store.lookup(plan.key, plan.test_id, plan.loose_keys)
+        if entry is None and self.store.refresh():
             entry = self.store.lookup(plan.key, plan.test_id, plan.loose_keys)
         return entry
 

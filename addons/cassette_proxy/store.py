@@ -247,7 +247,7 @@ class CassetteStore:
         now = time.monotonic()
         if now - self._scanned_at < max(RESCAN_INTERVAL, 20 * self._scan_cost):
             return False
-        changed = False
+        indexed = removed = 0
         seen: set[Path] = set()
         if self.root.is_dir():
             root = self._real_root
@@ -267,15 +267,19 @@ class CassetteStore:
                         continue
                     seen.add(path)
                     if self._files.get(path) != (stat.st_size, stat.st_mtime_ns):
-                        self._reindex(path, stat)
-                        changed = True
+                        indexed += self._reindex(path, stat)
         for path in [p for p in self._files if p not in seen]:
             self._forget(path)
-            log.info("cassette removed from the folder, no longer served: %s", path)
-            changed = True
+            removed += 1
         self._scanned_at = time.monotonic()
         self._scan_cost = self._scanned_at - now
-        return changed
+        if indexed or removed:
+            log.info(
+                "cassettes changed in %s: %d new or changed indexed, %d removed, no longer "
+                "served (rescan took %.1f ms)",
+                self.root, indexed, removed, self._scan_cost * 1000,
+            )  # fmt: skip
+        return bool(indexed or removed)
 
     def changed(self, entry: Entry) -> bool:
         """Whether a hit's file changed on disk since it was indexed; if so, it is reread
@@ -296,11 +300,14 @@ class CassetteStore:
             return True
         if self._files.get(entry.path) == (stat.st_size, stat.st_mtime_ns):
             return False
-        self._reindex(entry.path, stat)
+        if self._reindex(entry.path, stat):
+            log.info("cassette changed on disk, reread: %s", self.relative(entry.path))
         return True
 
-    def _reindex(self, path: Path, stat: os.stat_result) -> None:
-        """(Re)read one file that is new or changed; a bad one is dropped and reported."""
+    def _reindex(self, path: Path, stat: os.stat_result) -> bool:
+        """(Re)read one file that is new or changed; a bad one is dropped and reported.
+
+        Returns whether the file is now indexed."""
         self._forget(path)
         self._files[path] = (stat.st_size, stat.st_mtime_ns)
         try:
@@ -311,17 +318,17 @@ class CassetteStore:
                 raise CassetteError(f"{path}: {odd}")
             if reason is not None:
                 log.info("cassette not served: %s: %s", self.relative(path), reason)
-                return
+                return False
             entry = self._add(path, cassette)
         except CassetteError as e:
             log.warning("cassette skipped: %s", e)
-            return
+            return False
         except Exception as e:  # noqa: BLE001 - one odd file never stops the proxy
             name = type(e).__name__
             log.warning("cassette skipped: %s: cannot be indexed: %s: %s", path, name, e)
-            return
+            return False
         self._first(entry)  # the newest file wins, as at a start
-        log.info("cassette (re)loaded from the folder: %s", self.relative(path))
+        return True
 
     def _forget(self, path: Path) -> None:
         """Drop a file from the index (it was removed, or is about to be reread)."""
