@@ -545,3 +545,103 @@ def test_ollama_chat_without_stream_answered_with_plain_json_is_recorded_and_rep
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert json.loads(curl.stdout) == live.json()
+
+
+# ---- the rules alone (pure functions, no proxy) -------------------------------------------
+
+
+def test_stale_temp_keeps_live_and_foreign_writers_files(tmp_path):
+    from cassette_proxy.cassette import STALE_TEMP_SECONDS, stale_temp
+
+    live = tmp_path / f"{temp_prefix(os.getpid())}a.partial"
+    gone = tmp_path / f"{temp_prefix(dead_pid())}b.partial"
+    foreign = tmp_path / f"{TEMP_PREFIX}elsewhere-1-c.partial"
+    for f in (live, gone, foreign):
+        f.write_text("{")
+    assert [stale_temp(f) for f in (live, gone, foreign)] == [False, True, False]
+    later = time.time() + STALE_TEMP_SECONDS + 60
+    assert [stale_temp(f, now=later) for f in (live, gone, foreign)] == [True, True, True]
+    assert stale_temp(tmp_path / "vanished.partial") is False
+
+
+def raw_recorder_fed(text: str, reads: int = 7) -> Any:
+    from cassette_proxy.families.raw import RawLinesRecorder
+
+    recorder = RawLinesRecorder(200)
+    data = text.encode()
+    step = max(1, len(data) // reads)
+    for i in range(0, len(data), step):
+        recorder.feed(data[i : i + step])
+    return recorder
+
+
+@pytest.mark.parametrize(
+    "text,complete",
+    [
+        ((ANTHROPIC + MESSAGE_STOP).decode(), True),
+        (ANTHROPIC.decode(), False),
+        ((ANTHROPIC + MESSAGE_STOP[:-1]).decode(), False),  # the end event's blank line not yet
+        ('data: {"type": "response.completed"}\n\n', True),
+        ("event: response.incomplete\ndata: {}\n\n", True),
+        ('data: {"text": "message_stop is a word"}\n\n', False),
+        ("data: [DONE]\n\n", True),
+        ('{"done": false}\n{"done": true}\n', True),
+        ('{"done": false}\n{"done": tr', False),
+    ],
+)
+def test_the_raw_family_knows_the_end_markers(text, complete):
+    recorder = raw_recorder_fed(text)
+    assert recorder.complete is complete
+    if complete:
+        assert recorder.response(clean_end=False)["body"][-1] in ("", '{"done": true}')
+    else:
+        with pytest.raises(Exception, match="before its end marker"):
+            recorder.response(clean_end=False)
+
+
+def test_a_half_line_is_kept_only_at_a_clean_end():
+    recorder = raw_recorder_fed("data: [DONE]\n\ndata: half")
+    assert recorder.response(clean_end=False)["body"] == ["data: [DONE]", ""]
+    assert recorder.response(clean_end=True)["body"] == ["data: [DONE]", "", "data: half"]
+
+
+def test_is_error_and_the_ollama_stream_default():
+    from cassette_proxy.families.ollama import with_stream_default
+    from cassette_proxy.recording import is_error
+
+    assert is_error({"is_exception": True, "body": None})
+    assert is_error({"status": 404, "body": {"detail": "x"}})
+    assert is_error({"status": 200, "body": {"error": {"message": "no"}}})
+    assert is_error({"body": {"__type__": "t", "__data__": {"error": "no"}}})
+    assert not is_error({"body": {"__type__": "t", "__data__": {"id": "c"}}})
+    assert not is_error({"status": 200, "body": {"error": None, "ok": 1}})
+    assert not is_error({"body": [], "is_streaming": True})
+    assert with_stream_default("/api/chat", {"model": "m"}) == {"model": "m", "stream": True}
+    assert with_stream_default("/api/chat", {"stream": False}) == {"stream": False}
+    assert with_stream_default("/api/embed", {"model": "m"}) == {"model": "m"}
+    assert with_stream_default("/v1/chat/completions", {"model": "m"}) == {"model": "m"}
+
+
+def test_store_refresh_sees_new_changed_and_removed_files(tmp_path, repo_root, monkeypatch):
+    from cassette_proxy import store as store_module
+    from cassette_proxy.store import CassetteStore, key_of
+
+    monkeypatch.setattr(store_module, "RESCAN_INTERVAL", 0.0)
+    monkeypatch.setattr(store_module, "RESCAN_COST_FACTOR", 0)
+    monkeypatch.setattr(store_module, "HIT_CHECK_INTERVAL", 0.0)
+    seed = repo_root / "cassettes" / "0806aef47037.json"
+    store = CassetteStore(tmp_path)
+    store.load()
+    key, _ = key_of(read_cassette(seed))
+    assert store.lookup(key) is None and store.refresh() is False
+    shutil.copy(seed, tmp_path / "seed.json")
+    assert store.refresh() is True and store.lookup(key) is not None
+    assert store.refresh() is False  # nothing changed since
+    entry = store.lookup(key)
+    assert store.changed(entry) is False
+    (tmp_path / "seed.json").write_text("{broken")
+    assert store.changed(entry) is True and store.lookup(key) is None
+    shutil.copy(seed, tmp_path / "seed.json")
+    assert store.refresh() is True and store.lookup(key) is not None
+    (tmp_path / "seed.json").unlink()
+    assert store.refresh() is True and store.lookup(key) is None

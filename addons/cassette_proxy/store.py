@@ -46,6 +46,7 @@ _DOUBLED_VERSION = re.compile(r"/(v\d+(?:beta\d*|alpha\d*)?)/\1/")
 # of the time (a rescan of a huge folder must not eat the event loop); a hit's file is
 # stat'ed at most this often.
 RESCAN_INTERVAL = 1.0
+RESCAN_COST_FACTOR = 20
 HIT_CHECK_INTERVAL = 1.0
 
 
@@ -132,8 +133,9 @@ class CassetteStore:
         self._loose: dict[str, list[Entry]] = {}
         self._cache: OrderedDict[Path, Cassette] = OrderedDict()
         self._cache_size = cache_size
-        # What is known of each file below root, indexed or not: (size, mtime_ns).
-        self._files: dict[Path, tuple[int, int]] = {}
+        # What is known of each file below root, indexed or not: str(path) -> _signature.
+        # Strings, not Paths: a rescan builds no Path for an unchanged file.
+        self._files: dict[str, tuple[int, int, int]] = {}
         self._entry_of: dict[Path, Entry] = {}
         self._checked: dict[Path, float] = {}  # file -> when a hit last stat'ed it
         self._scanned_at = time.monotonic()
@@ -180,13 +182,13 @@ class CassetteStore:
                     continue
                 try:
                     stat = os.lstat(path)  # one syscall for most files: not a symlink
-                    self._files[path] = (stat.st_size, stat.st_mtime_ns)
+                    self._files[str(path)] = _signature(stat)
                     if S_ISLNK(stat.st_mode):
                         if problem := _symlink_problem(path, root):
                             report.bad.append(f"{path}: {problem}, skipped")
                             continue
                         stat = path.stat()
-                        self._files[path] = (stat.st_size, stat.st_mtime_ns)
+                        self._files[str(path)] = _signature(stat)
                 except OSError as e:
                     report.bad.append(f"{path}: cannot read: {e.strerror or e}")
                     continue
@@ -245,31 +247,39 @@ class CassetteStore:
         Never removes a temp file: that is for a start (``load``) to do.
         """
         now = time.monotonic()
-        if now - self._scanned_at < max(RESCAN_INTERVAL, 20 * self._scan_cost):
+        if now - self._scanned_at < max(RESCAN_INTERVAL, RESCAN_COST_FACTOR * self._scan_cost):
             return False
         indexed = removed = 0
-        seen: set[Path] = set()
-        if self.root.is_dir():
-            root = self._real_root
-            for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-                for name in filenames:
+        seen: set[str] = set()
+        folders = [str(self._real_root)] if self.root.is_dir() else []
+        while folders:  # the walk of load(), on strings: a few µs per unchanged file
+            try:
+                listing = os.scandir(folders.pop())
+            except OSError:
+                continue
+            with listing:
+                for item in listing:
+                    name = item.name
+                    if item.is_dir(follow_symlinks=False):
+                        if not name.startswith("."):
+                            folders.append(item.path)
+                        continue
                     if not name.endswith(".json") or name.startswith(TEMP_PREFIX):
                         continue
-                    path = Path(dirpath) / name
                     try:
-                        stat = os.lstat(path)
-                        if S_ISLNK(stat.st_mode):
-                            if _symlink_problem(path, root):
+                        if item.is_symlink():
+                            if _symlink_problem(Path(item.path), self._real_root):
                                 continue
-                            stat = path.stat()
+                            stat = os.stat(item.path)
+                        else:
+                            stat = item.stat(follow_symlinks=False)
                     except OSError:
                         continue
-                    seen.add(path)
-                    if self._files.get(path) != (stat.st_size, stat.st_mtime_ns):
-                        indexed += self._reindex(path, stat)
+                    seen.add(item.path)
+                    if self._files.get(item.path) != _signature(stat):
+                        indexed += self._reindex(Path(item.path), stat)
         for path in [p for p in self._files if p not in seen]:
-            self._forget(path)
+            self._forget(Path(path))
             removed += 1
         self._scanned_at = time.monotonic()
         self._scan_cost = self._scanned_at - now
@@ -298,7 +308,7 @@ class CassetteStore:
             self._forget(entry.path)
             log.warning("cassette %s is gone from the folder, no longer served", entry.path)
             return True
-        if self._files.get(entry.path) == (stat.st_size, stat.st_mtime_ns):
+        if self._files.get(str(entry.path)) == _signature(stat):
             return False
         if self._reindex(entry.path, stat):
             log.info("cassette changed on disk, reread: %s", self.relative(entry.path))
@@ -309,7 +319,7 @@ class CassetteStore:
 
         Returns whether the file is now indexed."""
         self._forget(path)
-        self._files[path] = (stat.st_size, stat.st_mtime_ns)
+        self._files[str(path)] = _signature(stat)
         try:
             cassette = read_cassette(path)
             reason = eras.unservable_reason(cassette)
@@ -332,7 +342,7 @@ class CassetteStore:
 
     def _forget(self, path: Path) -> None:
         """Drop a file from the index (it was removed, or is about to be reread)."""
-        self._files.pop(path, None)
+        self._files.pop(str(path), None)
         self._cache.pop(path, None)
         entry = self._entry_of.get(path)
         if entry is not None:
@@ -392,7 +402,7 @@ class CassetteStore:
         self._remember(path, cassette)
         try:  # so that a rescan sees the file as known, not as new
             stat = path.stat()
-            self._files[path] = (stat.st_size, stat.st_mtime_ns)
+            self._files[str(path)] = _signature(stat)
         except OSError:
             pass
         return entry
@@ -480,6 +490,12 @@ class CassetteStore:
             return str(path.resolve().relative_to(self.root.resolve()))
         except ValueError:
             return str(path)
+
+
+def _signature(stat: os.stat_result) -> tuple[int, int, int]:
+    """What tells a changed file: size, mtime and inode (a file renamed over it, as every
+    writer of cassettes does, is a new inode even within one mtime tick)."""
+    return stat.st_size, stat.st_mtime_ns, stat.st_ino
 
 
 def _read_mapped(path: Path) -> Cassette:
