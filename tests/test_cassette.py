@@ -1,6 +1,7 @@
 """Unit tests of the cassette model, atomic writes and the families' codecs."""
 
 import json
+import os
 
 import pytest
 from cassette_proxy.cassette import (
@@ -47,6 +48,7 @@ def test_bad_files_are_reported_not_fatal(tmp_path, repo_root):
     (tmp_path / "shape.json").write_text('{"request": 1, "response": 2}')
     (tmp_path / "list.json").write_text("[]")
     (tmp_path / (TEMP_PREFIX + "abc.json")).write_text("{")
+    os.utime(tmp_path / (TEMP_PREFIX + "abc.json"), (1, 1))  # left by a crash long ago
     (tmp_path / "good.json").write_bytes(
         (repo_root / "cassettes" / "0806aef47037.json").read_bytes()
     )

@@ -73,6 +73,7 @@ def test_a_changed_file_is_read_again(folder, tmp_path):
 def test_bad_files_are_reported_on_every_start_and_temp_files_removed(folder, tmp_path):
     (folder / "broken.json").write_text('{"request": ')
     (folder / ".cassette-tmp-half.partial").write_text("{")
+    os.utime(folder / ".cassette-tmp-half.partial", (1, 1))  # left by a crash long ago
     first = CassetteStore(folder).load()
     assert first.loaded == 1 and len(first.bad) == 1 and "broken.json" in first.bad[0]
     assert first.removed_temp == 1

@@ -22,7 +22,7 @@ from typing import Any
 import brotli
 import httpx
 import pytest
-from cassette_proxy.cassette import TEMP_PREFIX, read_cassette, write_cassette
+from cassette_proxy.cassette import TEMP_PREFIX, read_cassette, temp_prefix, write_cassette
 from cassette_proxy.families import classify
 from cassette_proxy.recording import new_recording
 from cassette_proxy.store import live_key
@@ -197,10 +197,12 @@ def test_kill_9_during_heavy_recording_loses_no_completed_recording(
     # Every answer a client got in full is on disk, whole and valid, right now.
     by_prompt = {c.request.body["messages"][0]["content"]: c for c in all_valid(proxy.cassette_dir)}
     assert {f"crash {i}" for i in completed} <= set(by_prompt)
-    # What an unlucky crash mid-write leaves: temp files, here and in a test's folder.
-    (proxy.cassette_dir / f"{TEMP_PREFIX}planted.partial").write_text('{"request": {"meth')
+    # What an unlucky crash mid-write leaves: temp files, here and in a test's folder,
+    # named by the writer that is gone (another proxy's in-flight ones stay).
+    crashed = temp_prefix(proxy.proc.pid)
+    (proxy.cassette_dir / f"{crashed}planted.partial").write_text('{"request": {"meth')
     (proxy.cassette_dir / "some-test-1234").mkdir(exist_ok=True)
-    (proxy.cassette_dir / "some-test-1234" / f"{TEMP_PREFIX}x.partial").write_text("{")
+    (proxy.cassette_dir / "some-test-1234" / f"{crashed}x.partial").write_text("{")
     left = len(temp_files(proxy.cassette_dir))
 
     upstream.stop()

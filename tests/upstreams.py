@@ -20,6 +20,8 @@ server runs; `configure(**knobs)` sets several and rejects typos):
     fail_mode         None | "cut" | "no_done" | "status"
     fail_times        int | None  fail only the next N requests (None = every request)
     fail_status       int    HTTP status for fail_mode="status"
+    fail_hold         threading.Event | None  a request that takes a failure waits for it
+                      (up to 30 s) before answering: orders an error after a success
     cut_after         int    SSE events sent before fail_mode="cut" resets the socket
     done_tail_delay   float  seconds between `data: [DONE]` and the end of the chunked body
     models            list[str]  ids listed by GET /v1/models
@@ -273,6 +275,8 @@ class _Handler(BaseHTTPRequestHandler):
         srv.record(RecordedRequest(self.command, self.path, headers, body))
         body = _decode_body(body, headers.get("content-encoding", ""))
         fail = srv.take_failure()
+        if fail is not None and srv.fail_hold is not None:
+            srv.fail_hold.wait(30)
         try:
             time.sleep(srv.response_delay)
             if fail == "status":
@@ -538,6 +542,7 @@ class OpenAIUpstream(ThreadingHTTPServer):
         self.fail_mode: str | None = None
         self.fail_times: int | None = None
         self.fail_status = 500
+        self.fail_hold: threading.Event | None = None
         self.cut_after = 2
         self.done_tail_delay = 0.0
         self.models: list[str] = ["fake-model", "fake-embedding"]
@@ -560,7 +565,7 @@ class OpenAIUpstream(ThreadingHTTPServer):
         known = {
             "tag", "n_chunks", "first_event_delay", "event_interval", "response_delay",
             "fail_mode", "fail_times", "fail_status", "cut_after", "models", "done_tail_delay",
-            "response_encoding", "extra_headers", "path_prefix",
+            "response_encoding", "extra_headers", "path_prefix", "fail_hold",
         }  # fmt: skip
         unknown = set(knobs) - known
         if unknown:
@@ -794,7 +799,7 @@ class _OllamaHandler(_Handler):
         pieces = split_pieces(text, srv.n_chunks)
         timings = _ollama_timings(len(prompt.split()), len(pieces))
         head = {"model": model}
-        if req.get("stream", True) is False:
+        if req.get("stream", srv.default_stream) is False:
             whole = {**head, "created_at": _ollama_now(), **piece(text), "done": True}
             self._send_json({**whole, "done_reason": "stop", **final, **timings}, fail=fail)
             return
@@ -923,12 +928,15 @@ class OllamaUpstream(OpenAIUpstream):
 
     gate          threading.Event | None  after a stream's first line, wait for it
     gate_timeout  float   how long to wait; ``gate_timed_out`` tells whether it ran out
+    default_stream bool   what a chat/generate request without ``stream`` gets: True (a
+                  stream, as Ollama) or False (one JSON answer, as some compatible servers)
     models        ids listed by /api/tags (the first one by /api/ps)
     """
 
-    OLLAMA_KNOBS = ("gate", "gate_timeout")
+    OLLAMA_KNOBS = ("gate", "gate_timeout", "default_stream")
 
     def __init__(self, tag: str = "A", **knobs: Any) -> None:
+        self.default_stream = True
         self.gate: threading.Event | None = None
         self.gate_timeout = 10.0
         self.gate_timed_out = False
@@ -1102,3 +1110,90 @@ def start_tls_openai_upstream(directory: Path, tag: str = "TLS") -> OpenAIUpstre
     server.start()
     server.cert = cert  # type: ignore[attr-defined]
     return server
+
+
+# --------------------------------------------------------------------------
+# Scripted answers: bytes no well-behaved server sends
+# --------------------------------------------------------------------------
+
+
+class ScriptedUpstream(socketserver.ThreadingTCPServer):
+    """Answers every HTTP/1.1 request with the bytes of ``answers[path]`` (or ``answer``),
+    exactly as given (status line, headers, body), then closes the connection.
+
+    For what the HTTP servers above never do: a close-delimited body (no length, no
+    chunking) cut in the middle of an event, or JSON numbers such as ``-1e400``.
+    ``requests`` holds (method, path, body) of each request.
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+    block_on_close = False
+
+    def __init__(self, answer: bytes = b"", answers: dict[str, bytes] | None = None) -> None:
+        self.answer = answer
+        self.answers = dict(answers or {})
+        self.requests: list[tuple[str, str, bytes]] = []
+        self._thread: threading.Thread | None = None
+        super().__init__((HOST, 0), _ScriptedHandler)
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def start(self) -> ScriptedUpstream:
+        self._thread = threading.Thread(
+            target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        self.shutdown()
+        self.server_close()
+        self._thread.join(timeout=5)
+        self._thread = None
+
+
+class _ScriptedHandler(socketserver.StreamRequestHandler):
+    server: ScriptedUpstream
+
+    def handle(self) -> None:
+        head = self.rfile.readline().decode("latin-1").split()
+        if len(head) < 2:
+            return
+        length = 0
+        while (line := self.rfile.readline()) not in (b"\r\n", b"\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            if name.strip().lower() == "content-length":
+                length = int(value.strip() or 0)
+        body = self.rfile.read(length) if length else b""
+        method, path = head[0], head[1]
+        if "://" in path:  # an absolute URI (a proxy in front): keep its path
+            path = "/" + path.split("://", 1)[1].partition("/")[2]
+        self.server.requests.append((method, path, body))
+        answer = self.server.answers.get(path.split("?", 1)[0], self.server.answer)
+        with contextlib.suppress(OSError):
+            self.wfile.write(answer)
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)  # a clean FIN: the close ends the body
+
+
+def start_scripted_upstream(
+    answer: bytes = b"", answers: dict[str, bytes] | None = None
+) -> ScriptedUpstream:
+    """Start a ScriptedUpstream on 127.0.0.1:<random port> in a thread."""
+    return ScriptedUpstream(answer, answers).start()
+
+
+def http_answer(status: int, headers: dict[str, str], body: bytes) -> bytes:
+    """The bytes of an HTTP/1.1 answer with exactly these headers (none added)."""
+    reason = {200: "OK", 401: "Unauthorized", 404: "Not Found"}.get(status, "Status")
+    lines = [f"HTTP/1.1 {status} {reason}", *(f"{k}: {v}" for k, v in headers.items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mitmproxy import connection, ctx, exceptions, http
-from mitmproxy.net.http import status_codes
+from mitmproxy.net.http import http1, status_codes
 from mitmproxy.proxy import server_hooks
 from mitmproxy.tls import TlsData
 from OpenSSL import SSL
@@ -34,14 +34,17 @@ from .cassette import (
     MAX_CASSETTE_BYTES,
     Cassette,
     CassetteError,
+    NotJSONError,
     sync_cassette,
     write_cassette,
 )
 from .decoding import StreamDecoder, stream_decoder
 from .fallback import TOKEN_HEADER, FallbackServer, certificate_pems
 from .families import Family, NotRecordable, StreamRecorder, Wire, classify, encode
+from .families.ollama import with_stream_default
 from .recording import (
     DEFAULT_RECORDED_ERRORS,
+    is_error,
     new_recording,
     recorded_errors,
     recording_path,
@@ -334,7 +337,14 @@ class CassetteRecorder:
         """The recording that answers the plan's request (``matching.find``), and why."""
         assert self.store is not None
         request = _matched_request(plan)
-        return matching.find(self.store, request, plan.key, plan.test_id, plan.upstream)
+        match = matching.find(self.store, request, plan.key, plan.test_id, plan.upstream)
+        # Other proxies and people change the folder: a hit's file is checked, a miss
+        # rescans it (both rate-limited, see store.refresh), then the lookup is redone.
+        if match is not None and self.store.changed(match.entry):
+            match = matching.find(self.store, request, plan.key, plan.test_id, plan.upstream)
+        if match is None and self.store.refresh():
+            match = matching.find(self.store, request, plan.key, plan.test_id, plan.upstream)
+        return match
 
     # ---- replay -------------------------------------------------------------------
 
@@ -447,10 +457,9 @@ class CassetteRecorder:
         error["message"] = message
         mode = ctx.options.cassette_mode
         log.warning("%s miss %s", mode, message.removeprefix("cassette-proxy: "))
+        body = b"" if plan.method == "HEAD" else json.dumps({"error": error})  # HEAD: no body
         return http.Response.make(
-            MISS_STATUS,
-            json.dumps({"error": error}),
-            {"content-type": "application/json", MISS_HEADER: plan.key},
+            MISS_STATUS, body, {"content-type": "application/json", MISS_HEADER: plan.key}
         )
 
     # ---- server_connect: no window of 502s when the upstream dies -----------------
@@ -538,9 +547,8 @@ class CassetteRecorder:
         if not (200 <= status < 300 or status in self.record_errors):
             return
         query = matching.recorded_query(redact_url(flow.request.pretty_url))
-        path = recording_path(
-            self.store.root, plan.method, plan.path, plan.body, plan.test_id, query
-        )
+        body = with_stream_default(plan.path, plan.body)  # the body as new_recording writes it
+        path = recording_path(self.store.root, plan.method, plan.path, body, plan.test_id, query)
         flow.marked = ":red_circle:"
         flow.comment = f"cassette: recording {self.store.relative(path)}"
 
@@ -596,8 +604,8 @@ class CassetteRecorder:
         if plan is None or plan.recorded:
             return
         assert flow.response is not None
-        if plan.recorder is not None:
-            self._finish_stream(flow, plan, clean_end=True)  # the tap has done it already
+        if plan.recorder is not None:  # the tap has done it already
+            self._finish_stream(flow, plan, clean_end=not _close_delimited(flow))
             return
         if flow.response.stream:
             if flow.comment.startswith("cassette: recording"):
@@ -619,10 +627,48 @@ class CassetteRecorder:
         except NotRecordable as e:
             self._not_recorded(flow, plan, str(e))
             return
+        if self._keeps_success(flow, plan, response, status):
+            return
         # Awaited: mitmproxy sends the answer after this hook, so a client that got a
         # whole answer can count on its cassette being in place, even if the proxy is
         # killed (fsynced right after, off the answer's path).
         await self._write(flow, plan, response)
+
+    def _keeps_success(
+        self, flow: http.HTTPFlow, plan: Plan, response: dict[str, Any], status: int
+    ) -> bool:
+        """An error answer never replaces a success recorded for the same key and test id
+        (a revoked key, a model not pulled), except in an explicit ``record`` run."""
+        assert self.store is not None
+        if not is_error(response):
+            return False
+        entry = self.store.lookup(plan.key, plan.test_id)
+        if entry is None or entry.test_id != plan.test_id:
+            return False
+        try:
+            if is_error(self.store.read(entry).response.model_dump()):
+                return False  # an error may replace an error
+        except (OSError, CassetteError):
+            return False
+        where = self.store.relative(entry.path)
+        mode = ctx.options.cassette_mode
+        if mode == "record":
+            log.warning(
+                "record: upstream answered %s for %s %s key %s: this error replaces the "
+                "successful recording %s",
+                status, plan.method, plan.path, plan.key, where,
+            )  # fmt: skip
+            return False
+        log.info(
+            "%s kept %s: upstream answered %s for %s %s key %s; an error never replaces "
+            "a success (a record run does)",
+            mode, where, status, plan.method, plan.path, plan.key,
+        )  # fmt: skip
+        plan.recorded = True
+        if flow.comment.startswith("cassette: recording"):
+            flow.marked = ""
+            flow.comment = f"cassette: kept {where} (upstream answered {status})"
+        return True
 
     def error(self, flow: http.HTTPFlow) -> None:
         plan = self._recording(flow) if flow.response is not None else None
@@ -660,6 +706,9 @@ class CassetteRecorder:
         path, cassette = self._new_cassette(flow, plan, response)
         try:
             write_cassette(path, cassette, durable=False)
+        except NotJSONError as e:
+            self._not_recorded(flow, plan, f"not valid JSON: {e}", warn=True)
+            return
         except Exception as e:  # noqa: BLE001 - a failed write must not break the stream
             self._write_failed(flow, plan, path, e)
             return
@@ -681,6 +730,9 @@ class CassetteRecorder:
         path, cassette = self._new_cassette(flow, plan, response)
         try:
             write_cassette(path, cassette, durable=False)  # ~0.15 ms; a thread hop costs more
+        except NotJSONError as e:  # the client still gets its answer, as it came
+            self._not_recorded(flow, plan, f"not valid JSON: {e}", warn=True)
+            return
         except Exception as e:  # noqa: BLE001 - the client still gets its answer
             self._write_failed(flow, plan, path, e)
             return
@@ -795,11 +847,28 @@ def _not_keyable(request: http.Request) -> str | None:
     return None
 
 
+def _close_delimited(flow: http.HTTPFlow) -> bool:
+    """Whether the answer's body ends when the upstream closes the connection.
+
+    HTTP/1 without a content-length and without chunking (mitmproxy's "read until EOF"):
+    a close there is no proof of a whole body, as a crash mid-event closes it too. The
+    end of a chunked or length-delimited body (or an HTTP/2 stream) is a clean end.
+    """
+    response = flow.response
+    if response is None or not response.http_version.startswith("HTTP/1"):
+        return False
+    try:
+        return http1.expected_http_body_size(flow.request, response) == -1
+    except ValueError:
+        return True  # headers mitmproxy cannot frame by: no clean end to trust
+
+
 class _Tap:
     """The stream tap: passes every read through untouched and feeds the recorder.
 
-    When the stream's own end marker arrives ([DONE], "done": true) or the upstream ends
-    it cleanly, the cassette is written before those bytes go on to the client.
+    When the stream's own end marker arrives ([DONE], "done": true, message_stop) or the
+    upstream ends a chunked or length-delimited body, the cassette is written before
+    those bytes go on to the client. A close-delimited body has only its end marker.
     """
 
     def __init__(
@@ -813,6 +882,7 @@ class _Tap:
         self.flow = flow
         self.plan = plan
         self.decoder = decoder
+        self.close_delimited = _close_delimited(flow)
 
     def __call__(self, data: bytes) -> bytes:
         recorder = self.plan.recorder
@@ -823,10 +893,11 @@ class _Tap:
                 recorder.feed(self.decoder.feed(data) if self.decoder else data)
                 if recorder.complete:
                     self.addon._finish_stream(self.flow, self.plan, clean_end=False)
-            else:  # b"": the upstream ended the body cleanly
+            else:  # b"": the body ended (by a close, when close-delimited)
                 if self.decoder:
                     recorder.feed(self.decoder.flush())
-                self.addon._finish_stream(self.flow, self.plan, clean_end=True)
+                clean = not self.close_delimited
+                self.addon._finish_stream(self.flow, self.plan, clean_end=clean)
         except Exception as e:  # noqa: BLE001 - an exception here would hang the client
             self.plan.recorder = None
             self.addon._not_recorded(self.flow, self.plan, f"stream not recordable: {e}")

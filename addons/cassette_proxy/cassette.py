@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +21,12 @@ except ImportError:  # pragma: no cover - a dependency; json alone works, slower
     orjson = None  # type: ignore[assignment]
 from pydantic import BaseModel, ConfigDict, Field
 
-# Temp files start with this prefix; the store ignores and removes them.
+# Temp files start with this prefix; the store ignores them and removes stale ones.
+# A writer names its own ``<prefix><host>-<pid>-<random>.partial`` (see ``stale_temp``).
 TEMP_PREFIX = ".cassette-tmp-"
+# A temp file lives for the milliseconds between its write and its rename: one this old
+# was left by a crash, whoever wrote it (another machine on a shared volume too).
+STALE_TEMP_SECONDS = 10 * 60
 # The largest cassette file read or written. The largest of llama-stack's 3,316 is under
 # 1 MB; a bigger file is a mistake (a 50 MB upload) that would slow every start and every
 # git clone. The proxy never writes a file it would refuse to load.
@@ -57,8 +63,18 @@ class Cassette(BaseModel):
     response: RecordedResponse
 
     def to_json(self) -> str:
-        """The file text: the format's key order, fields a file did not have left out."""
-        return json.dumps(self.model_dump(exclude_unset=True), indent=2) + "\n"
+        """The file text: the format's key order, fields a file did not have left out.
+
+        Raises NotJSONError for a value JSON cannot hold: an upstream's ``-1e400`` is
+        read as -inf, which json.dumps would write as ``-Infinity``.
+        """
+        try:
+            text = json.dumps(self.model_dump(exclude_unset=True), indent=2, allow_nan=False)
+            return text + "\n"
+        except ValueError as e:
+            raise NotJSONError(
+                "it holds a number JSON cannot represent (NaN or infinite, such as 1e400)"
+            ) from e
 
 
 def typed(type_name: str, data: Any) -> dict[str, Any]:
@@ -100,6 +116,51 @@ def make_cassette(
 
 class CassetteError(Exception):
     """A file that is not a readable cassette; the message names the file and the reason."""
+
+
+class NotJSONError(CassetteError):
+    """A cassette that would not be valid JSON: it is never written."""
+
+
+_HOST = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40] or "host"
+
+
+def temp_prefix(pid: int | None = None) -> str:
+    """The start of the temp file names this process (or ``pid``) writes on this host."""
+    return f"{TEMP_PREFIX}{_HOST}-{os.getpid() if pid is None else pid}-"
+
+
+def stale_temp(path: Path, now: float | None = None) -> bool:
+    """Whether a temp file was left behind by a writer that is gone.
+
+    Several proxies may share a folder (pytest-xdist, CI jobs on one volume): another
+    one's temp file is in flight and must stay. A temp file is stale when its writer
+    was a process on this host that no longer runs, or when it is older than
+    STALE_TEMP_SECONDS (a writer on another host, or a name from an older version).
+    """
+    try:
+        age = (time.time() if now is None else now) - path.stat().st_mtime
+    except OSError:
+        return False  # already gone (renamed or removed by its writer)
+    if age > STALE_TEMP_SECONDS:
+        return True
+    host, _, rest = path.name[len(TEMP_PREFIX) :].partition("-")
+    pid, _, _ = rest.partition("-")
+    if host != _HOST or not pid.isdigit():
+        return False
+    return not _running(int(pid))
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists, owned by someone else
+    return True
 
 
 # Every ASCII digit as b"0": a run of 19+ digits is then a plain substring search, about
@@ -168,7 +229,7 @@ def write_cassette(path: Path, cassette: Cassette, durable: bool = True) -> None
             f"{MAX_CASSETTE_BYTES // 2**20} MiB a cassette may hold"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".partial", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(), suffix=".partial", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="ascii") as f:
             f.write(text)

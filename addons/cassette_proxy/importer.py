@@ -19,7 +19,7 @@ from mitmproxy import exceptions, http
 from mitmproxy.io import FlowReader
 
 from .addon import FILE_HEADER, MISS_HEADER, STREAM_TYPES, TEST_ID_HEADER
-from .cassette import Cassette, write_cassette
+from .cassette import Cassette, NotJSONError, write_cassette
 from .families import NotRecordable, classify
 from .recording import new_recording, whole_response
 from .redact import recordable_headers, redact_url
@@ -73,6 +73,9 @@ def import_flows(
             write_cassette(path, cassette)
         except OSError as e:
             result.failed.append(f"{path}: {e.strerror or e}")
+            continue
+        except NotJSONError as e:  # never a file that is not JSON
+            result.skipped[f"not valid JSON: {e}"] += 1
             continue
         result.written.append(path)
     return result

@@ -13,7 +13,8 @@ from typing import Any
 
 from . import matching
 from .cassette import Cassette, make_cassette
-from .families import Family, NotRecordable, error_response
+from .families import Family, NotRecordable, error_response, is_typed
+from .families.ollama import with_stream_default
 from .redact import redact_body, redact_path, redact_strings
 from .store import safe_folder
 
@@ -67,12 +68,33 @@ def whole_response(
     error status not in ``errors`` (by default 5xx and 408/409/429), 1xx/3xx, or a body
     the family cannot type. Recorded errors have keys and bearer tokens redacted: a 401
     is where an upstream echoes the credential it was sent.
+
+    A 2xx whose body is ``{"error": ...}`` is an error all the same: kept as the raw
+    answer it is (not typed as the family's success object), and ``is_error`` says so.
     """
+    if 200 <= status < 300 and _error_body(data):
+        return {"status": status, "body": redact_strings(data), "is_streaming": False}
     if 200 <= status < 300:
         return family.record(path, body, status, data)
     if status in errors:
         return error_response(status, redact_strings(data))
     raise NotRecordable(f"upstream answered {status}")
+
+
+def _error_body(data: Any) -> bool:
+    return isinstance(data, dict) and data.get("error") is not None
+
+
+def is_error(response: dict[str, Any]) -> bool:
+    """Whether a response half is an error: a recorded exception, a status of 400 or
+    more, or an ``{"error": ...}`` body (some servers answer errors with a 200)."""
+    if response.get("is_exception"):
+        return True
+    status = response.get("status")
+    if isinstance(status, int) and status >= 400:
+        return True
+    body = response.get("body")
+    return _error_body(body["__data__"] if is_typed(body) else body)
 
 
 def new_recording(
@@ -91,9 +113,11 @@ def new_recording(
     ``url`` and ``headers`` must already be redacted; credential fields of the body and
     keys in the path are redacted here (the proxy keys requests the same way). The name
     is the documented request hash (with the URL's query, if it has one: ``matching.
-    file_stem``); a test's cassettes go in a folder of their own.
+    file_stem``); a test's cassettes go in a folder of their own. An Ollama request
+    without ``stream`` is written with the server's default made explicit
+    (``families.ollama.with_stream_default``).
     """
-    body, path = redact_body(body), redact_path(path)
+    body, path = with_stream_default(path, redact_body(body)), redact_path(path)
     model = body.get("model") if isinstance(body, dict) else None
     cassette = make_cassette(
         test_id=test_id,

@@ -4,6 +4,11 @@ Loading reads every ``*.json`` below the folder once and keeps only what a looku
 needs (keys, file, test id, upstream); responses are read on a hit and kept in a small
 cache. A lookup is a dict hit, not a scan. The store only indexes: which keys a request
 or a recording has, and which candidate answers, is ``matching``'s.
+
+Other proxies (pytest-xdist workers, CI jobs on a shared volume) and people change the
+folder while a proxy runs. ``refresh`` rescans it on a miss (at most once a second) for
+files added, changed or removed; ``changed`` stats a hit's file (at most once a second
+per file) so that a file rewritten or deleted in place is reread or dropped.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import hashlib
 import logging
 import os
 import re
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
@@ -20,7 +26,14 @@ from stat import S_ISLNK
 from typing import Any
 
 from . import eras, matching
-from .cassette import TEMP_PREFIX, Cassette, CassetteError, RecordedResponse, read_cassette
+from .cassette import (
+    TEMP_PREFIX,
+    Cassette,
+    CassetteError,
+    RecordedResponse,
+    read_cassette,
+    stale_temp,
+)
 from .families import unknown_type
 from .index_cache import IndexCache
 
@@ -28,6 +41,12 @@ log = logging.getLogger(__name__)
 
 # The version segment the recorder doubled (base_url + endpoint): /v1/v1/ on the wire is /v1/.
 _DOUBLED_VERSION = re.compile(r"/(v\d+(?:beta\d*|alpha\d*)?)/\1/")
+# A miss rescans the folder at most this often (seconds), and never more than a twentieth
+# of the time (a rescan of a huge folder must not eat the event loop); a hit's file is
+# stat'ed at most this often.
+RESCAN_INTERVAL = 1.0
+RESCAN_COST_FACTOR = 20
+HIT_CHECK_INTERVAL = 1.0
 
 
 @dataclass(frozen=True)
@@ -110,6 +129,14 @@ class CassetteStore:
         self._loose: dict[str, list[Entry]] = {}
         self._cache: OrderedDict[Path, Cassette] = OrderedDict()
         self._cache_size = cache_size
+        # What is known of each file below root, indexed or not: str(path) -> _signature.
+        # Strings, not Paths: a rescan builds no Path for an unchanged file.
+        self._files: dict[str, tuple[int, int, int]] = {}
+        self._entry_of: dict[Path, Entry] = {}
+        self._checked: dict[Path, float] = {}  # file -> when a hit last stat'ed it
+        self._scanned_at = time.monotonic()
+        self._scan_cost = 0.0
+        self._real_root = root
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._index.values())
@@ -125,9 +152,13 @@ class CassetteStore:
         self._by_path.clear()
         self._loose.clear()
         self._cache.clear()
+        self._files.clear()
+        self._entry_of.clear()
+        self._checked.clear()
+        self._scanned_at = time.monotonic()
+        self._real_root = root = self.root.resolve()
         if not self.root.is_dir():
             return report
-        root = self.root.resolve()
         # What indexing found per file, kept across starts by path + size + mtime.
         cache = IndexCache(root)
         mtimes: dict[Path, int] = {}
@@ -147,11 +178,13 @@ class CassetteStore:
                     continue
                 try:
                     stat = os.lstat(path)  # one syscall for most files: not a symlink
+                    self._files[str(path)] = _signature(stat)
                     if S_ISLNK(stat.st_mode):
                         if problem := _symlink_problem(path, root):
                             report.bad.append(f"{path}: {problem}, skipped")
                             continue
                         stat = path.stat()
+                        self._files[str(path)] = _signature(stat)
                 except OSError as e:
                     report.bad.append(f"{path}: cannot read: {e.strerror or e}")
                     continue
@@ -192,11 +225,145 @@ class CassetteStore:
         return report
 
     def _remove_temp(self, path: Path, report: LoadReport) -> None:
+        """Remove a temp file left by a crash; another proxy's in-flight one stays."""
+        if not stale_temp(path):
+            return
         try:
             path.unlink()
             report.removed_temp += 1
         except OSError:
             pass
+
+    # ---- refresh: the folder changes while the proxy runs -----------------------------
+
+    def refresh(self) -> bool:
+        """Rescan the folder for cassettes added, changed or removed, if not done lately.
+
+        Called on a miss. Returns whether the index changed (a lookup may now hit).
+        Never removes a temp file: that is for a start (``load``) to do.
+        """
+        now = time.monotonic()
+        if now - self._scanned_at < max(RESCAN_INTERVAL, RESCAN_COST_FACTOR * self._scan_cost):
+            return False
+        indexed = removed = 0
+        seen: set[str] = set()
+        folders = [str(self._real_root)] if self.root.is_dir() else []
+        while folders:  # the walk of load(), on strings: a few µs per unchanged file
+            try:
+                listing = os.scandir(folders.pop())
+            except OSError:
+                continue
+            with listing:
+                for item in listing:
+                    name = item.name
+                    if item.is_dir(follow_symlinks=False):
+                        if not name.startswith("."):
+                            folders.append(item.path)
+                        continue
+                    if not name.endswith(".json") or name.startswith(TEMP_PREFIX):
+                        continue
+                    try:
+                        if item.is_symlink():
+                            if _symlink_problem(Path(item.path), self._real_root):
+                                continue
+                            stat = os.stat(item.path)
+                        else:
+                            stat = item.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    seen.add(item.path)
+                    if self._files.get(item.path) != _signature(stat):
+                        indexed += self._reindex(Path(item.path), stat)
+        for path in [p for p in self._files if p not in seen]:
+            self._forget(Path(path))
+            removed += 1
+        self._scanned_at = time.monotonic()
+        self._scan_cost = self._scanned_at - now
+        if indexed or removed:
+            log.info(
+                "cassettes changed in %s: %d new or changed indexed, %d removed, no longer "
+                "served (rescan took %.1f ms)",
+                self.root, indexed, removed, self._scan_cost * 1000,
+            )  # fmt: skip
+        return bool(indexed or removed)
+
+    def changed(self, entry: Entry) -> bool:
+        """Whether a hit's file changed on disk since it was indexed; if so, it is reread
+        (or dropped when gone or unreadable) and the caller looks up again.
+
+        Stats the file at most once per HIT_CHECK_INTERVAL: a hit stays a dict lookup.
+        """
+        now = time.monotonic()
+        last = self._checked.get(entry.path)
+        if last is not None and now - last < HIT_CHECK_INTERVAL:
+            return False
+        self._checked[entry.path] = now
+        try:
+            stat = entry.path.stat()
+        except OSError:
+            self._forget(entry.path)
+            log.warning("cassette %s is gone from the folder, no longer served", entry.path)
+            return True
+        if self._files.get(str(entry.path)) == _signature(stat):
+            return False
+        if self._reindex(entry.path, stat):
+            log.info("cassette changed on disk, reread: %s", self.relative(entry.path))
+        return True
+
+    def _reindex(self, path: Path, stat: os.stat_result) -> bool:
+        """(Re)read one file that is new or changed; a bad one is dropped and reported.
+
+        Returns whether the file is now indexed."""
+        self._forget(path)
+        self._files[str(path)] = _signature(stat)
+        try:
+            cassette = read_cassette(path)
+            reason = eras.unservable_reason(cassette)
+            odd = unknown_type(cassette.response.body) if reason is None else None
+            if odd is not None:
+                raise CassetteError(f"{path}: {odd}")
+            if reason is not None:
+                log.info("cassette not served: %s: %s", self.relative(path), reason)
+                return False
+            entry = self._add(path, cassette)
+        except CassetteError as e:
+            log.warning("cassette skipped: %s", e)
+            return False
+        except Exception as e:  # noqa: BLE001 - one odd file never stops the proxy
+            name = type(e).__name__
+            log.warning("cassette skipped: %s: cannot be indexed: %s: %s", path, name, e)
+            return False
+        self._first(entry)  # the newest file wins, as at a start
+        return True
+
+    def _forget(self, path: Path) -> None:
+        """Drop a file from the index (it was removed, or is about to be reread)."""
+        self._files.pop(str(path), None)
+        self._cache.pop(path, None)
+        entry = self._entry_of.get(path)
+        if entry is not None:
+            self._remove(entry)
+
+    def _remove(self, entry: Entry) -> None:
+        self._index[entry.key].remove(entry)
+        self._by_path[entry.wire_path].remove(entry)
+        for k in entry.loose:
+            self._loose[k].remove(entry)
+        self._cache.pop(entry.path, None)
+        if self._entry_of.get(entry.path) is entry:
+            del self._entry_of[entry.path]
+
+    def _first(self, entry: Entry) -> None:
+        """Put an entry just indexed (last in its lists) first: the newest wins."""
+        self._index[entry.key].insert(0, self._index[entry.key].pop())
+        for k in entry.loose:
+            self._loose[k].insert(0, self._loose[k].pop())
+
+    def _real(self, path: Path) -> Path:
+        """A path built on ``root`` as the walk of the folder spells it (root resolved)."""
+        if self._real_root != self.root and path.is_relative_to(self.root):
+            return self._real_root / path.relative_to(self.root)
+        return path
 
     def _add(self, path: Path, cassette: Cassette) -> Entry:
         request = matching.recorded_request(cassette)
@@ -209,6 +376,7 @@ class CassetteStore:
         return self._insert(entry)
 
     def _insert(self, entry: Entry) -> Entry:
+        self._entry_of[entry.path] = entry
         self._index.setdefault(entry.key, []).append(entry)
         self._by_path.setdefault(entry.wire_path, []).append(entry)
         for k in entry.loose:
@@ -217,19 +385,22 @@ class CassetteStore:
 
     def add(self, path: Path, cassette: Cassette) -> Entry:
         """Index a cassette just recorded; it replaces older entries for its key and test id."""
+        path = self._real(path)
         key, _ = key_of(cassette)
         old = [e for e in self._index.get(key, []) if e.test_id == cassette.test_id]
+        same_file = self._entry_of.get(path)
+        if same_file is not None and same_file not in old:
+            old.append(same_file)
         for e in old:
-            self._index[key].remove(e)
-            self._by_path[e.wire_path].remove(e)
-            for k in e.loose:
-                self._loose[k].remove(e)
-            self._cache.pop(e.path, None)
+            self._remove(e)
         entry = self._add(path, cassette)
-        self._index[key].insert(0, self._index[key].pop())
-        for k in entry.loose:
-            self._loose[k].insert(0, self._loose[k].pop())
+        self._first(entry)
         self._remember(path, cassette)
+        try:  # so that a rescan sees the file as known, not as new
+            stat = path.stat()
+            self._files[str(path)] = _signature(stat)
+        except OSError:
+            pass
         return entry
 
     def exact(self, key: str) -> list[Entry]:
@@ -311,6 +482,12 @@ class CassetteStore:
             return str(path.resolve().relative_to(self.root.resolve()))
         except ValueError:
             return str(path)
+
+
+def _signature(stat: os.stat_result) -> tuple[int, int, int]:
+    """What tells a changed file: size, mtime and inode (a file renamed over it, as every
+    writer of cassettes does, is a new inode even within one mtime tick)."""
+    return stat.st_size, stat.st_mtime_ns, stat.st_ino
 
 
 def _read_mapped(path: Path) -> Cassette:

@@ -32,6 +32,7 @@ __all__ = [
     "classify",
     "encode",
     "error_response",
+    "is_typed",
     "unknown_type",
 ]
 

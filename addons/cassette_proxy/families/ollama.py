@@ -51,6 +51,22 @@ ENDPOINTS: dict[str, tuple[str, str | None, Any]] = {
 }
 
 
+def with_stream_default(path: str, body: Any) -> Any:
+    """The body of a request to a streaming endpoint with ``stream`` spelled out.
+
+    The Ollama server streams unless told otherwise, and the key says so
+    (``equivalence.normal_form``). A recording that leaves ``stream`` out is read as an
+    SDK call (``eras.recorded_wire`` guesses ``stream`` from the answer), so a plain
+    JSON answer to a request without ``stream`` (Ollama-compatible servers that do not
+    stream by default) would never replay: the proxy writes what it asked.
+    """
+    if isinstance(body, dict) and "stream" not in body and "/api/" in path:
+        endpoint = endpoint_of(path)
+        if endpoint is not None and ENDPOINTS[endpoint][2] is not None:
+            return {**body, "stream": True}
+    return body
+
+
 def endpoint_of(path: str) -> str | None:
     """The Ollama endpoint a wire path is (any prefix before ``/api/`` is allowed)."""
     path = path.rstrip("/")
@@ -90,11 +106,20 @@ class NDJSONRecorder:
 
     def response(self, clean_end: bool) -> dict[str, Any]:
         tail = self._framer.tail
-        if clean_end and tail.strip():
-            self._take(tail)  # a last line without its newline
+        if tail.strip() and (clean_end or _whole_object(tail)):
+            # A last line without its newline. After a close, only a whole JSON object
+            # (no cut can leave one: an object ends at its closing brace) is taken.
+            self._take(tail)
         if not self.complete:
             raise NotRecordable("stream ended before its last object said it was done")
         return {"body": self._objects, "is_streaming": True}
+
+
+def _whole_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
 
 
 class OllamaFamily:

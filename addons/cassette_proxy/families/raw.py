@@ -2,6 +2,12 @@
 
 Whole answers are stored as a raw dict with their ``status``; streams as the list
 of their lines (llama-stack's shape for raw HTTP calls), which replay byte for byte.
+
+A stream is whole at its family's end marker, or at the clean end of a chunked or
+length-delimited body; a connection close is no proof (the tap says which it was).
+The markers known here: ``data: [DONE]`` (OpenAI), Anthropic's ``message_stop``, the
+Responses API's ``response.completed|failed|incomplete`` (as ``event:`` names or as
+the ``type`` of the data), and an NDJSON line with ``"done": true`` (Ollama).
 """
 
 from __future__ import annotations
@@ -12,25 +18,67 @@ from typing import Any
 from ..streams import LineFramer
 from .base import NotRecordable, Wire, json_wire
 
+END_EVENTS = ("message_stop", "response.completed", "response.failed", "response.incomplete")
+
+
+def _end_event_line(line: str) -> bool:
+    """Whether an SSE line says its event ends the stream."""
+    if line.startswith("event:"):
+        return line[6:].strip() in END_EVENTS
+    if not line.startswith("data:"):
+        return False
+    payload = line[5:].strip()
+    if payload == "[DONE]":
+        return True
+    if not payload.startswith("{") or not any(name in payload for name in END_EVENTS):
+        return False  # the common case, without parsing
+    return _json_object(payload).get("type") in END_EVENTS
+
+
+def _done_line(line: str) -> bool:
+    """Whether an NDJSON line is Ollama's last object (``"done": true``)."""
+    return line.startswith("{") and '"done"' in line and _json_object(line).get("done") is True
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
 
 class RawLinesRecorder:
-    """Keeps every line of an SSE or NDJSON stream; complete only at a clean end."""
+    """Keeps every line of an SSE or NDJSON stream; complete at an end marker (the whole
+    end event, up to its blank line) or, without one, only at a clean end."""
 
     def __init__(self, status: int) -> None:
         self.status = status
         self.complete = False
         self._framer = LineFramer()
         self._lines: list[str] = []
+        self._in_end_event = False
 
     def feed(self, data: bytes) -> None:
-        self._lines.extend(self._framer.feed(data))
+        for line in self._framer.feed(data):
+            self._lines.append(line)
+            if self.complete:
+                continue
+            if _done_line(line):
+                self.complete = True
+            elif not line.strip():
+                self.complete = self._in_end_event  # the blank line that ends an event
+            elif _end_event_line(line):
+                self._in_end_event = True
 
     def response(self, clean_end: bool) -> dict[str, Any]:
-        if not clean_end:
-            raise NotRecordable("stream ended before the upstream finished it")
+        if not (clean_end or self.complete):
+            raise NotRecordable(
+                "stream ended by a connection close before its end marker (cut short?)"
+            )
         lines = list(self._lines)
-        if self._framer.tail:
-            lines.append(self._framer.tail)
+        if clean_end and self._framer.tail:
+            lines.append(self._framer.tail)  # never after a close: it may be half a line
         return {"status": self.status, "body": lines, "is_streaming": True}
 
 
