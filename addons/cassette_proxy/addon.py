@@ -48,7 +48,14 @@ from .recording import (
     recording_path,
     whole_response,
 )
-from .redact import recordable_headers, redact_answer, redact_path, redact_url, scrub
+from .redact import (
+    guard_flow_lines,
+    recordable_headers,
+    redact_answer,
+    redact_path,
+    redact_url,
+    scrub,
+)
 from .stable import normalize_response
 from .store import CassetteStore, live_key
 from .upstream import UpstreamProbe
@@ -119,6 +126,7 @@ class CassetteRecorder:
     # ---- options -----------------------------------------------------------------
 
     def load(self, loader: Any) -> None:
+        guard_flow_lines(ctx.master)  # mitmdump's flow lines never print a credential
         loader.add_option("cassette_dir", str, "cassettes", "Folder of cassettes (JSON files).")
         loader.add_option(
             "cassette_mode", str, "auto", f"One of: {', '.join(MODES)}. See the README."

@@ -287,7 +287,7 @@ def _header_values(name: str, value: str) -> list[str]:
     values = [value]
     scheme, _, rest = value.strip().partition(" ")
     if rest and scheme.lower() in ("bearer", "basic", "token", "digest", "apikey", "key"):
-        values.append(rest.strip())
+        values = [rest.strip()]  # the scheme is no secret: "Bearer EMPTY" is a placeholder
         if scheme.lower() == "basic":
             try:
                 user, _, password = base64.b64decode(rest.strip()).decode().partition(":")
@@ -372,10 +372,147 @@ def _scrub(value: Any, needles: list[str]) -> Any:
     return value
 
 
+def _strings_in(value: Any, path: tuple[Any, ...], out: list[tuple[tuple[Any, ...], str]]) -> None:
+    if isinstance(value, str):
+        out.append((path, value))
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _strings_in(v, (*path, k), out)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _strings_in(v, (*path, i), out)
+
+
+def _replaced(value: Any, path: tuple[Any, ...], new: str) -> Any:
+    """``value`` with the string at ``path`` replaced, containers copied along the way."""
+    if not path:
+        return new
+    head, rest = path[0], path[1:]
+    copy = dict(value) if isinstance(value, dict) else list(value)
+    copy[head] = _replaced(value[head], rest, new)
+    return copy
+
+
+def _spans(text: str, needles: list[str]) -> list[tuple[int, int]]:
+    """Where the needles (longest first) occur in ``text``, without overlaps, in order."""
+    spans: list[tuple[int, int]] = []
+    for needle in needles:
+        at = text.find(needle)
+        while at >= 0:
+            end = at + len(needle)
+            if all(end <= s or at >= e for s, e in spans):
+                spans.append((at, end))
+            at = text.find(needle, end)
+    return sorted(spans)
+
+
+def scrub_stream(chunks: list[Any], secrets: frozenset[str]) -> list[Any]:
+    """A stream's chunks with secrets replaced even when split across chunks.
+
+    An upstream that echoes a key streams it in pieces (``"AUTHO"``, ``"RIZATION..."``
+    in consecutive ``delta.content``): the strings at the same place in every chunk are
+    read as one text, and a secret found in it becomes REDACTED in the chunk where it
+    starts and is removed from the chunks it continues into.
+    """
+    if not secrets or len(chunks) < 2:
+        return chunks
+    needles = _variants(secrets)
+    groups: dict[tuple[Any, ...], list[tuple[int, str]]] = {}
+    for i, chunk in enumerate(chunks):
+        found: list[tuple[tuple[Any, ...], str]] = []
+        _strings_in(chunk, (), found)
+        for path, text in found:
+            groups.setdefault(path, []).append((i, text))
+    out = list(chunks)
+    for path, pieces in groups.items():
+        joined = "".join(text for _, text in pieces)
+        spans = _spans(joined, needles) if len(pieces) > 1 else []
+        offset = 0
+        for i, text in pieces:
+            start, end = offset, offset + len(text)
+            offset = end
+            kept, pos = [], start
+            for s, e in spans:
+                if e <= start or s >= end:
+                    continue
+                kept.append(joined[pos : max(s, start)])
+                if s >= start:
+                    kept.append(REDACTED)
+                pos = min(e, end)
+            kept.append(joined[pos:end])
+            new = "".join(kept)
+            if new != text:
+                out[i] = _replaced(out[i], path, new)
+    return chunks if all(a is b for a, b in zip(out, chunks, strict=True)) else out
+
+
 def redact_answer(response: dict[str, Any], secrets: frozenset[str]) -> dict[str, Any]:
     """A recorded response half with credentials out: credential fields by name (a token
     exchange's ``access_token``, ``refresh_token``, ``id_token``) and the request's own
     credential values anywhere (an upstream's echo). The client that replays it gets
     ``REDACTED`` as its token, sends it back as ``Bearer REDACTED``, and that request
     keys as the recorded one did (headers are not keyed; bodies are redacted alike)."""
-    return scrub(redact_body(response), secrets)
+    response = scrub(redact_body(response), secrets)
+    body = response.get("body")
+    if response.get("is_streaming") and isinstance(body, list):
+        chunks = scrub_stream(body, secrets)
+        if chunks is not body:
+            response = {**response, "body": chunks}
+    return response
+
+
+# ---- flow lines on the terminal -------------------------------------------------------
+#
+# mitmdump without -q prints one line per flow with the full URL (``?key=...``), and its
+# headers from ``flow_detail=2`` on. The terminal is scrollback, CI logs and pasted bug
+# reports: the printer (mitmproxy's ``dumper`` addon) is handed a copy of each flow with
+# the same credentials redacted as in a cassette.
+
+
+def printable_flow(flow: Any) -> Any:
+    """A copy of an HTTP flow for printing: credentials in URL, headers, bodies redacted."""
+    from .bodies import written_secrets  # bodies builds on this module
+
+    copy = flow.copy()
+    request = copy.request
+    secrets, _ = written_secrets(
+        request.headers.items(multi=True),
+        request.query.items(multi=True),
+        request.headers.get("content-type", ""),
+        (request.get_content(strict=False) or b"") if request.raw_content else b"",
+    )
+    request.url = scrub(redact_url(flow.request.url), secrets)
+    for message in (request, copy.response):
+        if message is None:
+            continue
+        for name in list(message.headers.keys()):
+            if is_secret_header(name):
+                message.headers[name] = REDACTED
+            else:
+                message.headers[name] = scrub(redact_text(message.headers[name]), secrets)
+        if message.raw_content:
+            try:
+                text = message.get_text(strict=False)
+            except ValueError:
+                continue
+            if text is not None:
+                message.text = scrub(redact_text(text), secrets)
+    return copy
+
+
+def guard_flow_lines(master: Any) -> None:
+    """Make mitmdump's flow printer (if loaded) print ``printable_flow`` copies."""
+    dumper = master.addons.get("dumper") if master is not None else None
+    if dumper is None or getattr(dumper, "cassette_redacts", False):
+        return
+    original = dumper.echo_flow
+
+    def echo_flow(flow: Any) -> None:
+        try:
+            shown = printable_flow(flow)
+        except Exception:  # noqa: BLE001 - print nothing rather than a credential
+            return
+        original(shown)
+
+    dumper.echo_flow = echo_flow
+    dumper.cassette_redacts = True
