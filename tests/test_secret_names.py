@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -245,3 +246,116 @@ def test_no_recorded_llm_request_or_answer_is_redacted():
         for body in (request.get("body"), request.get("payload")):
             assert redact_body(body) == body, path
         assert redact_answer(response, frozenset()) == response, path
+
+
+# ---- form-encoded token exchanges (issue 9 finding 15a) --------------------------------
+
+WATSONX_CHAT = "/ml/v1/text/chat?version=2023-10-25"
+
+
+def grants(n: int) -> dict[str, dict[str, str]]:
+    """IBM IAM, Azure AD client credentials, Google's JWT bearer: credentials of set n."""
+    return {
+        "/identity/token": {
+            "grant_type": "urn:ibm:params:oauth:grant-type:apikey",
+            "apikey": value("ibm-apikey", n),
+        },
+        "/oauth2/v2.0/token": {
+            "grant_type": "client_credentials",
+            "client_id": "app-0001",
+            "client_secret": value("azure-client-secret", n),
+            "scope": "https://cognitiveservices.azure.com/.default",
+        },
+        "/token": {
+            "grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer",
+            "assertion": "eyJhbGciOiJSUzI1NiJ9." + value("google-assertion", n),
+        },
+    }
+
+
+def test_form_encoded_token_exchanges_are_keyed_recorded_and_replayed_without_tokens(
+    proxy_factory,
+):
+    upstream = start_credential_upstream("A")
+    proxy = proxy_factory(mode="auto")
+
+    def session(http_proxy: str, n: int) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """Each grant: exchange it for a token (httpx, as the SDKs post forms), then call
+        the API with ``Authorization: Bearer <token>``."""
+        out = []
+        with httpx.Client(proxy=http_proxy, trust_env=False, timeout=30) as http:
+            for path, grant in grants(n).items():
+                token = http.post(upstream.url + path, data=grant)
+                assert token.status_code == 200, token.text
+                access = token.json()["access_token"]
+                chat = http.post(
+                    upstream.url + WATSONX_CHAT,
+                    json={"model_id": "ibm/granite", "project_id": "p-1",
+                          "messages": [{"role": "user", "content": f"after {path}"}]},
+                    headers={"Authorization": f"Bearer {access}"},
+                )  # fmt: skip
+                assert chat.status_code == 200, chat.text
+                out.append((token.json(), chat.json()))
+        return out
+
+    def curl_exchange(http_proxy: str, n: int) -> dict[str, Any]:
+        # curl -d posts application/x-www-form-urlencoded, as in IBM's own docs.
+        grant = grants(n)["/identity/token"]
+        data = f"grant_type={grant['grant_type']}&apikey={grant['apikey']}"
+        out = subprocess.run(
+            ["curl", "-sS", "--max-time", "30", "-x", http_proxy, "-d", data,
+             upstream.url + "/identity/token"],
+            capture_output=True, check=True, timeout=60, env={"PATH": "/usr/bin:/bin"},
+        )  # fmt: skip
+        return json.loads(out.stdout)
+
+    live = session(proxy.url, 1)
+    live_curl = curl_exchange(proxy.url, 1)
+    issued = [token["access_token"] for token, _ in live]
+    assert all(t.startswith("access-A-") for t in issued)
+    assert live_curl == live[0][0]
+
+    files = cassette_files(proxy.cassette_dir)
+    assert len(files) == 6  # three exchanges, three calls (curl's exchange is the same key)
+    written = every_byte_under(proxy.cassette_dir)
+    credentials = [v for grant in grants(1).values() for v in grant.values()]
+    credentials = [c for c in credentials if "VALUE1" in c]
+    tokens = [v for token, _ in live for k, v in token.items() if k.endswith("_token")]
+    assert len(credentials) == 3 and len(tokens) == 9
+    for secret in [*credentials, *tokens, "eyJhbGciOiJSUzI1NiJ9"]:
+        assert secret.encode() not in written, secret
+    exchanges = [c for c in map(read_cassette, files) if "grant_type" in (c.request.body or {})]
+    assert len(exchanges) == 3
+    for c in exchanges:
+        assert c.request.headers == {"content-type": "application/x-www-form-urlencoded"}
+        answer = c.response.body["body"] if "body" in c.response.body else c.response.body
+        assert {k: answer[k] for k in ("access_token", "refresh_token", "id_token")} == {
+            "access_token": "REDACTED", "refresh_token": "REDACTED", "id_token": "REDACTED"
+        }  # fmt: skip
+        assert answer["token_type"] == "Bearer" and answer["expires_in"] == 3600
+    azure = next(c for c in exchanges if c.request.body["grant_type"] == "client_credentials")
+    assert azure.request.body == {
+        "grant_type": "client_credentials",
+        "client_id": "app-0001",
+        "client_secret": "REDACTED",
+        "scope": "https://cognitiveservices.azure.com/.default",
+    }
+    checked = subprocess.run(
+        [sys.executable, "-m", "cassette_proxy.cli", "verify", "--cassette-dir",
+         str(proxy.cassette_dir)], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert checked.returncode == 0 and "0 error(s), 0 warning(s)" in checked.stdout, checked
+
+    # Replay only, the identity server and the API gone, other credentials: the client
+    # gets the placeholder token, sends it back as a bearer, and every call replays.
+    upstream.stop()
+    proxy.stop()
+    replay = proxy_factory(mode="replay", cassette_dir=proxy.cassette_dir)
+    again = session(replay.url, 2)
+    for (live_token, live_chat), (token, chat) in zip(live, again, strict=True):
+        assert token == {**live_token, "access_token": "REDACTED",
+                         "refresh_token": "REDACTED", "id_token": "REDACTED"}  # fmt: skip
+        assert chat == live_chat
+    assert curl_exchange(replay.url, 2) == again[0][0]
+    assert replay.log_text().count("replay hit POST ") == 7
+    assert "passthrough" not in replay.log_text()
