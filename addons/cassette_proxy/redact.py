@@ -196,6 +196,9 @@ def redact_body(body: Any, extra: frozenset[str] = frozenset()) -> Any:
     return _redact(body, extra, inside=False, schema=False)
 
 
+_SCALARS = frozenset({int, float, bool, type(None)})
+
+
 def _redact(value: Any, extra: frozenset[str], inside: bool, schema: bool) -> Any:
     if isinstance(value, str):
         return REDACTED if inside and value != REDACTED else value
@@ -216,8 +219,16 @@ def _redact(value: Any, extra: frozenset[str], inside: bool, schema: bool) -> An
                 out[k] = new
         return value if out is None else out
     if isinstance(value, list):
-        items = [_redact(v, extra, inside, False) for v in value]
-        return value if all(a is b for a, b in zip(items, value, strict=True)) else items
+        if set(map(type, value)) <= _SCALARS:
+            return value  # an embedding: 1,536 floats, checked at C speed
+        out_list: list[Any] | None = None
+        for i, v in enumerate(value):
+            if isinstance(v, (dict, list)) or (inside and isinstance(v, str)):
+                new = _redact(v, extra, inside, False)
+                if new is not v:
+                    out_list = list(value) if out_list is None else out_list
+                    out_list[i] = new
+        return value if out_list is None else out_list
     return value
 
 
@@ -367,8 +378,16 @@ def _scrub(value: Any, needles: list[str]) -> Any:
                 out[k] = new
         return value if out is None else out
     if isinstance(value, list):
-        items = [_scrub(v, needles) for v in value]
-        return value if all(a is b for a, b in zip(items, value, strict=True)) else items
+        if set(map(type, value)) <= _SCALARS:
+            return value
+        out_list: list[Any] | None = None
+        for i, v in enumerate(value):
+            if isinstance(v, (str, dict, list)):
+                new = _scrub(v, needles)
+                if new is not v:
+                    out_list = list(value) if out_list is None else out_list
+                    out_list[i] = new
+        return value if out_list is None else out_list
     return value
 
 
@@ -378,7 +397,7 @@ def _strings_in(value: Any, path: tuple[Any, ...], out: list[tuple[tuple[Any, ..
     elif isinstance(value, dict):
         for k, v in value.items():
             _strings_in(v, (*path, k), out)
-    elif isinstance(value, list):
+    elif isinstance(value, list) and not set(map(type, value)) <= _SCALARS:
         for i, v in enumerate(value):
             _strings_in(v, (*path, i), out)
 
