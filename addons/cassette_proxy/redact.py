@@ -73,6 +73,7 @@ DESCRIPTOR_WORDS = frozenset(
         "count", "counts", "limit", "limits", "len", "length", "usage", "expiry",
         "expires", "expire", "expiration", "expired", "ttl", "format", "version",
         "method", "hint", "strs", "budget", "ids", "prefix", "scheme", "mode",
+        "logprob", "logprobs", "offset", "offsets",
     }
 )  # fmt: skip
 # OAuth fields that carry a credential without a credential word: only in query
