@@ -160,3 +160,18 @@ def test_multipart_bodies_parse_by_fields_and_digests_or_say_why_not():
     ]:
         with pytest.raises(NotKeyable, match=why):
             parse_body(content_type, body)
+
+
+def test_form_bodies_parse_by_fields_and_curl_json_stays_json():
+    kind = "application/x-www-form-urlencoded"
+    a = parse_body(kind, b"grant_type=client_credentials&scope=a&scope=b&empty=")
+    assert a.kind == "form" and a.marker == kind
+    assert a.value == {"grant_type": "client_credentials", "scope": ["a", "b"], "empty": ""}
+    # curl -d '{...}' without -H sends JSON as a form: it is keyed as the JSON it is.
+    b = parse_body(kind, b'{"model": "m", "messages": []}')
+    assert b.kind == "json" and b.value == {"model": "m", "messages": []} and b.marker is None
+    assert parse_body("", b"").value == {}
+    with pytest.raises(NotKeyable, match="not UTF-8"):
+        parse_body(kind, b"a=\xff\xfe")
+    with pytest.raises(NotKeyable, match=r"body is not JSON \(text/plain\)"):
+        parse_body("text/plain; charset=utf-8", b"hello")

@@ -16,7 +16,10 @@ The cassette keeps that value as ``request.body`` (a plain dict: llama-stack's f
 holds any JSON there) and says what it was parsed from with a header-like marker,
 ``request.headers["content-type"]`` (``RequestBody.marker``, the boundary left out).
 The recorded side keys ``request.body`` exactly as the live side keys ``value``, so it
-needs no marker to match; the marker is there for readers (``show``, a person).
+needs no marker to match; the marker is there for readers (``show``, a person). The kind
+is not part of the key: a JSON body and a form with equal string fields sent to one
+endpoint are taken for one request (no client sends both), which keeps every existing
+JSON key, and llama-stack's, unchanged.
 """
 
 from __future__ import annotations
@@ -92,7 +95,7 @@ def _form(content: bytes) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise NotKeyable("form-encoded body is not UTF-8") from e
     try:
-        pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=True, errors="strict")
+        pairs = parse_qsl(text, keep_blank_values=True, errors="strict")
     except (ValueError, UnicodeDecodeError) as e:
         raise NotKeyable(f"form-encoded body does not parse: {e}") from e
     return _fields(pairs)
