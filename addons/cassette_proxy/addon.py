@@ -126,7 +126,7 @@ class CassetteRecorder:
     # ---- options -----------------------------------------------------------------
 
     def load(self, loader: Any) -> None:
-        guard_flow_lines(ctx.master)  # mitmdump's flow lines never print a credential
+        guard_flow_lines(getattr(ctx, "master", None))  # flow lines never print a credential
         loader.add_option("cassette_dir", str, "cassettes", "Folder of cassettes (JSON files).")
         loader.add_option(
             "cassette_mode", str, "auto", f"One of: {', '.join(MODES)}. See the README."
