@@ -359,3 +359,25 @@ def test_form_encoded_token_exchanges_are_keyed_recorded_and_replayed_without_to
     assert curl_exchange(replay.url, 2) == again[0][0]
     assert replay.log_text().count("replay hit POST ") == 7
     assert "passthrough" not in replay.log_text()
+
+
+def test_a_streamed_echo_split_across_chunks_or_sse_lines_is_scrubbed():
+    key = "ECHOEDKEY1x0123456789"
+    pieces = ["my key is ECH", "OEDKEY1x01", "23456789 ok"]
+    typed = {"is_streaming": True, "body": [
+        {"__type__": "t", "__data__": {"choices": [{"delta": {"content": p}}]}} for p in pieces
+    ]}  # fmt: skip
+    got = redact_answer(typed, frozenset({key}))
+    text = "".join(c["__data__"]["choices"][0]["delta"]["content"] for c in got["body"])
+    assert text == "my key is REDACTED ok"
+    lines = ["event: content_block_delta"]
+    for p in pieces:
+        delta = {"type": "content_block_delta", "delta": {"type": "text_delta", "text": p}}
+        lines += [f"data: {json.dumps(delta, separators=(',', ':'))}", ""]
+    raw = redact_answer({"is_streaming": True, "status": 200, "body": lines}, frozenset({key}))
+    assert key[:6] not in "".join(raw["body"]) and raw["body"][0] == lines[0]
+    deltas = [json.loads(line[6:])["delta"]["text"] for line in raw["body"][1::2]]
+    assert "".join(deltas) == "my key is REDACTED ok"
+    assert raw["body"][1].startswith('data: {"type":"content_block_delta"')  # still compact
+    untouched = {"is_streaming": True, "body": lines}
+    assert redact_answer(untouched, frozenset({"NOTTHERE0123456"})) is untouched

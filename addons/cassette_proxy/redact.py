@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import json
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -466,6 +467,32 @@ def scrub_stream(chunks: list[Any], secrets: frozenset[str]) -> list[Any]:
     return chunks if all(a is b for a, b in zip(out, chunks, strict=True)) else out
 
 
+def scrub_lines(lines: list[str], secrets: frozenset[str]) -> list[str]:
+    """``scrub_stream`` for a raw stream kept as its SSE lines (``data: {...}``): the JSON
+    of the data lines is read as the chunks, and a changed line is written back in the
+    same JSON style (compact or not); other lines stay as they are."""
+    found: list[tuple[int, str, Any]] = []
+    for i, line in enumerate(lines):
+        if isinstance(line, str) and line.startswith("data:"):
+            payload = line[5:].lstrip()
+            if payload[:1] in ("{", "["):
+                try:
+                    found.append((i, payload, json.loads(payload)))
+                except ValueError:
+                    pass
+    chunks = [obj for _, _, obj in found]
+    scrubbed = scrub_stream(chunks, secrets)
+    if scrubbed is chunks:
+        return lines
+    out = list(lines)
+    for (i, payload, old), new in zip(found, scrubbed, strict=True):
+        if new is not old:
+            compact = json.dumps(old, separators=(",", ":"), ensure_ascii=False) == payload
+            text = json.dumps(new, separators=(",", ":") if compact else None, ensure_ascii=False)
+            out[i] = lines[i][: len(lines[i]) - len(payload)] + text
+    return out
+
+
 def redact_answer(response: dict[str, Any], secrets: frozenset[str]) -> dict[str, Any]:
     """A recorded response half with credentials out: credential fields by name (a token
     exchange's ``access_token``, ``refresh_token``, ``id_token``) and the request's own
@@ -474,8 +501,9 @@ def redact_answer(response: dict[str, Any], secrets: frozenset[str]) -> dict[str
     keys as the recorded one did (headers are not keyed; bodies are redacted alike)."""
     response = scrub(redact_body(response), secrets)
     body = response.get("body")
-    if response.get("is_streaming") and isinstance(body, list):
-        chunks = scrub_stream(body, secrets)
+    if response.get("is_streaming") and isinstance(body, list) and secrets:
+        lines = all(isinstance(line, str) for line in body)
+        chunks = scrub_lines(body, secrets) if lines else scrub_stream(body, secrets)
         if chunks is not body:
             response = {**response, "body": chunks}
     return response
