@@ -1197,3 +1197,186 @@ def http_answer(status: int, headers: dict[str, str], body: bytes) -> bytes:
     reason = {200: "OK", 401: "Unauthorized", 404: "Not Found"}.get(status, "Status")
     lines = [f"HTTP/1.1 {status} {reason}", *(f"{k}: {v}" for k, v in headers.items())]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+# Credentials and uploads: token exchanges, key checks, multipart audio
+# --------------------------------------------------------------------------
+
+
+def _multipart_fields(content_type: str, body: bytes) -> dict[str, Any]:
+    """A multipart/form-data body's fields, read with the standard library's email
+    parser (not the proxy's parser): text fields as str, files as (filename, bytes)."""
+    from email.parser import BytesParser
+    from email.policy import HTTP
+
+    message = BytesParser(policy=HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body
+    )
+    fields: dict[str, Any] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        data = part.get_payload(decode=True) or b""
+        filename = part.get_filename()
+        fields[str(name)] = (filename, data) if filename is not None else data.decode()
+    return fields
+
+
+def transcript_text(tag: str, audio: bytes, fields: dict[str, Any]) -> str:
+    """What the upstream "heard": a function of the file's bytes and the form fields."""
+    digest = hashlib.sha256(audio).hexdigest()[:16]
+    extra = ",".join(f"{k}={v}" for k, v in sorted(fields.items()) if isinstance(v, str))
+    return f"[{tag}] heard {len(audio)} bytes {digest} ({extra})"
+
+
+def issued_token(tag: str, grant: dict[str, str], kind: str) -> str:
+    """The token an identity server issues for a grant: distinctive, like a real one."""
+    material = json.dumps(grant, sort_keys=True)
+    return f"{kind}-{tag}-" + hashlib.sha256(f"{tag}{kind}{material}".encode()).hexdigest()
+
+
+class _CredentialHandler(_Handler):
+    """An identity server, an API that checks keys, and speech-to-text uploads.
+
+    POST /identity/token, /oauth2/v2.0/token, /token  form-encoded grant (IBM IAM,
+        Azure AD, Google's JWT bearer): answers access/refresh/id tokens; a grant without
+        a credential field is a 400.
+    POST /ml/v1/text/chat?version=...  needs ``Authorization: Bearer <issued token>`` (or
+        the placeholder in ``accepted_tokens``), answers a watsonx-like chat object.
+    POST /v1/chat/completions, GET /v1/models  need a key in ``accepted_keys`` (Bearer,
+        x-api-key, api-key, anthropic-api-key, x-goog-api-key or ?key=); a wrong one is
+        a 401 that echoes it: "Incorrect API key provided: <key>", as OpenAI does.
+    POST /v1/audio/transcriptions, /v1/audio/translations  multipart with a ``file``:
+        answers ``{"text": transcript_text(...)}`` (JSON, as response_format=json).
+    """
+
+    server: CredentialUpstream
+
+    def _dispatch(self) -> None:
+        srv = self.server
+        body = self._read_body()
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        srv.record(RecordedRequest(self.command, self.path, headers, body))
+        path, _, query = self.path.partition("?")
+        try:
+            route = {
+                ("POST", "/identity/token"): self._token,
+                ("POST", "/oauth2/v2.0/token"): self._token,
+                ("POST", "/token"): self._token,
+                ("POST", "/ml/v1/text/chat"): self._watsonx_chat,
+                ("POST", "/v1/chat/completions"): self._keyed_chat,
+                ("GET", "/v1/models"): self._keyed_models,
+                ("POST", "/v1/audio/transcriptions"): self._transcribe,
+                ("POST", "/v1/audio/translations"): self._transcribe,
+            }.get((self.command, path.rstrip("/")))
+            if route is None:
+                self._send_error_json(404, f"no route {self.command} {path}")
+                return
+            route(headers, dict(parse_qsl_(query)), body)
+        except _StopStream:
+            pass
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    def _token(self, headers: dict[str, str], query: dict[str, str], body: bytes) -> None:
+        srv = self.server
+        grant = dict(parse_qsl_(body.decode()))
+        if not ({"apikey", "client_secret", "assertion", "code", "refresh_token"} & set(grant)):
+            self._send_json({"error": "invalid_request"}, status=400)
+            return
+        access = issued_token(srv.tag, grant, "access")
+        with srv._lock:
+            srv.issued.add(access)
+        self._send_json(
+            {
+                "access_token": access,
+                "refresh_token": issued_token(srv.tag, grant, "refresh"),
+                "id_token": issued_token(srv.tag, grant, "id"),
+                "token_type": "Bearer",
+                "expires_in": 3600,
+                "expiration": 1_900_000_000,
+                "scope": grant.get("scope", "ibm openid"),
+            }
+        )
+
+    def _bearer(self, headers: dict[str, str]) -> str:
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        return token.strip() if scheme.lower() == "bearer" else ""
+
+    def _watsonx_chat(self, headers: dict[str, str], query: dict[str, str], body: bytes) -> None:
+        srv = self.server
+        token = self._bearer(headers)
+        if token not in srv.issued and token not in srv.accepted_tokens:
+            self._send_json({"errors": [{"code": "authentication_token_not_valid"}]}, 401)
+            return
+        req = json.loads(body)
+        prompt = last_user_text(req.get("messages"))
+        self._send_json(
+            {
+                "id": "chat-" + hashlib.sha256(prompt.encode()).hexdigest()[:12],
+                "model_id": req.get("model_id"),
+                "created": 1_700_000_000,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": answer_text(srv.tag, prompt)},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
+                "version": query.get("version"),
+            }
+        )
+
+    def _key_of(self, headers: dict[str, str], query: dict[str, str]) -> str:
+        for name in ("x-api-key", "api-key", "anthropic-api-key", "x-goog-api-key"):
+            if headers.get(name):
+                return headers[name]
+        return self._bearer(headers) or query.get("key", "")
+
+    def _check_key(self, headers: dict[str, str], query: dict[str, str]) -> bool:
+        key = self._key_of(headers, query)
+        if key in self.server.accepted_keys:
+            return True
+        self._send_error_json(401, f"Incorrect API key provided: {key}. You can find yours.")
+        return False
+
+    def _keyed_chat(self, headers: dict[str, str], query: dict[str, str], body: bytes) -> None:
+        if self._check_key(headers, query):
+            self._chat(json.loads(body), None)
+
+    def _keyed_models(self, headers: dict[str, str], query: dict[str, str], body: bytes) -> None:
+        if self._check_key(headers, query):
+            self._models({}, None)
+
+    def _transcribe(self, headers: dict[str, str], query: dict[str, str], body: bytes) -> None:
+        fields = _multipart_fields(headers.get("content-type", ""), body)
+        upload = fields.pop("file", None)
+        if not isinstance(upload, tuple):
+            self._send_error_json(400, "a file part is required")
+            return
+        self._send_json({"text": transcript_text(self.server.tag, upload[1], fields)})
+
+
+def parse_qsl_(text: str) -> list[tuple[str, str]]:
+    from urllib.parse import parse_qsl
+
+    return parse_qsl(text, keep_blank_values=True)
+
+
+class CredentialUpstream(OpenAIUpstream):
+    """Fake identity server + key-checking API + speech-to-text (``_CredentialHandler``).
+
+    accepted_keys    set[str]  API keys the chat/models routes accept
+    accepted_tokens  set[str]  bearer tokens accepted besides the ones it issued
+    issued           set[str]  access tokens it has issued
+    """
+
+    def __init__(self, tag: str = "A", **knobs: Any) -> None:
+        self.accepted_keys: set[str] = set(knobs.pop("accepted_keys", ()))
+        self.accepted_tokens: set[str] = set(knobs.pop("accepted_tokens", ()))
+        self.issued: set[str] = set()
+        super().__init__(tag, **knobs)
+        self.RequestHandlerClass = _CredentialHandler  # type: ignore[assignment]
+
+
+def start_credential_upstream(tag: str = "A", **knobs: Any) -> CredentialUpstream:
+    """Start a ``CredentialUpstream`` on 127.0.0.1:<random port> in a thread."""
+    return CredentialUpstream(tag, **knobs).start()

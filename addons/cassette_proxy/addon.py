@@ -30,6 +30,7 @@ from mitmproxy.tls import TlsData
 from OpenSSL import SSL
 
 from . import keys, matching
+from .bodies import NotKeyable, keyed_parts, written_secrets
 from .cassette import (
     MAX_CASSETTE_BYTES,
     Cassette,
@@ -50,7 +51,14 @@ from .recording import (
     recording_path,
     whole_response,
 )
-from .redact import recordable_headers, redact_path, redact_url
+from .redact import (
+    guard_flow_lines,
+    recordable_headers,
+    redact_answer,
+    redact_path,
+    redact_url,
+    scrub,
+)
 from .stable import normalize_response
 from .store import CassetteStore, live_key
 from .upstream import UpstreamProbe
@@ -123,6 +131,7 @@ class CassetteRecorder:
     # ---- options -----------------------------------------------------------------
 
     def load(self, loader: Any) -> None:
+        guard_flow_lines(getattr(ctx, "master", None))  # flow lines never print a credential
         loader.add_option("cassette_dir", str, "cassettes", "Folder of cassettes (JSON files).")
         loader.add_option(
             "cassette_mode", str, "auto", f"One of: {', '.join(MODES)}. See the README."
@@ -268,7 +277,6 @@ class CassetteRecorder:
 
     def _plan(self, flow: http.HTTPFlow, test_id: str | None) -> Plan | None:
         request = flow.request
-        body: Any = {}
         path, has_query, _ = request.path.partition("?")
         why = _not_keyable(request)
         if why is not None:
@@ -287,22 +295,23 @@ class CassetteRecorder:
             # As the recorded URL names it (pretty_url), for host affinity.
             host = matching.upstream(request.pretty_host, request.port)
             return self._plan_for(request.method, key, path, body, query, test_id, host)
-        if request.raw_content:
-            try:
-                body = json.loads(request.get_content(strict=False) or b"")
-            except (ValueError, UnicodeDecodeError, RecursionError):
-                kind = request.headers.get("content-type", "no content-type")
-                log.info(
-                    "%s passthrough %s %s: body is not JSON (%s)",
-                    ctx.options.cassette_mode,
-                    request.method,
-                    redact_path(path),  # logs never show a key in the path either
-                    kind.split(";", 1)[0],
-                )
-                return None
+        try:
+            # JSON, form-encoded or multipart; the request's own credential values out.
+            parts = keyed_parts(
+                request.headers.items(multi=True),
+                path,
+                request.query.items(multi=True) if has_query else [],
+                request.headers.get("content-type", ""),
+                (request.get_content(strict=False) or b"") if request.raw_content else b"",
+            )
+        except NotKeyable as e:
+            mode = ctx.options.cassette_mode
+            # Logs never show a key in the path either.
+            log.info("%s passthrough %s %s: %s", mode, request.method, redact_path(path), e)
+            return None
+        body, path, pairs = parts.body, parts.path, parts.query
         try:
             # Credentials never reach a cassette, nor the key (store.live_key).
-            pairs = request.query.items(multi=True) if has_query else []
             key, path, body, query = live_key(request.method, path, body, pairs)
             host = matching.upstream(request.pretty_host, request.port)
             plan = self._plan_for(request.method, key, path, body, query, test_id, host)
@@ -311,7 +320,9 @@ class CassetteRecorder:
             shown = redact_path(path)
             log.info("%s passthrough %s %s: JSON nested too deeply", mode, request.method, shown)
             return None
-        if len(request.raw_content or b"") <= KEY_MEMO_MAX_BODY:
+        # A request whose header credential was scrubbed out of its body is not memoised:
+        # the memo is keyed by the body's bytes, not the headers.
+        if len(request.raw_content or b"") <= KEY_MEMO_MAX_BODY and not parts.scrubbed:
             self._keys[memo_key] = (key, path, body, query)
             if len(self._keys) > KEY_MEMO_SIZE:
                 self._keys.popitem(last=False)
@@ -768,15 +779,25 @@ class CassetteRecorder:
         if ctx.options.cassette_normalize:
             digest = keys.recording_hash(plan.method, plan.path, plan.body, plan.test_id)
             response = normalize_response(response, digest)
+        # Every credential value the request carried, out of all that is written.
+        secrets, marker = written_secrets(
+            request.headers.items(multi=True),
+            request.query.items(multi=True),
+            request.headers.get("content-type", ""),
+            (request.get_content(strict=False) or b"") if request.raw_content else b"",
+        )
+        headers = recordable_headers(request.headers, ctx.options.cassette_record_headers)
+        if marker:
+            headers["content-type"] = marker  # what the body was parsed from (bodies.py)
         path, cassette = new_recording(
             self.store.root,
             method=plan.method,
-            path=plan.path,
-            body=plan.body,
+            path=scrub(plan.path, secrets),
+            body=scrub(plan.body, secrets),
             test_id=plan.test_id,
-            url=redact_url(request.pretty_url),
-            headers=recordable_headers(request.headers, ctx.options.cassette_record_headers),
-            response=response,
+            url=scrub(redact_url(request.pretty_url), secrets),
+            headers=scrub(headers, secrets),
+            response=redact_answer(response, secrets),
         )
         return path, cassette
 

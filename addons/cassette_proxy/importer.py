@@ -19,10 +19,11 @@ from mitmproxy import exceptions, http
 from mitmproxy.io import FlowReader
 
 from .addon import FILE_HEADER, MISS_HEADER, STREAM_TYPES, TEST_ID_HEADER
+from .bodies import NotKeyable, keyed_parts, written_secrets
 from .cassette import Cassette, NotJSONError, write_cassette
 from .families import NotRecordable, classify
 from .recording import new_recording, whole_response
-from .redact import recordable_headers, redact_url
+from .redact import recordable_headers, redact_answer, redact_url, scrub
 
 
 def read_flows(source: Path) -> list[http.HTTPFlow]:
@@ -90,13 +91,24 @@ def cassette_of(
         raise NotRecordable("no response")
     if FILE_HEADER in response.headers or MISS_HEADER in response.headers:
         raise NotRecordable("answered by cassette-proxy itself")
-    body: Any = {}
-    if request.raw_content:
-        try:
-            body = json.loads(request.get_content(strict=False) or b"")
-        except (ValueError, UnicodeDecodeError):
-            raise NotRecordable("request body is not JSON") from None
-    path = request.path.split("?", 1)[0]
+    # The body, path and secrets exactly as the proxy takes them (bodies.py).
+    content = (request.get_content(strict=False) or b"") if request.raw_content else b""
+    content_type = request.headers.get("content-type", "")
+    try:
+        parts = keyed_parts(
+            request.headers.items(multi=True),
+            request.path.split("?", 1)[0],
+            request.query.items(multi=True),
+            content_type,
+            content,
+        )
+    except NotKeyable as e:
+        raise NotRecordable(f"request {e}") from None
+    secrets, marker = written_secrets(
+        request.headers.items(multi=True), request.query.items(multi=True), content_type, content
+    )
+    body: Any = parts.body
+    path = parts.path
     method = request.method.upper()
     family = classify(method, path)
     status = response.status_code
@@ -117,13 +129,16 @@ def cassette_of(
         half = whole_response(family, path, body, status, data)
     scoped = test_id if test_id is not None else request.headers.get(TEST_ID_HEADER)
     headers = {k: v for k, v in request.headers.items() if k.lower() != TEST_ID_HEADER}
+    recorded = recordable_headers(headers, record_headers)
+    if marker:
+        recorded["content-type"] = marker
     return new_recording(
         root,
         method=method,
-        path=path,
-        body=body,
+        path=scrub(path, secrets),
+        body=scrub(body, secrets),
         test_id=scoped,
-        url=redact_url(request.pretty_url),
-        headers=recordable_headers(headers, record_headers),
-        response=half,
+        url=scrub(redact_url(request.pretty_url), secrets),
+        headers=scrub(recorded, secrets),
+        response=redact_answer(half, secrets),
     )

@@ -1,13 +1,21 @@
-"""Secrets never reach a cassette: credential headers, query parameters and keys in URLs."""
+"""Secrets never reach a cassette: credentials by name (headers, query parameters, body
+and answer fields, at any depth), keys in URLs and text, and every credential value the
+request carried, wherever it shows up in what is written (an upstream's echo included).
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import functools
+import json
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, quote_plus, urlencode, urlsplit, urlunsplit
 
-# Never written, even when the user asks to record headers by name.
+# Never written, even when the user asks to record headers by name (besides every
+# header whose name is a credential name, ``is_credential_name``).
 SECRET_HEADERS = frozenset(
     {
         "authorization",
@@ -21,18 +29,97 @@ SECRET_HEADERS = frozenset(
         "ocp-apim-subscription-key",
     }
 )
-SECRET_QUERY_PARAMS = frozenset({"key", "api_key", "api-key", "apikey", "token", "access_token"})
 REDACTED = "REDACTED"
 
-# Credential fields of a JSON request body (some gateways take the key in the body).
-# Their string values are replaced before the request is keyed, so a cassette never holds
-# them and a replay with another key still matches. Matched by exact name, any depth.
-SECRET_BODY_FIELDS = frozenset(
+# ---- credential names ----------------------------------------------------------------
+#
+# A name is a credential name when one of its words is a credential word. Words come
+# from splitting on anything but letters and digits, then camelCase ("AWSAccessKeyId"
+# -> aws access key id), compared lower-case. Whole words, so LLM fields stay data:
+# ``max_tokens``, ``input_tokens`` and ``budget_tokens`` are counts (plural ``tokens`` is
+# not a credential word, nor ``keys``), ``top_k``, ``logit_bias``, ``authors``,
+# ``tokenizer`` and ``keywords`` are other words. Only string values are ever replaced
+# (a count is never a secret), and a string under a credential name at any depth.
+CREDENTIAL_WORDS = frozenset(
     {
-        "api_key", "api-key", "apikey", "x-api-key", "access_token", "refresh_token",
-        "auth_token", "token", "authorization", "client_secret", "password",
+        "key", "token", "secret", "secrets", "password", "passwords", "passwd",
+        "passphrase", "signature", "sig", "credential", "credentials", "auth",
+        "authorization", "cookie",
     }
 )  # fmt: skip
+# All-lower-case compounds ("apikey", "accesstoken", "x-apikey"): a credential word
+# after one of these prefixes; "monkey" or "turkey" are not keys.
+COMPOUND_PREFIXES = (
+    "api", "access", "auth", "bearer", "client", "id", "private", "refresh", "secret",
+    "security", "session", "subscription", "master", "app", "oauth", "sas", "signing",
+    "x", "xapi",
+)  # fmt: skip
+# Words that make the credential word that follows them a non-secret: the special
+# tokens of a chat template (``eos_token``), keys that are identifiers
+# (``prompt_cache_key``, ``idempotency_key``, ``public_key``), Gemini's
+# ``thoughtSignature`` (an opaque blob the client sends back).
+NOT_SECRET_AFTER = {
+    "token": frozenset({"eos", "bos", "pad", "unk", "sep", "cls", "mask", "stop", "start",
+                        "end", "special", "image", "audio", "video"}),
+    "key": frozenset({"cache", "idempotency", "partition", "sort", "primary", "foreign",
+                      "object", "routing", "dedup", "dedupe", "group", "public", "lookup",
+                      "hash", "row", "column", "field", "map"}),
+    "signature": frozenset({"thought", "function", "method", "tool", "type"}),
+}  # fmt: skip
+# Words after a credential word that make the name describe the credential, not hold it:
+# ``token_type`` ("Bearer", which OAuth clients check), ``auth_uri``, ``expires_in`` ...
+DESCRIPTOR_WORDS = frozenset(
+    {
+        "type", "types", "kind", "name", "names", "url", "uri", "uris", "endpoint",
+        "count", "counts", "limit", "limits", "len", "length", "usage", "expiry",
+        "expires", "expire", "expiration", "expired", "ttl", "format", "version",
+        "method", "hint", "strs", "budget", "ids", "prefix", "scheme", "mode",
+        "logprob", "logprobs", "offset", "offsets",
+    }
+)  # fmt: skip
+# OAuth fields that carry a credential without a credential word: only in query
+# strings and form-encoded bodies (in a JSON body ``code`` is a code interpreter's).
+OAUTH_FIELDS = frozenset(
+    {"code", "code_verifier", "assertion", "client_assertion", "device_code", "otp"}
+)
+
+_WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
+_SEPARATORS = re.compile(r"[^A-Za-z0-9]+")
+
+
+def name_words(name: str) -> list[str]:
+    """``"X-Amz-Signature"`` -> ``["x", "amz", "signature"]``; camelCase split too."""
+    return [w.lower() for part in _SEPARATORS.split(name) for w in _WORD.findall(part)]
+
+
+def _credential_word(word: str) -> str | None:
+    if word in CREDENTIAL_WORDS:
+        return word
+    for base in ("key", "token", "secret", "password", "passwd", "signature", "credentials"):
+        if word.endswith(base) and word[: -len(base)] in COMPOUND_PREFIXES:
+            return base
+    return None
+
+
+@functools.lru_cache(maxsize=4096)
+def is_credential_name(name: str) -> bool:
+    """Whether a header, query parameter or body field of this name holds a credential."""
+    words = name_words(name)
+    for i, word in enumerate(words):
+        base = _credential_word(word)
+        if base is None:
+            continue
+        if i > 0 and words[i - 1] in NOT_SECRET_AFTER.get(base, ()):
+            continue
+        if i + 1 < len(words) and words[i + 1] in DESCRIPTOR_WORDS:
+            continue
+        return True
+    return False
+
+
+def is_secret_header(name: str) -> bool:
+    return name.lower() in SECRET_HEADERS or is_credential_name(name)
+
 
 # Bearer tokens (also URL-encoded) and well-known key formats: sk-/rk-/pk- (OpenAI,
 # Anthropic, ...), hf_ (Hugging Face), gsk_ (Groq), AIza (Google).
@@ -62,7 +149,7 @@ def wire_text(text: str) -> str:
 
 
 def is_secret_query_param(name: str) -> bool:
-    return name.lower() in SECRET_QUERY_PARAMS
+    return is_credential_name(name) or name.lower() in OAUTH_FIELDS
 
 
 def keyed_query(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -85,28 +172,71 @@ def redact_path(path: str) -> str:
     return "/".join(redact_text(segment) for segment in path.split("/"))
 
 
-def redact_body(body: Any) -> Any:
-    """The JSON body with the string values of credential fields replaced by REDACTED.
+def _not_secret_here(parent: dict[str, Any], name: str) -> bool:
+    """Shapes where a credential word names data, not a credential."""
+    if name == "token" and "logprob" in parent:
+        return True  # a logprobs entry: {"token": "Hello", "logprob": -0.1, ...}
+    if name == "key" and "value" in parent:
+        return True  # a key/value pair: {"key": "region", "value": "us"} (filters, tags)
+    if name == "signature" and "type" in parent:
+        # A thought's signature (Anthropic thinking blocks and signature_delta, Gemini
+        # interactions' thought outputs): an opaque blob the client sends back verbatim.
+        return True
+    return False
 
-    Returns ``body`` itself when there is nothing to replace (the common case).
-    Free text (a prompt that mentions a key) is data and is left alone.
+
+def redact_body(body: Any, extra: frozenset[str] = frozenset()) -> Any:
+    """The body with the string values of credential fields replaced by REDACTED.
+
+    A credential field is one whose name ``is_credential_name`` (or is in ``extra``,
+    e.g. ``OAUTH_FIELDS`` for a form), at any depth; every string inside a credential
+    field's object or list is replaced too (``"credentials": {"value": ...}``). The names
+    of a JSON schema's ``properties`` are property names, not fields (a tool may take an
+    ``api_key`` argument). Returns ``body`` itself when there is nothing to replace (the
+    common case). Free text (a prompt that mentions a key) is data and is left alone.
     """
-    if isinstance(body, dict):
+    return _redact(body, extra, inside=False, schema=False)
+
+
+_SCALARS = frozenset({int, float, bool, type(None)})
+
+
+def _redact(value: Any, extra: frozenset[str], inside: bool, schema: bool) -> Any:
+    if isinstance(value, str):
+        return REDACTED if inside and value != REDACTED else value
+    if isinstance(value, dict):
         out: dict[str, Any] | None = None
-        for k, v in body.items():
-            new = (
-                REDACTED
-                if isinstance(v, str) and isinstance(k, str) and k.lower() in SECRET_BODY_FIELDS
-                else redact_body(v)
+        for k, v in value.items():
+            secret = inside or (
+                isinstance(k, str)
+                and not schema
+                and (is_credential_name(k) or k in extra)
+                and not _not_secret_here(value, k)
             )
+            if not secret and not isinstance(v, (dict, list)):
+                continue
+            new = _redact(v, extra, secret, schema=k == "properties" and not schema)
             if new is not v:
-                out = dict(body) if out is None else out
+                out = dict(value) if out is None else out
                 out[k] = new
-        return body if out is None else out
-    if isinstance(body, list):
-        items = [redact_body(v) for v in body]
-        return body if all(a is b for a, b in zip(items, body, strict=True)) else items
-    return body
+        return value if out is None else out
+    if isinstance(value, list):
+        if set(map(type, value)) <= _SCALARS:
+            return value  # an embedding: 1,536 floats, checked at C speed
+        out_list: list[Any] | None = None
+        for i, v in enumerate(value):
+            if isinstance(v, (dict, list)) or (inside and isinstance(v, str)):
+                new = _redact(v, extra, inside, False)
+                if new is not v:
+                    out_list = list(value) if out_list is None else out_list
+                    out_list[i] = new
+        return value if out_list is None else out_list
+    return value
+
+
+def redact_form(fields: Any) -> Any:
+    """A form-encoded body's fields with credentials (OAuth's ``code`` too) redacted."""
+    return redact_body(fields, OAUTH_FIELDS)
 
 
 def redact_strings(value: Any) -> Any:
@@ -138,5 +268,299 @@ def redact_url(url: str) -> str:
 
 def recordable_headers(headers: Mapping[str, str], wanted: Iterable[str]) -> dict[str, str]:
     """The headers the user opted into recording, minus credentials, names lower-cased."""
-    names = {n.lower() for n in wanted} - SECRET_HEADERS
-    return {k.lower(): redact_text(v) for k, v in headers.items() if k.lower() in names}
+    names = {n.lower() for n in wanted}
+    return {
+        k.lower(): redact_text(v)
+        for k, v in headers.items()
+        if k.lower() in names and not is_secret_header(k)
+    }
+
+
+# ---- the request's own credential values, wherever they show up ------------------------
+#
+# A credential the request carried (in a header, the query or the body) is looked for in
+# everything written for it, the answer included: an upstream echoes the key it got in
+# a 401 ("Incorrect API key provided: abc123..."), whatever the key looks like. Values
+# that look like placeholders are redacted where they stand but not hunted elsewhere:
+# shorter than 8 characters, or under 16 with no digit and one letter case ("EMPTY",
+# "ollama", "not-needed"), so a dummy key can never rewrite an answer's text.
+
+
+def is_huntable(value: str) -> bool:
+    """Whether a credential value is distinctive enough to replace inside other text."""
+    if len(value) < 8 or value == REDACTED:
+        return False
+    if len(value) >= 16 or any(c.isdigit() for c in value):
+        return True
+    return any(c.isupper() for c in value) and any(c.islower() for c in value)
+
+
+def _header_values(name: str, value: str) -> list[str]:
+    """A credential header's value and the credentials inside it."""
+    values = [value]
+    scheme, _, rest = value.strip().partition(" ")
+    if rest and scheme.lower() in ("bearer", "basic", "token", "digest", "apikey", "key"):
+        values = [rest.strip()]  # the scheme is no secret: "Bearer EMPTY" is a placeholder
+        if scheme.lower() == "basic":
+            try:
+                user, _, password = base64.b64decode(rest.strip()).decode().partition(":")
+                values += [user, password]
+            except (binascii.Error, UnicodeDecodeError, ValueError):
+                pass
+    if name.lower() in ("cookie", "set-cookie"):
+        for crumb in value.split(";"):
+            values.append(crumb.partition("=")[2].strip())
+    return values
+
+
+def _body_values(value: Any, extra: frozenset[str], inside: bool, out: set[str]) -> None:
+    if isinstance(value, str):
+        if inside:
+            out.add(value)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            secret = inside or (
+                isinstance(k, str)
+                and (is_credential_name(k) or k in extra)
+                and not _not_secret_here(value, k)
+            )
+            if secret or isinstance(v, (dict, list)):
+                _body_values(v, extra, secret, out)
+    elif isinstance(value, list):
+        for v in value:
+            _body_values(v, extra, inside, out)
+
+
+def request_secrets(
+    headers: Iterable[tuple[str, str]],
+    query: Iterable[tuple[str, str]],
+    body: Any,
+    form: bool = False,
+) -> frozenset[str]:
+    """The distinctive credential values a request carried, longest first when sorted."""
+    found: set[str] = set()
+    for name, value in headers:
+        if is_secret_header(name):
+            found.update(_header_values(name, value))
+    for name, value in query:
+        if is_secret_query_param(name):
+            found.add(value)
+    _body_values(body, OAUTH_FIELDS if form else frozenset(), False, found)
+    return frozenset(v for v in found if is_huntable(v))
+
+
+def _variants(secrets: frozenset[str]) -> list[str]:
+    """Each secret as it may appear: as sent, and percent-encoded (in a URL)."""
+    out = set(secrets) | {quote(s, safe="") for s in secrets} | {quote_plus(s) for s in secrets}
+    return sorted(out, key=len, reverse=True)
+
+
+def scrub(value: Any, secrets: frozenset[str]) -> Any:
+    """``value`` (a JSON value or a string) with every secret replaced by REDACTED.
+
+    Returns ``value`` itself when no secret occurs in it.
+    """
+    if not secrets:
+        return value
+    return _scrub(value, _variants(secrets))
+
+
+def _scrub(value: Any, needles: list[str]) -> Any:
+    if isinstance(value, str):
+        for needle in needles:
+            if needle in value:
+                value = value.replace(needle, REDACTED)
+        return value
+    if isinstance(value, dict):
+        out: dict[str, Any] | None = None
+        for k, v in value.items():
+            new = _scrub(v, needles)
+            if new is not v:
+                out = dict(value) if out is None else out
+                out[k] = new
+        return value if out is None else out
+    if isinstance(value, list):
+        if set(map(type, value)) <= _SCALARS:
+            return value
+        out_list: list[Any] | None = None
+        for i, v in enumerate(value):
+            if isinstance(v, (str, dict, list)):
+                new = _scrub(v, needles)
+                if new is not v:
+                    out_list = list(value) if out_list is None else out_list
+                    out_list[i] = new
+        return value if out_list is None else out_list
+    return value
+
+
+def _strings_in(value: Any, path: tuple[Any, ...], out: list[tuple[tuple[Any, ...], str]]) -> None:
+    if isinstance(value, str):
+        out.append((path, value))
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _strings_in(v, (*path, k), out)
+    elif isinstance(value, list) and not set(map(type, value)) <= _SCALARS:
+        for i, v in enumerate(value):
+            _strings_in(v, (*path, i), out)
+
+
+def _replaced(value: Any, path: tuple[Any, ...], new: str) -> Any:
+    """``value`` with the string at ``path`` replaced, containers copied along the way."""
+    if not path:
+        return new
+    head, rest = path[0], path[1:]
+    copy = dict(value) if isinstance(value, dict) else list(value)
+    copy[head] = _replaced(value[head], rest, new)
+    return copy
+
+
+def _spans(text: str, needles: list[str]) -> list[tuple[int, int]]:
+    """Where the needles (longest first) occur in ``text``, without overlaps, in order."""
+    spans: list[tuple[int, int]] = []
+    for needle in needles:
+        at = text.find(needle)
+        while at >= 0:
+            end = at + len(needle)
+            if all(end <= s or at >= e for s, e in spans):
+                spans.append((at, end))
+            at = text.find(needle, end)
+    return sorted(spans)
+
+
+def scrub_stream(chunks: list[Any], secrets: frozenset[str]) -> list[Any]:
+    """A stream's chunks with secrets replaced even when split across chunks.
+
+    An upstream that echoes a key streams it in pieces (``"AUTHO"``, ``"RIZATION..."``
+    in consecutive ``delta.content``): the strings at the same place in every chunk are
+    read as one text, and a secret found in it becomes REDACTED in the chunk where it
+    starts and is removed from the chunks it continues into.
+    """
+    if not secrets or len(chunks) < 2:
+        return chunks
+    needles = _variants(secrets)
+    groups: dict[tuple[Any, ...], list[tuple[int, str]]] = {}
+    for i, chunk in enumerate(chunks):
+        found: list[tuple[tuple[Any, ...], str]] = []
+        _strings_in(chunk, (), found)
+        for path, text in found:
+            groups.setdefault(path, []).append((i, text))
+    out = list(chunks)
+    for path, pieces in groups.items():
+        joined = "".join(text for _, text in pieces)
+        spans = _spans(joined, needles) if len(pieces) > 1 else []
+        offset = 0
+        for i, text in pieces:
+            start, end = offset, offset + len(text)
+            offset = end
+            kept, pos = [], start
+            for s, e in spans:
+                if e <= start or s >= end:
+                    continue
+                kept.append(joined[pos : max(s, start)])
+                if s >= start:
+                    kept.append(REDACTED)
+                pos = min(e, end)
+            kept.append(joined[pos:end])
+            new = "".join(kept)
+            if new != text:
+                out[i] = _replaced(out[i], path, new)
+    return chunks if all(a is b for a, b in zip(out, chunks, strict=True)) else out
+
+
+def scrub_lines(lines: list[str], secrets: frozenset[str]) -> list[str]:
+    """``scrub_stream`` for a raw stream kept as its SSE lines (``data: {...}``): the JSON
+    of the data lines is read as the chunks, and a changed line is written back in the
+    same JSON style (compact or not); other lines stay as they are."""
+    found: list[tuple[int, str, Any]] = []
+    for i, line in enumerate(lines):
+        if isinstance(line, str) and line.startswith("data:"):
+            payload = line[5:].lstrip()
+            if payload[:1] in ("{", "["):
+                try:
+                    found.append((i, payload, json.loads(payload)))
+                except ValueError:
+                    pass
+    chunks = [obj for _, _, obj in found]
+    scrubbed = scrub_stream(chunks, secrets)
+    if scrubbed is chunks:
+        return lines
+    out = list(lines)
+    for (i, payload, old), new in zip(found, scrubbed, strict=True):
+        if new is not old:
+            compact = json.dumps(old, separators=(",", ":"), ensure_ascii=False) == payload
+            text = json.dumps(new, separators=(",", ":") if compact else None, ensure_ascii=False)
+            out[i] = lines[i][: len(lines[i]) - len(payload)] + text
+    return out
+
+
+def redact_answer(response: dict[str, Any], secrets: frozenset[str]) -> dict[str, Any]:
+    """A recorded response half with credentials out: credential fields by name (a token
+    exchange's ``access_token``, ``refresh_token``, ``id_token``) and the request's own
+    credential values anywhere (an upstream's echo). The client that replays it gets
+    ``REDACTED`` as its token, sends it back as ``Bearer REDACTED``, and that request
+    keys as the recorded one did (headers are not keyed; bodies are redacted alike)."""
+    response = scrub(redact_body(response), secrets)
+    body = response.get("body")
+    if response.get("is_streaming") and isinstance(body, list) and secrets:
+        lines = all(isinstance(line, str) for line in body)
+        chunks = scrub_lines(body, secrets) if lines else scrub_stream(body, secrets)
+        if chunks is not body:
+            response = {**response, "body": chunks}
+    return response
+
+
+# ---- flow lines on the terminal -------------------------------------------------------
+#
+# mitmdump without -q prints one line per flow with the full URL (``?key=...``), and its
+# headers from ``flow_detail=2`` on. The terminal is scrollback, CI logs and pasted bug
+# reports: the printer (mitmproxy's ``dumper`` addon) is handed a copy of each flow with
+# the same credentials redacted as in a cassette.
+
+
+def printable_flow(flow: Any) -> Any:
+    """A copy of an HTTP flow for printing: credentials in URL, headers, bodies redacted."""
+    from .bodies import written_secrets  # bodies builds on this module
+
+    copy = flow.copy()
+    request = copy.request
+    secrets, _ = written_secrets(
+        request.headers.items(multi=True),
+        request.query.items(multi=True),
+        request.headers.get("content-type", ""),
+        (request.get_content(strict=False) or b"") if request.raw_content else b"",
+    )
+    request.url = scrub(redact_url(flow.request.url), secrets)
+    for message in (request, copy.response):
+        if message is None:
+            continue
+        for name in list(message.headers.keys()):
+            if is_secret_header(name):
+                message.headers[name] = REDACTED
+            else:
+                message.headers[name] = scrub(redact_text(message.headers[name]), secrets)
+        if message.raw_content:
+            try:
+                text = message.get_text(strict=False)
+            except ValueError:
+                continue
+            if text is not None:
+                message.text = scrub(redact_text(text), secrets)
+    return copy
+
+
+def guard_flow_lines(master: Any) -> None:
+    """Make mitmdump's flow printer (if loaded) print ``printable_flow`` copies."""
+    dumper = master.addons.get("dumper") if master is not None else None
+    if dumper is None or getattr(dumper, "cassette_redacts", False):
+        return
+    original = dumper.echo_flow
+
+    def echo_flow(flow: Any) -> None:
+        try:
+            shown = printable_flow(flow)
+        except Exception:  # noqa: BLE001 - print nothing rather than a credential
+            return
+        original(shown)
+
+    dumper.echo_flow = echo_flow
+    dumper.cassette_redacts = True
