@@ -173,10 +173,11 @@ class CassetteRecorder:
             # so reverse mode and HTTPS work with the upstream down.
             if opts.connection_strategy != "lazy":
                 opts.connection_strategy = "lazy"
+        if updated & {"cassette_dir", "cassette_mode"}:
+            _ensure_folder(Path(opts.cassette_dir).expanduser(), opts.cassette_mode)
         if "cassette_dir" in updated:
             root = Path(opts.cassette_dir).expanduser()
-            if root.exists() and not root.is_dir():
-                raise exceptions.OptionsError(f"cassette_dir {root} exists and is not a folder")
+            self.usage.root = root
             self.store = CassetteStore(root)
             report = self.store.load()
             for problem in report.bad:
@@ -184,11 +185,9 @@ class CassetteRecorder:
             if report.removed_temp:
                 log.info("removed %d unfinished temp file(s) in %s", report.removed_temp, root)
             if report.unservable:
-                log.info(
-                    "%d cassette(s) no client can reach, not served: %s",
-                    len(report.unservable),
-                    "; ".join(report.unservable),
-                )
+                for line in unservable_summary(report.unservable):
+                    log.info("%s", line)
+                log.debug("not served: %s", "; ".join(report.unservable))
             log.info("cassettes: %d loaded from %s", report.loaded, root)
             if root.is_dir() and not os.access(root, os.W_OK):
                 # access() sees a read-only mount even for root; each failed write says so too.
@@ -202,7 +201,7 @@ class CassetteRecorder:
             self.usage.close()
             where = Path(opts.cassette_usage_log).expanduser() if opts.cassette_usage_log else None
             try:
-                self.usage = UsageLog(where)
+                self.usage = UsageLog(where, Path(opts.cassette_dir).expanduser())
             except OSError as e:
                 raise exceptions.OptionsError(f"cassette_usage_log {where}: {e}") from e
 
@@ -256,6 +255,11 @@ class CassetteRecorder:
                     "is unreachable and cassette_mode is record",
                     {"content-type": "text/plain"},
                 )
+                del self.plans[flow]  # our own 502: nothing to record
+                log.warning(
+                    "record %s %s: upstream %s:%s is unreachable; answered 502, nothing recorded",
+                    plan.method, plan.path, flow.request.host, flow.request.port,
+                )  # fmt: skip
                 return
         if flow.response is None:
             # Decoded bodies stream through the tap as they are recorded.
@@ -328,7 +332,7 @@ class CassetteRecorder:
         flow.response = self._replay(plan, why)
         file = plan.served_from  # set on a hit, as the answer's FILE_HEADER
         flow.comment = f"cassette: {file}" if file else "cassette: miss"
-        flow.marked = ":tape:" if file else ":x:"
+        flow.marked = ":vhs:" if file else ":x:"
         if why:
             flow.comment += f" ({why})"
 
@@ -476,7 +480,7 @@ class CassetteRecorder:
             )
         response = self._replay(plan, why="upstream went away")
         flow.comment = f"cassette: {plan.served_from or 'miss'} (upstream went away)"
-        flow.marked = ":tape:" if plan.served_from else ":x:"
+        flow.marked = ":vhs:" if plan.served_from else ":x:"
         return response
 
     # ---- record ---------------------------------------------------------------------
@@ -732,6 +736,65 @@ def _header_fields(wire: Wire, served_from: str) -> HeaderFields | None:
     ]
     fields.append((b"content-length", str(len(wire.body)).encode()))
     return tuple(fields)
+
+
+def _ensure_folder(root: Path, mode: str) -> None:
+    """Replay from a folder that is not there is a typo, not an empty folder: refuse it.
+    Modes that record create it, and say so."""
+    if root.exists():
+        if not root.is_dir():
+            raise exceptions.OptionsError(f"cassette_dir {root} exists and is not a folder")
+        return
+    if mode == "replay":
+        raise exceptions.OptionsError(
+            f"cassette folder {root} does not exist, and replay answers only from it "
+            "(check the path given to -d / cassette_dir, or record first)"
+        )
+    if mode in ("auto", "record", "record-if-missing"):
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise exceptions.OptionsError(f"cannot create cassette folder {root}: {e}") from e
+        log.info("created cassette folder %s", root)
+
+
+SUMMARY_NAMES = 3  # names shown per kind of unservable file (all of them at -v)
+
+
+def unservable_summary(unservable: Sequence[str]) -> list[str]:
+    """Files that cannot be served, as one line per kind: a count and the first names.
+
+    ``unservable`` holds ``"<file>: <reason>"``. A big llama-stack folder has thousands
+    of tool-level recordings; naming them all made one log line of 27,800 characters.
+    """
+    by_kind: dict[str, list[str]] = {}
+    for entry in unservable:
+        name, _, reason = entry.partition(": ")
+        by_kind.setdefault(_reason_kind(reason), []).append(name)
+    total = len(unservable)
+    lines = [
+        f"{total} recording(s) are read but not served: no HTTP client can send their "
+        "request (llama-stack's tool-level and SDK-level recordings, and chat streams it "
+        "labelled with the wrong endpoint); that is expected, the rest are served"
+    ]
+    for kind, names in sorted(by_kind.items(), key=lambda kv: -len(kv[1])):
+        shown = ", ".join(names[:SUMMARY_NAMES])
+        more = f" and {len(names) - SUMMARY_NAMES} more (-v lists all)" if (
+            len(names) > SUMMARY_NAMES
+        ) else ""
+        lines.append(f"  {len(names)} {kind}: {shown}{more}")
+    return lines
+
+
+def _reason_kind(reason: str) -> str:
+    """A reason without the parts that differ per file (quoted labels, type names)."""
+    if reason.startswith("stale: endpoint label"):
+        return "stale: endpoint label relative to the base URL (pre-Aug-2025)"
+    if reason.startswith("stale: a "):
+        return "stale: a response recorded under the wrong endpoint"
+    if reason.startswith("an SDK-level recording"):
+        return "SDK-level recording, not an HTTP request"
+    return reason
 
 
 def _not_keyable(request: http.Request) -> str | None:

@@ -16,6 +16,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,28 @@ def cli() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    if argv is None and _optimize_run(sys.argv[1:]):
+        # `run` under -O: mitmproxy checks the type of every header and body it sets with
+        # asserts, a real part of its time per request (docs/benchmarks.md). asserts are
+        # compiled out or not when a module is first imported, so the process starts
+        # again, once, before mitmproxy is imported. PYTHONOPTIMIZE=0 keeps them.
+        env = dict(os.environ, PYTHONOPTIMIZE="1")
+        argv0 = [sys.executable, "-m", "cassette_proxy.cli", *sys.argv[1:]]
+        try:
+            os.execve(sys.executable, argv0, env)
+        except OSError:
+            pass  # run as we are: slower, not wrong
     cli.main(args=list(argv) if argv is not None else None, prog_name="cassette-proxy")
+
+
+def _optimize_run(args: Sequence[str]) -> bool:
+    return (
+        bool(args)
+        and args[0] == "run"
+        and not sys.flags.optimize
+        and "PYTHONOPTIMIZE" not in os.environ
+        and "mitmproxy" not in sys.modules
+    )
 
 
 # ---- helpers ---------------------------------------------------------------------------
@@ -103,6 +125,26 @@ def read_folder(cassette_dir: Path, label: str = "reading cassettes") -> list[ca
         return [catalog.load_item(p, cassette_dir) for p in bar]
 
 
+def read_roots(
+    paths: Sequence[Path], cassette_dir: Path, label: str = "reading cassettes"
+) -> list[catalog.Item]:
+    """The cassettes of PATH arguments (files or folders), or of the -d folder."""
+    roots = list(paths) or [cassette_dir]
+    items: list[catalog.Item] = []
+    for root in roots:
+        found = read_folder(root, label)
+        if len(roots) > 1 and root.is_dir():
+            for item in found:  # names relative to their own root would be ambiguous
+                item.rel = str(root / item.rel)
+        items += found
+    return items
+
+
+paths_argument = click.argument(
+    "paths", nargs=-1, type=click.Path(exists=True, path_type=Path), metavar="[PATH]..."
+)
+
+
 def report_bad(items: Iterable[catalog.Item]) -> int:
     bad = 0
     for item in items:
@@ -116,6 +158,7 @@ def report_bad(items: Iterable[catalog.Item]) -> int:
 
 
 @cli.command("ls")
+@paths_argument
 @dir_option
 @click.option("--endpoint", "-e", help="Only endpoints containing this text.")
 @click.option("--model", "-m", help="Only models containing this text.")
@@ -124,6 +167,7 @@ def report_bad(items: Iterable[catalog.Item]) -> int:
 @click.option("--wide", "-w", is_flag=True, help="Do not shorten long cells.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def ls_command(
+    paths: tuple[Path, ...],
     cassette_dir: Path,
     endpoint: str | None,
     model: str | None,
@@ -132,16 +176,20 @@ def ls_command(
     wide: bool,
     as_json: bool,
 ) -> None:
-    """List cassettes: file, endpoint, model, streamed, chunks, size, test id.
+    """List cassettes, oldest first: file, when recorded, endpoint, model, streamed,
+    chunks, size, test id, and the start of the last user message (or input).
+
+    On a terminal FILE is the shortest prefix that names the file alone (paste it
+    into `show`); piped, it is the whole name. Lists PATHS, or the cassette folder.
 
     \b
     Example:
       cassette-proxy ls --endpoint chat --streamed
     """
-    items = read_folder(cassette_dir)
+    items = read_roots(paths, cassette_dir)
     report_bad(items)
     rows: list[dict[str, Any]] = []
-    for item in items:
+    for item in sorted(items, key=lambda i: (_mtime(i.path), i.rel)):
         if item.cassette is None:
             continue
         s = catalog.summarize(item.cassette)
@@ -156,6 +204,7 @@ def ls_command(
         rows.append(
             {
                 "file": item.rel,
+                "recorded": _when(item.path),
                 "method": s.method,
                 "endpoint": s.endpoint,
                 "model": s.model,
@@ -164,6 +213,7 @@ def ls_command(
                 "chunks": s.chunks,
                 "size": item.size,
                 "test_id": s.test_id,
+                "prompt": clip(catalog.prompt_of(item.cassette), 200),
             }
         )
     if as_json:
@@ -173,22 +223,62 @@ def ls_command(
     if not rows:
         click.echo("no cassettes match", err=True)
         return
-    width = 10_000 if wide else 40
+    terminal = sys.stdout.isatty() and not wide
+    names = _unique_prefixes([i.path.name for i in items]) if terminal else {}
+
+    def cut(text: str, width: int) -> str:
+        return clip(text, width) if terminal else text
+
     cells = [
         [
-            clip(r["file"], width),
+            names.get(Path(r["file"]).name, r["file"]),
+            r["recorded"][:16].replace("T", " "),
             f"{r['method']} {r['endpoint']}",
-            clip(r["model"], width) or "-",
+            cut(r["model"], 32) or "-",
             "yes" if r["streamed"] else "no",
             str(r["chunks"]) if r["streamed"] else "-",
             human_size(r["size"]),
-            clip(r["test_id"] or "-", 10_000 if wide else 60),
+            cut(r["test_id"] or "-", 48),
+            clip(r["prompt"], 10_000 if wide else 40) or "-",
         ]
         for r in rows
     ]
-    headers = ["FILE", "ENDPOINT", "MODEL", "STREAMED", "CHUNKS", "SIZE", "TEST ID"]
-    click.echo(table(headers, cells, right=(4, 5)))
+    headers = ["FILE", "RECORDED", "ENDPOINT", "MODEL", "STREAMED", "CHUNKS", "SIZE", "TEST ID",
+               "PROMPT"]  # fmt: skip
+    click.echo(table(headers, cells, right=(5, 6)))
     click.echo(f"{len(rows)} cassette(s)", err=True)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _when(path: Path) -> str:
+    """When a cassette was recorded (written), local time, to the second."""
+    stamp = datetime.fromtimestamp(_mtime(path)).astimezone()
+    return stamp.isoformat(timespec="seconds")
+
+
+def _unique_prefixes(names: Sequence[str], shortest: int = 8) -> dict[str, str]:
+    """Each file name's shortest prefix (without .json) that no other name starts with.
+
+    Two files of the same name (in two test folders) keep their whole names: `show`
+    then needs a path.
+    """
+    stems = sorted(n.removesuffix(".json") for n in names)
+    out: dict[str, str] = {}
+    for i, stem in enumerate(stems):
+        need = shortest
+        for j in (i - 1, i + 1):
+            if 0 <= j < len(stems):
+                other = stems[j]
+                common = len(os.path.commonprefix([stem, other]))
+                need = max(need, common + 1)
+        out[stem + ".json"] = stem if need >= len(stem) else stem[:need]
+    return out
 
 
 # ---- show ------------------------------------------------------------------------------
@@ -201,23 +291,24 @@ def find_cassette(target: str, cassette_dir: Path) -> catalog.Item:
         item = catalog.load_item(path, path.parent)
         item.rel = str(path)
         return item
-    wanted = target.removesuffix(".json").lower()
-    if len(wanted) < 4 or not all(c in "0123456789abcdef-models" for c in wanted):
-        raise fail(f"no file {target} (and it is not a hash or key prefix)")
+    # A name cut by a table ("0806aef4…") is pasted with its ellipsis.
+    wanted = target.rstrip("…").removesuffix(".json").lower()
+    if len(wanted) < 4:
+        raise fail(f"no file {target}, and {target!r} is too short a prefix (give 4 or more)")
     if not cassette_dir.is_dir():
         raise fail(f"no file {target}, and no cassette folder at {cassette_dir} to search")
     matches: list[catalog.Item] = []
     for item in read_folder(cassette_dir, "searching"):
-        if item.path.name.lower().startswith(wanted):
+        if item.path.name.lower().startswith(wanted) or item.rel.lower().startswith(wanted):
             matches.append(item)
         elif item.cassette is not None and _key(item).startswith(wanted):
             matches.append(item)
     if not matches:
-        raise fail(f"no cassette in {cassette_dir} named or keyed {target}")
+        raise fail(f"no cassette matches {target} in {cassette_dir} (by file name or key)")
     if len(matches) > 1:
         names = ", ".join(m.rel for m in matches[:5])
         more = f" and {len(matches) - 5} more" if len(matches) > 5 else ""
-        raise fail(f"{target} matches {len(matches)} cassettes: {names}{more}; give more of it")
+        raise fail(f"ambiguous: {len(matches)} match {target}: {names}{more}; give more of it")
     return matches[0]
 
 
@@ -359,7 +450,7 @@ def render_view(view: dict[str, Any]) -> str:
 
 
 @cli.command("verify")
-@click.argument("paths", nargs=-1, type=click.Path(exists=True, path_type=Path))
+@paths_argument
 @dir_option
 @click.option("--strict", is_flag=True, help="Warnings fail too (exit 1).")
 @click.option("--quiet", "-q", is_flag=True, help="Print only problems and the total.")
@@ -376,12 +467,7 @@ def verify_command(paths: tuple[Path, ...], cassette_dir: Path, strict: bool, qu
     Example (CI):
       cassette-proxy verify --cassette-dir tests/cassettes
     """
-    roots = list(paths) or [cassette_dir]
-    items: list[catalog.Item] = []
-    for root in roots:
-        if not root.exists():
-            raise fail(f"no cassette folder at {root}")
-        items += read_folder(root, "verifying")
+    items = read_roots(paths, cassette_dir, "verifying")
     errors = warnings = 0
     seen: dict[tuple[str, str | None], str] = {}
     lines: list[str] = []  # printed after the progress bar, not through it
@@ -396,8 +482,11 @@ def verify_command(paths: tuple[Path, ...], cassette_dir: Path, strict: bool, qu
                     seen[key] = item.rel
             errors += len(found.errors)
             warnings += len(found.warnings)
-            lines += [f"error    {item.rel}: {message}" for message in found.errors]
-            lines += [f"warning  {item.rel}: {message}" for message in found.warnings]
+            # Each file's name once, its findings after it.
+            findings = [f"error: {m}" for m in found.errors]
+            findings += [f"warning: {m}" for m in found.warnings]
+            if findings:
+                lines.append(f"{item.rel}: " + "; ".join(findings))
     for line in lines:
         click.echo(line)
     verdict = f"{len(items)} cassette(s): {errors} error(s), {warnings} warning(s)"
@@ -410,16 +499,18 @@ def verify_command(paths: tuple[Path, ...], cassette_dir: Path, strict: bool, qu
 
 
 @cli.command("stats")
+@paths_argument
 @dir_option
 @click.option("--json", "as_json", is_flag=True, help="The numbers as JSON.")
-def stats_command(cassette_dir: Path, as_json: bool) -> None:
-    """Counts by endpoint and by model, and the tokens recorded (from ``usage``).
+def stats_command(paths: tuple[Path, ...], cassette_dir: Path, as_json: bool) -> None:
+    """Counts by endpoint and by model, and the tokens recorded (from ``usage``), of
+    PATHS or of the cassette folder.
 
     \b
     Example:
       cassette-proxy stats
     """
-    items = read_folder(cassette_dir)
+    items = read_roots(paths, cassette_dir)
     bad = report_bad(items)
     by_endpoint: Counter[str] = Counter()
     by_model: Counter[str] = Counter()
@@ -524,21 +615,37 @@ def prune_command(cassette_dir: Path, usage_logs: tuple[Path, ...], yes: bool) -
 
     if not cassette_dir.is_dir():
         raise fail(f"no cassette folder at {cassette_dir}")
-    used, malformed = read_usage(usage_logs, cassette_dir)
-    if malformed:
-        click.echo(f"warning: {malformed} line(s) of the usage log(s) not understood", err=True)
-    if not used:
-        raise fail("the usage log(s) name no cassette; refusing to prune everything")
-    unused = [p for p in catalog.cassette_paths(cassette_dir) if p.resolve() not in used]
+    usage = read_usage(usage_logs, cassette_dir)
+    if usage.malformed:
+        click.echo(
+            f"warning: {usage.malformed} line(s) of the usage log(s) not understood", err=True
+        )
+    folder = cassette_dir.resolve()
+    if usage.folders and folder not in usage.folders:
+        logged = ", ".join(str(f) for f in sorted(usage.folders))
+        raise fail(
+            f"the usage log(s) were written for {logged}, not {folder}; refusing to prune "
+            f"(give that folder with -d)"
+        )
+    paths = catalog.cassette_paths(cassette_dir)
+    unused = [p for p in paths if p.resolve() not in usage.used]
+    kept = len(paths) - len(unused)
+    if not kept:
+        raise fail(
+            f"the usage log(s) name none of the {len(paths)} cassette(s) in {cassette_dir}; "
+            "refusing to prune everything (is -d the folder the proxy ran with?)"
+        )
     root = cassette_dir
     for path in unused:
         click.echo(f"{'removing' if yes else 'would remove'} {path.relative_to(root)}")
-    kept = len(catalog.cassette_paths(cassette_dir)) - len(unused)
     if not yes:
         click.echo(
             f"{len(unused)} unused, {kept} used; nothing removed (dry run: add --yes)", err=True
         )
         return
+    click.echo(
+        f"{len(unused)} of {len(paths)} cassette(s) in {cassette_dir} go, {kept} stay", err=True
+    )
     failed = 0
     with progress(unused, "removing") as bar:
         for path in bar:
@@ -667,10 +774,14 @@ def _ca_cert(confdir: Path) -> Path | None:
 def client_lines(url: str, reverse: str | None, ca: Path | None) -> list[str]:
     """What a client needs, as lines to paste into a shell."""
     if reverse:
-        return [
+        lines = [
             f"# reverse proxy to {reverse}: send requests to {url} instead",
             f"export OPENAI_BASE_URL={url}/v1",
         ]
+        if not os.environ.get("OPENAI_API_KEY"):
+            # The openai SDKs refuse to start without a key; replay needs none.
+            lines.append("export OPENAI_API_KEY=sk-placeholder")
+        return lines
     lines = [
         f"export {name}={url}"
         for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")
@@ -683,9 +794,27 @@ def client_lines(url: str, reverse: str | None, ca: Path | None) -> list[str]:
     return lines
 
 
+def _cassette_mode(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if value in MODES:
+        return value
+    choices = ", ".join(MODES)
+    if value.startswith(("reverse:", "regular", "upstream:", "socks5", "transparent", "wire")):
+        hint = f"; for reverse mode use --reverse {value.removeprefix('reverse:')}" if (
+            value.startswith("reverse:")
+        ) else ""
+        raise click.BadParameter(
+            f"{value!r} is a mitmproxy proxy mode; --mode is the cassette mode ({choices}){hint}"
+        )
+    raise click.BadParameter(f"{value!r} is not one of {choices}")
+
+
 @cli.command("run", context_settings={"show_default": True})
 @click.option(
-    "--mode", type=click.Choice(MODES), default="auto", help="What to do with each request."
+    "--mode",
+    default="auto",
+    callback=_cassette_mode,
+    metavar="[" + "|".join(MODES) + "]",
+    help="What to do with each request (the cassette mode; see the README's Modes).",
 )
 @dir_option
 @click.option("--listen-host", default="127.0.0.1", help="Address to listen on.")
@@ -781,13 +910,34 @@ def run_command(
     conf = Path(_setting(settings, "confdir") or "~/.mitmproxy").expanduser()
     ca = None if reverse_to else _ca_cert(conf)
     folder = Path(_setting(settings, "cassette_dir") or DEFAULT_DIR)
-    click.echo(
+    # Checked here too (the addon checks them for mitmdump): before mitmproxy starts,
+    # so the one line printed is the reason, not a reload of the default folder.
+    cassette_mode = _setting(settings, "cassette_mode") or "auto"
+    if cassette_mode not in MODES:
+        click.echo(
+            f"cassette-proxy: cassette_mode must be one of {', '.join(MODES)}, "
+            f"not {cassette_mode!r}",
+            err=True,
+        )
+        sys.exit(2)
+    if cassette_mode == "replay" and not folder.expanduser().exists():
+        click.echo(
+            f"cassette-proxy: cassette folder {folder} does not exist, and replay answers "
+            "only from it (check the path given to -d / CASSETTE_DIR, or record first)",
+            err=True,
+        )
+        sys.exit(2)
+    banner = [
         f"# cassette-proxy {_setting(settings, 'cassette_mode')} mode, cassettes in {folder}, "
-        f"{'lean' if not full else 'full'} master at {url}"
-    )
-    for line in client_lines(url, reverse_to, ca):
-        click.echo(line)
-    sys.stdout.flush()
+        f"{'lean' if not full else 'full'} master at {url}",
+        *client_lines(url, reverse_to, ca),
+    ]
+
+    def listening() -> None:
+        # Only once it listens: lines to paste are a promise that something answers.
+        for line in banner:
+            click.echo(line)
+        sys.stdout.flush()
 
     if not verbose:
         # mitmproxy logs every client connect and disconnect at info; `run` keeps info
@@ -795,7 +945,7 @@ def run_command(
         logging.getLogger("mitmproxy.proxy.server").addFilter(_above_info)
     addon = CassetteRecorder()
     addon.log_summary = False  # printed below, once
-    status = run_proxy(settings, lean=not full, addon=addon)
+    status = run_proxy(settings, lean=not full, addon=addon, on_listening=listening)
     c = addon.counts
     if status == 0 or any(c.values()):  # not after a failed start: the error says it all
         click.echo(
