@@ -114,6 +114,7 @@ class CassetteRecorder:
         self.plans: weakref.WeakKeyDictionary[http.HTTPFlow, Plan] = weakref.WeakKeyDictionary()
         self.log_summary = True  # `cassette-proxy run` prints the summary itself
         self.record_errors = DEFAULT_RECORDED_ERRORS  # option cassette_record_errors
+        self.stopping = False  # set when the proxy shuts down
 
     # ---- options -----------------------------------------------------------------
 
@@ -206,6 +207,7 @@ class CassetteRecorder:
                 raise exceptions.OptionsError(f"cassette_usage_log {where}: {e}") from e
 
     async def done(self) -> None:
+        self.stopping = True  # streams cut from here on were cut by us, not by a client
         if self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)
         self.fallback.close()
@@ -466,6 +468,21 @@ class CassetteRecorder:
         tls_start.ssl_conn = SSL.Connection(context)
         tls_start.ssl_conn.set_connect_state()
 
+    def tls_failed_server(self, tls_start: TlsData) -> None:
+        """mitmproxy answers a failed upstream handshake with an HTML 502; say what to do."""
+        conn = tls_start.conn
+        if conn.address is None or conn.address == self.fallback.tls_address:
+            return
+        error = conn.error or "handshake failed"
+        hint = ""
+        if "certificate" in error.lower():
+            hint = (
+                "; for an upstream with a self-signed or private-CA certificate start the "
+                "proxy with --set ssl_verify_upstream_trusted_ca=CA.pem "
+                "(or, not verifying at all, --set ssl_insecure=true)"
+            )
+        log.warning("TLS to upstream %s:%s failed: %s%s", *conn.address[:2], error, hint)
+
     async def _start_fallback(self) -> None:
         tlsconfig = ctx.master.addons.get("tlsconfig")
         pems = certificate_pems(tlsconfig.certstore) if tlsconfig else (None, None)
@@ -609,6 +626,8 @@ class CassetteRecorder:
             self._finish_stream(flow, plan, clean_end=False)
         else:
             reason = flow.error.msg if flow.error else "unknown"
+            if self.stopping:  # mitmproxy says "Client disconnected." for its own shutdown
+                reason = "the proxy was stopped"
             self._not_recorded(flow, plan, f"stream cut short ({reason})", warn=True)
 
     def _finish_stream(self, flow: http.HTTPFlow, plan: Plan, clean_end: bool) -> None:

@@ -935,8 +935,7 @@ def run_command(
 
     def listening() -> None:
         # Only once it listens: lines to paste are a promise that something answers.
-        for line in banner:
-            click.echo(line)
+        click.echo("\n".join(banner))  # one write: a reader never sees half of it
         sys.stdout.flush()
 
     if not verbose:

@@ -166,8 +166,9 @@ class _PortInUse(logging.Filter):
             where = re.search(r"failed to listen on (\S+?):(\d+)", text)
             host, port = where.groups() if where else ("127.0.0.1", "the port")
             record.msg = (
-                f"cassette-proxy: port {port} on {host} is already in use (another proxy "
-                "running?); pick another with --listen-port N (scripts/run: PORT=N)"
+                f"cassette-proxy: cannot listen on {host}:{port}: address already in use "
+                "(another proxy running?); pick another port with --listen-port N "
+                "(scripts/run: PORT=N)"
             )
             record.args = ()
         return True
