@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 SEED = REPO / "cassettes" / "0806aef47037.json"
 CORPUS = REPO / "tests" / "fixtures" / "llama-stack"
 CLI = Path(sys.executable).parent / "cassette-proxy"
-COMMANDS = ["run", "ls", "show", "verify", "stats", "prune", "import"]
+COMMANDS = ["run", "ls", "show", "verify", "stats", "prune", "import", "drift"]
 
 
 def invoke(*args: str) -> tuple[int, str, str]:

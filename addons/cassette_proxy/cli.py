@@ -77,9 +77,9 @@ def _optimize_run(args: Sequence[str]) -> bool:
 
 
 @contextmanager
-def progress[T](items: Sequence[T], label: str) -> Iterator[Iterable[T]]:
+def progress[T](items: Sequence[T], label: str, minimum: int = 201) -> Iterator[Iterable[T]]:
     """A progress bar on stderr for long work, when a person is watching."""
-    if len(items) > 200 and sys.stderr.isatty():
+    if len(items) >= minimum and sys.stderr.isatty():
         with click.progressbar(items, label=label, file=sys.stderr) as bar:
             yield bar
     else:
@@ -737,6 +737,112 @@ def import_command(
         + (f" ({detail})" if detail else ""),
         err=True,
     )
+
+
+# ---- drift -----------------------------------------------------------------------------
+
+
+def _header(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for spec in values:
+        name, sep, value = spec.partition(":")
+        if not sep or not name.strip() or any(c.isspace() for c in name.strip()):
+            raise click.BadParameter(f"{spec!r} is not 'Name: value'")
+        headers[name.strip()] = value.strip()
+    return headers
+
+
+def _upstream(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not value.startswith(("http://", "https://")):
+        raise click.BadParameter(f"{value!r} is not an http:// or https:// URL")
+    return value
+
+
+@cli.command("drift")
+@paths_argument
+@dir_option
+@click.option(
+    "--upstream",
+    metavar="URL",
+    callback=_upstream,
+    help="Send every request here (base URL) instead of its recorded host.",
+)
+@click.option(
+    "--header",
+    "headers",
+    multiple=True,
+    callback=_header,
+    metavar="'NAME: VALUE'",
+    help="A header to send with every request (repeatable), e.g. credentials.",
+)
+@click.option(
+    "--ignore",
+    "ignore",
+    multiple=True,
+    metavar="PATH",
+    help="A field not to compare, and all below it (repeatable): usage, choices.logprobs, *.id.",
+)
+@click.option(
+    "--timeout", type=float, default=120.0, show_default=True, help="Seconds per request."
+)
+def drift_command(
+    paths: tuple[Path, ...],
+    cassette_dir: Path,
+    upstream: str | None,
+    headers: dict[str, str],
+    ignore: tuple[str, ...],
+    timeout: float,
+) -> None:
+    """Send each cassette's request to the live upstream and say what changed shape.
+
+    Compares field names and JSON types (values ignored; list items as one shape; int
+    and float are both numbers; null is no type), each chunk of a stream, and the
+    status. Prints, per cassette that drifted: +field (new), -field (gone),
+    field: int -> string. Exit 0 when nothing drifted, 1 when something did (or an
+    upstream could not be reached), 2 on bad usage. Writes nothing; requests go
+    straight to the upstream, not through any proxy. Credentials come only from
+    --header, or OPENAI_API_KEY in the environment (as Authorization: Bearer).
+
+    \b
+    Example:
+      cassette-proxy drift -d tests/cassettes --upstream http://127.0.0.1:8000 \\
+        --ignore system_fingerprint
+    """
+    from . import drift
+
+    items = [i for i in read_roots(paths, cassette_dir, "reading") if i.cassette is not None]
+    send = drift.credentials_from_env()
+    if any(name.lower() == "authorization" for name in headers):
+        send = {}
+    send.update(headers)
+    drifted = unchanged = failed = 0
+    results: list[drift.Result] = []
+    with progress(items, "drift", minimum=2) as bar:
+        for item in bar:
+            assert item.cassette is not None
+            result = drift.check(
+                item.cassette, item.rel, upstream=upstream, headers=send, ignore=ignore,
+                timeout=timeout,
+            )  # fmt: skip
+            results.append(result)
+    for result in results:
+        if result.error:
+            failed += 1
+            click.echo(f"error  {result.file}: {result.error}")
+        elif result.changes:
+            drifted += 1
+            click.echo(f"drift  {result.file}  {result.url}")
+            for change in result.changes:
+                click.echo(f"  {change}")
+        else:
+            unchanged += 1
+    click.echo(
+        f"{len(results)} cassette(s): {drifted} drifted, {unchanged} unchanged"
+        + (f", {failed} not checked" if failed else ""),
+        err=True,
+    )
+    if drifted or failed:
+        sys.exit(1)
 
 
 # ---- run -------------------------------------------------------------------------------
