@@ -189,7 +189,8 @@ class CassetteRecorder:
                 for line in unservable_summary(report.unservable):
                     log.info("%s", line)
                 log.debug("not served: %s", "; ".join(report.unservable))
-            log.info("cassettes: %d loaded from %s", report.loaded, root)
+            unserved = f" ({len(report.unservable)} not served)" if report.unservable else ""
+            log.info("cassettes: %d loaded from %s%s", report.loaded, root, unserved)
             if root.is_dir() and not os.access(root, os.W_OK):
                 # access() sees a read-only mount even for root; each failed write says so too.
                 log.warning("cassette_dir %s is not writable: nothing can be recorded", root)
