@@ -430,3 +430,27 @@ def test_run_re_executes_itself_optimised(tmp_path: Path) -> None:
         proxy.stop()
     assert b"PYTHONOPTIMIZE=1" in environ
     assert b"cassette_proxy.cli" in cmdline
+
+
+# ---- 9. a recipe's empty credential is logged with its reason -----------------------------
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_an_empty_bearer_over_http2_is_logged_with_its_reason(
+    tmp_path: Path, tls_upstream: OpenAIUpstream
+) -> None:
+    proxy = start_cli_proxy(tmp_path, "-d", str(tmp_path / "c"), "--set",
+                            f"ssl_verify_upstream_trusted_ca={tls_upstream.cert}")  # fmt: skip
+    ca = tmp_path / "mitm-confdir" / "mitmproxy-ca-cert.pem"
+    # The README's HTTPS recipe with OPENAI_API_KEY unset: "Bearer " and a trailing space.
+    curl = subprocess.run(
+        ["curl", "-sS", "-x", proxy.url, "--cacert", str(ca), "-H", "authorization: Bearer ",
+         f"https://localhost:{tls_upstream.port}/v1/models"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert curl.returncode != 0
+    proxy.wait_for("HTTP/2 protocol error", timeout=30)
+    proxy.stop()
+    [line] = [x for x in proxy.output().splitlines() if "HTTP/2 protocol error" in x]
+    assert "whitespace" in line
+    assert "client connect" not in proxy.output()

@@ -858,8 +858,13 @@ def _setting(sets: Sequence[str], name: str) -> str | None:
     return value
 
 
-def _above_info(record: logging.LogRecord) -> bool:
-    return record.levelno > logging.INFO
+_CHATTER = ("client connect", "client disconnect", "server connect", "server disconnect")
+
+
+def _no_connection_chatter(record: logging.LogRecord) -> bool:
+    """Hide the connect/disconnect lines, keep the rest: a client's protocol error
+    (curl's ``authorization: Bearer `` over HTTP/2) is logged there too, at info."""
+    return record.levelno > logging.INFO or not record.getMessage().startswith(_CHATTER)
 
 
 def _client_host(listen_host: str) -> str:
@@ -1047,7 +1052,7 @@ def run_command(
     if not verbose:
         # mitmproxy logs every client connect and disconnect at info; `run` keeps info
         # for one line per interaction, so those lines wait for --verbose.
-        logging.getLogger("mitmproxy.proxy.server").addFilter(_above_info)
+        logging.getLogger("mitmproxy.proxy.server").addFilter(_no_connection_chatter)
     addon = CassetteRecorder()
     addon.log_summary = False  # printed below, once
     status = run_proxy(settings, lean=not full, addon=addon, on_listening=listening)
