@@ -454,3 +454,62 @@ def test_an_empty_bearer_over_http2_is_logged_with_its_reason(
     [line] = [x for x in proxy.output().splitlines() if "HTTP/2 protocol error" in x]
     assert "whitespace" in line
     assert "client connect" not in proxy.output()
+
+
+# ---- 9. the README's Node and Java recipes, run as pasted --------------------------------
+
+
+def readme_block(after: str, lang: str, nth: int = 0) -> str:
+    """The nth ```lang block after the README text ``after``."""
+    text = (REPO / "README.md").read_text()
+    rest = text[text.index(after):]
+    blocks = rest.split(f"```{lang}\n")[1:]
+    return blocks[nth].split("```", 1)[0]
+
+
+NODE_DIR = REPO / "tests" / "node"
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_the_readme_node_recipe_runs_as_pasted(tmp_path: Path, upstream: OpenAIUpstream) -> None:
+    if not (NODE_DIR / "node_modules" / "openai").is_dir():
+        done = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    app = readme_block("**Node 20**", "js").replace("http://127.0.0.1:8000", upstream.url)
+    script = NODE_DIR / f"readme-app-{os.getpid()}.mjs"  # beside node_modules
+    script.write_text(app)
+    proxy = start_cli_proxy(tmp_path, "-d", str(tmp_path / "c"))
+    env = {k: v for k, v in proxy.env().items() if k != "OPENAI_API_KEY"}  # none set
+    try:
+        for _ in range(2):  # recorded, then replayed with the upstream gone
+            out = subprocess.run(["node", str(script)], capture_output=True, text=True,
+                                 env=env, timeout=60)  # fmt: skip
+            assert out.returncode == 0, out.stderr
+            assert out.stdout.splitlines()[-1] == answer_text("A", "hi")
+            upstream.stop()
+    finally:
+        script.unlink()
+        proxy.stop()
+    assert "2 hits" in proxy.output()
+
+
+@pytest.mark.skipif(shutil.which("java") is None or shutil.which("keytool") is None,
+                    reason="no JDK")  # fmt: skip
+def test_the_readme_java_recipe_runs_as_pasted(tmp_path: Path, upstream: OpenAIUpstream) -> None:
+    proxy = start_cli_proxy(tmp_path, "-d", str(tmp_path / "c"))
+    ca = tmp_path / "mitm-confdir" / "mitmproxy-ca-cert.pem"
+    commands = readme_block("**Java**", "sh").replace("~/.mitmproxy/mitmproxy-ca-cert.pem", str(ca))
+    source = readme_block("**Java**", "java")
+    source = source.replace("8080", str(proxy.port)).replace("http://127.0.0.1:8000", upstream.url)
+    (tmp_path / "Chat.java").write_text(source)
+    try:
+        run = subprocess.run(["bash", "-euc", commands], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=180, env=clean_env())  # fmt: skip
+    finally:
+        proxy.stop()
+    assert run.returncode == 0, run.stderr
+    status, _, body = run.stdout.strip().partition(" ")
+    assert status == "200"
+    assert json.loads(body)["choices"][0]["message"]["content"] == answer_text("A", "hi")
+    assert "1 recorded" in proxy.output()
