@@ -192,6 +192,8 @@ def test_bad_usage_is_exit_2(tmp_path: Path) -> None:
         ({"a": [{"x": 1}]}, {"a": [{"x": 1, "y": True}]}, ["+a[].y (bool)"]),
         ({"a": [], "b": 1}, {"a": [1], "b": [1]}, ["+a[] (int)", "b: int -> array"]),
         ({"u": {"p": 1, "q": 2}}, {}, ["-u"]),
+        ({"a": 1, "refusal": None}, {"a": 1}, []),  # null recorded, absent live
+        ({"a": 1}, {"a": 1, "extra": None}, []),
     ],
 )
 def test_compare_shapes(recorded: Any, live: Any, changes: list[str]) -> None:

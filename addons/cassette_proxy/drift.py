@@ -7,8 +7,9 @@ shapes; the status code. What changed is printed as ``+field`` (new live), ``-fi
 (gone live) and ``field: int -> string``.
 
 To keep the noise down: list items are one shape (``choices[]``), ints and floats are
-both numbers, and null is no type (``content: null`` recorded and a string live is
-not drift; a field that is there or not is). ``--ignore`` drops a field and what is
+both numbers, and null is no type: ``content: null`` recorded and a string live is
+not drift, nor is a field that is null on one side and absent on the other (the SDKs'
+typed recordings hold every optional field, null). ``--ignore`` drops a field and what is
 below it.
 """
 
@@ -107,12 +108,14 @@ def compare(recorded: Shape, live: Shape, ignore: Sequence[str] = ()) -> list[st
         parent = _parent(path)
         # Below a parent that is new, gone or of another type, the parent's line says it.
         holder = "array" if path.endswith("[]") else "object"
+        # A field only ever null is as good as absent: the SDKs' typed recordings hold
+        # every optional field, as null, that a server leaves out.
         if path not in live:
-            if holder in live.get(parent, ()):
+            if recorded[path] and holder in live.get(parent, ()):
                 changes.append(f"-{path}")
             continue
         if path not in recorded:
-            if holder in recorded.get(parent, ()):
+            if live[path] and holder in recorded.get(parent, ()):
                 types = "|".join(sorted(live[path])) or "null"
                 changes.append(f"+{path} ({types})")
             continue
