@@ -89,6 +89,8 @@ def test_prune_refuses_a_log_that_names_none_of_this_folder(
     assert len(cassette_files(elsewhere / "cassettes")) == 3
 
     # The right folder: how many go and how many stay, said before anything goes.
+    dry = cli("prune", str(folder), "-u", str(used))  # the folder as an argument, too
+    assert dry.returncode == 0 and "2 unused, 1 used" in dry.stderr
     done = cli("prune", "-d", str(folder), "-u", str(used), "--yes")
     assert done.returncode == 0, done.stderr
     said = done.stderr.splitlines()

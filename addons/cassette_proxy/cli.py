@@ -587,6 +587,9 @@ def stats_command(paths: tuple[Path, ...], cassette_dir: Path, as_json: bool) ->
 
 
 @cli.command("prune")
+@click.argument(
+    "folder", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path)
+)
 @dir_option
 @click.option(
     "--usage-log",
@@ -598,8 +601,13 @@ def stats_command(paths: tuple[Path, ...], cassette_dir: Path, as_json: bool) ->
     help="A usage log written by `run --usage-log` (repeatable: their union is kept).",
 )
 @click.option("--yes", "-y", is_flag=True, help="Delete. Without it, only list what would go.")
-def prune_command(cassette_dir: Path, usage_logs: tuple[Path, ...], yes: bool) -> None:
+def prune_command(
+    folder: Path | None, cassette_dir: Path, usage_logs: tuple[Path, ...], yes: bool
+) -> None:
     """Remove cassettes that no logged session used. A dry run unless --yes.
+
+    FOLDER (or -d) is the cassette folder the logged proxy ran with; a log written
+    for another folder, or naming none of this one's cassettes, is refused.
 
     Run the proxy (or the test suite's proxy) with a usage log for a full session,
     then prune with that log: every cassette the session neither served nor recorded
@@ -613,6 +621,7 @@ def prune_command(cassette_dir: Path, usage_logs: tuple[Path, ...], yes: bool) -
     """
     from .usage import read_usage
 
+    cassette_dir = folder or cassette_dir
     if not cassette_dir.is_dir():
         raise fail(f"no cassette folder at {cassette_dir}")
     usage = read_usage(usage_logs, cassette_dir)
