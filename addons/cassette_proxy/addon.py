@@ -188,7 +188,8 @@ class CassetteRecorder:
             if report.unservable:
                 for line in unservable_summary(report.unservable):
                     log.info("%s", line)
-                log.debug("not served: %s", "; ".join(report.unservable))
+                for entry in report.unservable:  # all of them, one per line, at -v
+                    log.debug("not served: %s", entry)
             unserved = f" ({len(report.unservable)} not served)" if report.unservable else ""
             log.info("cassettes: %d loaded from %s%s", report.loaded, root, unserved)
             if root.is_dir() and not os.access(root, os.W_OK):
