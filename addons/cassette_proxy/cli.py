@@ -4,7 +4,8 @@ Exit codes, for every command: 0 done; 1 the command ran and found or hit a prob
 (``verify`` found errors, a file could not be read or written, no such cassette);
 2 bad usage (an unknown option, a missing file given on the command line). ``run``
 returns the proxy's own status: 0 after a clean stop, 1 when it could not start
-(port in use), 2 for an option it does not know.
+(port in use), 2 for an option it does not know, a bad value, or replay from a folder
+that does not exist.
 """
 
 from __future__ import annotations
@@ -981,9 +982,11 @@ def run_command(
 ) -> None:
     """Start the proxy. Stop it with Ctrl-C (or SIGTERM); it prints a summary.
 
-    It prints the lines a client needs (proxy variables and the CA certificate
-    for curl, Python and Node) and logs one line per interaction: mode, hit / miss
-    / recorded / fallback, key prefix and file.
+    Once it listens it prints the lines a client needs (proxy variables and the CA
+    certificate for curl, Python and Node), then logs one line per interaction: mode,
+    hit / miss / recorded / fallback, key prefix and file. --mode replay refuses a
+    folder that does not exist (exit 2); the modes that record create it. A port in
+    use is exit 1.
 
     \b
     Examples:
