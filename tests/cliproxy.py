@@ -99,6 +99,8 @@ def start_cli_proxy(
                 break
             with contextlib.suppress(OSError):
                 socket.create_connection((HOST, port), timeout=0.2).close()
+                # The client lines follow the port's opening (printed once it listens).
+                proxy.wait_for("# cassette-proxy ", max(deadline - time.monotonic(), 1.0))
                 return proxy
             time.sleep(0.05)
         if proc.poll() is None:

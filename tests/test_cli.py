@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 SEED = REPO / "cassettes" / "0806aef47037.json"
 CORPUS = REPO / "tests" / "fixtures" / "llama-stack"
 CLI = Path(sys.executable).parent / "cassette-proxy"
-COMMANDS = ["run", "ls", "show", "verify", "stats", "prune", "import"]
+COMMANDS = ["run", "ls", "show", "verify", "stats", "prune", "import", "drift"]
 
 
 def invoke(*args: str) -> tuple[int, str, str]:
@@ -93,6 +93,7 @@ def test_ls_lists_and_filters(folder: Path) -> None:
     assert code == 0
     assert lines[0].split() == [
         "FILE",
+        "RECORDED",
         "ENDPOINT",
         "MODEL",
         "STREAMED",
@@ -100,9 +101,10 @@ def test_ls_lists_and_filters(folder: Path) -> None:
         "SIZE",
         "TEST",
         "ID",
+        "PROMPT",
     ]
     seed = next(line for line in lines if line.startswith("0806aef47037.json"))
-    assert seed.split()[1:6] == [
+    assert seed.split()[3:8] == [
         "POST",
         "/v1/chat/completions",
         "meta-llama/Llama-3.2-1B-Instruct",
@@ -167,9 +169,9 @@ def test_show_text_of_streams_and_other_kinds(folder: Path) -> None:
 
 def test_show_errors_are_one_line(folder: Path) -> None:
     code, _, err = invoke("show", "ffffffffff", "-d", str(folder))
-    assert code == 1 and err.count("\n") == 1 and "no cassette in" in err
+    assert code == 1 and err.count("\n") == 1 and "no cassette matches ffffffffff" in err
     code, _, err = invoke("show", "models-64a2277c", "-d", str(folder))
-    assert code == 1 and err.count("\n") == 1 and "matches 2 cassettes" in err
+    assert code == 1 and err.count("\n") == 1 and "ambiguous: 2 match models-64a2277c" in err
     code, _, err = invoke("show", "no/such/file.json", "-d", str(folder))
     assert code == 1 and err.count("\n") == 1
 
@@ -188,8 +190,10 @@ def test_verify_sorts_errors_from_warnings(tmp_path: Path) -> None:
     shutil.copy(good, root / "renamed.json")
     code, out, _ = invoke("verify", "-d", str(root))
     assert code == 0
-    assert "warning  renamed.json: name does not match the hash of its request" in out
-    assert "warning  renamed.json: answers the same request as" in out
+    [line] = [line for line in out.splitlines() if line.startswith("renamed.json")]
+    assert "warning: name does not match the hash of its request" in line
+    assert f"(expected {good.name})" in line
+    assert "warning: answers the same request as" in line
     code, _, _ = invoke("verify", "-d", str(root), "--strict")
     assert code == 1
     (root / "renamed.json").unlink()
@@ -214,7 +218,7 @@ def test_verify_sorts_errors_from_warnings(tmp_path: Path) -> None:
     (root / "0806aef47037.json").write_text(json.dumps(unknown))
     code, out, _ = invoke("verify", "-d", str(root))
     assert code == 1
-    errors = [line for line in out.splitlines() if line.startswith("error")]
+    errors = [line for line in out.splitlines() if ": error: " in line]
     assert len(errors) == 3
     assert any("broken.json: " in e and "not valid JSON" in e for e in errors)
     assert any("other.json: " in e and "not a cassette" in e for e in errors)
@@ -225,7 +229,7 @@ def test_verify_sorts_errors_from_warnings(tmp_path: Path) -> None:
 def test_verify_the_llama_stack_sample(folder: Path) -> None:
     """Real recordings: only the non-HTTP ones (tool calls, file processors) are errors."""
     code, out, _ = invoke("verify", "-d", str(folder))
-    errors = [line for line in out.splitlines() if line.startswith("error")]
+    errors = [line for line in out.splitlines() if ": error: " in line]
     assert code == 1
     assert len(errors) == 2 and all("unknown type" in e for e in errors)
     assert "ogx_api.tools.ToolInvocationResult" in out
@@ -237,7 +241,7 @@ def test_verify_the_llama_stack_sample(folder: Path) -> None:
         "models-d98e7566147f9d534bc0461f2efe61e3f525c18360a07bb3dda397579e25c27b-bba2e758.json",
     ]
     for name in names_ok:
-        assert f"{name}: name does not match" not in out
+        assert f"{name}: warning: name does not match" not in out
 
 
 def test_stats_counts_and_tokens(tmp_path: Path) -> None:

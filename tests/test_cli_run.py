@@ -83,14 +83,17 @@ def test_run_prints_client_lines_logs_each_interaction_and_sums_up(
     assert sorted(f for _, f in recorded) == names
     lines = usage_log.read_text().splitlines()
     assert sorted(lines) == sorted(
-        [f"recorded\t{n}" for n in names] + [f"fallback\t{n}" for n in names]
+        [f"recorded\t{n}\t{folder.resolve()}" for n in names]
+        + [f"fallback\t{n}\t{folder.resolve()}" for n in names]
     )
 
 
 def test_run_reverse_mode_and_replay(tmp_path: Path, upstream: OpenAIUpstream) -> None:
     folder = tmp_path / "cassettes"
     proxy = start_cli_proxy(tmp_path, "-d", str(folder), "--reverse", upstream.url)
-    assert proxy.exports() == {"OPENAI_BASE_URL": f"{proxy.url}/v1"}
+    exports = proxy.exports()
+    assert exports.pop("OPENAI_API_KEY", "sk-placeholder") == "sk-placeholder"
+    assert exports == {"OPENAI_BASE_URL": f"{proxy.url}/v1"}
     assert f"# reverse proxy to {upstream.url}: send requests to {proxy.url} instead" in (
         proxy.output()
     )
@@ -179,7 +182,7 @@ def test_prune_removes_what_a_logged_session_did_not_use(
     )
     assert chat(openai_client(proxy.url, upstream), "keep") == answer_text("A", "keep")
     proxy.stop()
-    assert usage_log.read_text() == f"hit\t{by_prompt['keep'].name}\n"
+    assert usage_log.read_text() == f"hit\t{by_prompt['keep'].name}\t{folder.resolve()}\n"
 
     runner = CliRunner()
     args = ["prune", "-d", str(folder), "--usage-log", str(usage_log)]

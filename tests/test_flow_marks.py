@@ -101,8 +101,8 @@ def test_recorded_replayed_fallback_and_missed_flows_are_marked(
     cut = final[3]
     assert cut[:2] == ("cut", "") and cut[2].startswith("cassette: not recorded (stream cut short")
     assert final[4:] == [
-        ("whole", ":tape:", f"cassette: {rel['whole']} (upstream went away)"),
-        ("streamed", ":tape:", f"cassette: {rel['streamed']} (upstream offline)"),
+        ("whole", ":vhs:", f"cassette: {rel['whole']} (upstream went away)"),
+        ("streamed", ":vhs:", f"cassette: {rel['streamed']} (upstream offline)"),
         ("never", ":x:", "cassette: miss (upstream offline)"),
     ]
 

@@ -29,6 +29,8 @@ server runs; `configure(**knobs)` sets several and rejects typos):
                       (streams too, flushed per event) whatever the request accepted
     extra_headers     dict[str, str]  headers added to every answer (e.g. set-cookie)
     path_prefix       str    stripped from the path before routing (a gateway's base path)
+    reshape           None | callable(obj) -> obj  applied to every JSON answer and SSE
+                      event before it is sent (an upstream whose answers change shape)
 
 Request bodies sent with a content-encoding are decoded before routing (as servers
 behind a decompressing front end do); `requests` keeps the bytes as they arrived.
@@ -210,6 +212,8 @@ class _Handler(BaseHTTPRequestHandler):
         return _Compressor(kind)
 
     def _send_json(self, obj: Any, status: int = 200, fail: str | None = None) -> None:
+        if self.server.reshape is not None and status < 400:
+            obj = self.server.reshape(obj)
         data = json.dumps(obj).encode()
         if (encoder := self._encoder()) is not None:
             data = encoder.process(data) + encoder.finish()
@@ -248,6 +252,8 @@ class _Handler(BaseHTTPRequestHandler):
                 time.sleep(srv.event_interval)
             if fail == "cut" and i >= srv.cut_after:
                 self._reset()
+            if srv.reshape is not None:
+                event = srv.reshape(event)
             self._write_chunk(b"data: " + json.dumps(event).encode() + b"\n\n")
         if fail == "cut":
             self._reset()  # stream shorter than cut_after: still never terminate it
@@ -549,6 +555,7 @@ class OpenAIUpstream(ThreadingHTTPServer):
         self.response_encoding: str | None = None
         self.extra_headers: dict[str, str] = {}
         self.path_prefix = ""
+        self.reshape: Any = None
         self.requests: list[RecordedRequest] = []
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
@@ -565,7 +572,7 @@ class OpenAIUpstream(ThreadingHTTPServer):
         known = {
             "tag", "n_chunks", "first_event_delay", "event_interval", "response_delay",
             "fail_mode", "fail_times", "fail_status", "cut_after", "models", "done_tail_delay",
-            "response_encoding", "extra_headers", "path_prefix", "fail_hold",
+            "response_encoding", "extra_headers", "path_prefix", "fail_hold", "reshape",
         }  # fmt: skip
         unknown = set(knobs) - known
         if unknown:
@@ -724,6 +731,8 @@ class _OllamaHandler(_Handler):
                 time.sleep(srv.event_interval)
             if fail == "cut" and i >= srv.cut_after:
                 self._reset()
+            if srv.reshape is not None:
+                obj = srv.reshape(obj)
             self._write_chunk(json.dumps(obj).encode() + b"\n")
             sent += 1
             if sent == 1 and srv.gate is not None:

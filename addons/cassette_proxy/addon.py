@@ -127,6 +127,7 @@ class CassetteRecorder:
         self.plans: weakref.WeakKeyDictionary[http.HTTPFlow, Plan] = weakref.WeakKeyDictionary()
         self.log_summary = True  # `cassette-proxy run` prints the summary itself
         self.record_errors = DEFAULT_RECORDED_ERRORS  # option cassette_record_errors
+        self.stopping = False  # set when the proxy shuts down
 
     # ---- options -----------------------------------------------------------------
 
@@ -187,10 +188,11 @@ class CassetteRecorder:
             # so reverse mode and HTTPS work with the upstream down.
             if opts.connection_strategy != "lazy":
                 opts.connection_strategy = "lazy"
+        if updated & {"cassette_dir", "cassette_mode"}:
+            _ensure_folder(Path(opts.cassette_dir).expanduser(), opts.cassette_mode)
         if "cassette_dir" in updated:
             root = Path(opts.cassette_dir).expanduser()
-            if root.exists() and not root.is_dir():
-                raise exceptions.OptionsError(f"cassette_dir {root} exists and is not a folder")
+            self.usage.root = root
             self.store = CassetteStore(root)
             report = self.store.load()
             for problem in report.bad:
@@ -198,12 +200,12 @@ class CassetteRecorder:
             if report.removed_temp:
                 log.info("removed %d unfinished temp file(s) in %s", report.removed_temp, root)
             if report.unservable:
-                log.info(
-                    "%d cassette(s) no client can reach, not served: %s",
-                    len(report.unservable),
-                    "; ".join(report.unservable),
-                )
-            log.info("cassettes: %d loaded from %s", report.loaded, root)
+                for line in unservable_summary(report.unservable):
+                    log.info("%s", line)
+                for entry in report.unservable:  # all of them, one per line, at -v
+                    log.debug("not served: %s", entry)
+            unserved = f" ({len(report.unservable)} not served)" if report.unservable else ""
+            log.info("cassettes: %d loaded from %s%s", report.loaded, root, unserved)
             if root.is_dir() and not os.access(root, os.W_OK):
                 # access() sees a read-only mount even for root; each failed write says so too.
                 log.warning("cassette_dir %s is not writable: nothing can be recorded", root)
@@ -216,11 +218,12 @@ class CassetteRecorder:
             self.usage.close()
             where = Path(opts.cassette_usage_log).expanduser() if opts.cassette_usage_log else None
             try:
-                self.usage = UsageLog(where)
+                self.usage = UsageLog(where, Path(opts.cassette_dir).expanduser())
             except OSError as e:
                 raise exceptions.OptionsError(f"cassette_usage_log {where}: {e}") from e
 
     async def done(self) -> None:
+        self.stopping = True  # streams cut from here on were cut by us, not by a client
         if self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)
         self.fallback.close()
@@ -270,6 +273,11 @@ class CassetteRecorder:
                     "is unreachable and cassette_mode is record",
                     {"content-type": "text/plain"},
                 )
+                del self.plans[flow]  # our own 502: nothing to record
+                log.warning(
+                    "record %s %s: upstream %s:%s is unreachable; answered 502, nothing recorded",
+                    plan.method, plan.path, flow.request.host, flow.request.port,
+                )  # fmt: skip
                 return
         if flow.response is None:
             # Decoded bodies stream through the tap as they are recorded.
@@ -363,7 +371,7 @@ class CassetteRecorder:
         flow.response = self._replay(plan, why)
         file = plan.served_from  # set on a hit, as the answer's FILE_HEADER
         flow.comment = f"cassette: {file}" if file else "cassette: miss"
-        flow.marked = ":tape:" if file else ":x:"
+        flow.marked = ":vhs:" if file else ":x:"
         if why:
             flow.comment += f" ({why})"
 
@@ -512,6 +520,21 @@ class CassetteRecorder:
         tls_start.ssl_conn = SSL.Connection(context)
         tls_start.ssl_conn.set_connect_state()
 
+    def tls_failed_server(self, tls_start: TlsData) -> None:
+        """mitmproxy answers a failed upstream handshake with an HTML 502; say what to do."""
+        conn = tls_start.conn
+        if conn.address is None or conn.address == self.fallback.tls_address:
+            return
+        error = conn.error or "handshake failed"
+        hint = ""
+        if "certificate" in error.lower():
+            hint = (
+                "; for an upstream with a self-signed or private-CA certificate start the "
+                "proxy with --set ssl_verify_upstream_trusted_ca=CA.pem "
+                "(or, not verifying at all, --set ssl_insecure=true)"
+            )
+        log.warning("TLS to upstream %s:%s failed: %s%s", *conn.address[:2], error, hint)
+
     async def _start_fallback(self) -> None:
         tlsconfig = ctx.master.addons.get("tlsconfig")
         pems = certificate_pems(tlsconfig.certstore) if tlsconfig else (None, None)
@@ -526,7 +549,7 @@ class CassetteRecorder:
             )
         response = self._replay(plan, why="upstream went away")
         flow.comment = f"cassette: {plan.served_from or 'miss'} (upstream went away)"
-        flow.marked = ":tape:" if plan.served_from else ":x:"
+        flow.marked = ":vhs:" if plan.served_from else ":x:"
         return response
 
     # ---- record ---------------------------------------------------------------------
@@ -695,6 +718,8 @@ class CassetteRecorder:
             self._finish_stream(flow, plan, clean_end=False)
         else:
             reason = flow.error.msg if flow.error else "unknown"
+            if self.stopping:  # mitmproxy says "Client disconnected." for its own shutdown
+                reason = "the proxy was stopped"
             self._not_recorded(flow, plan, f"stream cut short ({reason})", warn=True)
 
     def _finish_stream(self, flow: http.HTTPFlow, plan: Plan, clean_end: bool) -> None:
@@ -854,6 +879,65 @@ def _asked_for(body: Any) -> tuple[Any, ...]:
     options = body.get("stream_options")
     usage = options.get("include_usage") if isinstance(options, dict) else None
     return (body.get("encoding_format"), bool(body.get("stream")), bool(usage))
+
+
+def _ensure_folder(root: Path, mode: str) -> None:
+    """Replay from a folder that is not there is a typo, not an empty folder: refuse it.
+    Modes that record create it, and say so."""
+    if root.exists():
+        if not root.is_dir():
+            raise exceptions.OptionsError(f"cassette_dir {root} exists and is not a folder")
+        return
+    if mode == "replay":
+        raise exceptions.OptionsError(
+            f"cassette folder {root} does not exist, and replay answers only from it "
+            "(check the path given to -d / cassette_dir, or record first)"
+        )
+    if mode in ("auto", "record", "record-if-missing"):
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise exceptions.OptionsError(f"cannot create cassette folder {root}: {e}") from e
+        log.info("created cassette folder %s", root)
+
+
+SUMMARY_NAMES = 3  # names shown per kind of unservable file (all of them at -v)
+
+
+def unservable_summary(unservable: Sequence[str]) -> list[str]:
+    """Files that cannot be served, as one line per kind: a count and the first names.
+
+    ``unservable`` holds ``"<file>: <reason>"``. A big llama-stack folder has thousands
+    of tool-level recordings; naming them all made one log line of 27,800 characters.
+    """
+    by_kind: dict[str, list[str]] = {}
+    for entry in unservable:
+        name, _, reason = entry.partition(": ")
+        by_kind.setdefault(_reason_kind(reason), []).append(name)
+    total = len(unservable)
+    lines = [
+        f"{total} recording(s) are read but not served: no HTTP client can send their "
+        "request (llama-stack's tool-level and SDK-level recordings, and chat streams it "
+        "labelled with the wrong endpoint); that is expected, the rest are served"
+    ]
+    for kind, names in sorted(by_kind.items(), key=lambda kv: -len(kv[1])):
+        shown = ", ".join(names[:SUMMARY_NAMES])
+        more = f" and {len(names) - SUMMARY_NAMES} more (-v lists all)" if (
+            len(names) > SUMMARY_NAMES
+        ) else ""
+        lines.append(f"  {len(names)} {kind}: {shown}{more}")
+    return lines
+
+
+def _reason_kind(reason: str) -> str:
+    """A reason without the parts that differ per file (quoted labels, type names)."""
+    if reason.startswith("stale: endpoint label"):
+        return "stale: endpoint label relative to the base URL (pre-Aug-2025)"
+    if reason.startswith("stale: a "):
+        return "stale: a response recorded under the wrong endpoint"
+    if reason.startswith("an SDK-level recording"):
+        return "SDK-level recording, not an HTTP request"
+    return reason
 
 
 def _not_keyable(request: http.Request) -> str | None:

@@ -33,6 +33,18 @@ STALE_TEMP_SECONDS = 10 * 60
 MAX_CASSETTE_BYTES = 32 * 1024 * 1024
 
 
+def _umask() -> int:
+    # Read once: os.umask can only be read by setting it, which races with other threads.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp makes its file 0600; a cassette gets the mode open() would give it (0644 under
+# umask 022), so another CI user or a container can read it.
+FILE_MODE = 0o666 & ~_umask()
+
+
 class RecordedRequest(BaseModel):
     """The request half. Old raw-HTTP cassettes use ``payload`` instead of ``body``."""
 
@@ -232,6 +244,7 @@ def write_cassette(path: Path, cassette: Cassette, durable: bool = True) -> None
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(), suffix=".partial", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="ascii") as f:
+            os.fchmod(f.fileno(), FILE_MODE)
             f.write(text)
             f.flush()
             if durable:

@@ -479,13 +479,75 @@ def verify_item(item: Item) -> Findings:
     check_types(cassette, findings)
     stem = item.path.name.removesuffix(".json")
     if stem not in expected_names(cassette):
+        expected = f" (expected {expected_name(cassette, stem)})"
         if stem.startswith("models-"):
-            findings.warnings.append("name does not match the hash of its request and model ids")
+            findings.warnings.append(
+                f"name does not match the hash of its request and model ids{expected}"
+            )
         else:
-            findings.warnings.append("name does not match the hash of its request")
+            findings.warnings.append(f"name does not match the hash of its request{expected}")
     return findings
 
 
 def iter_items(root: Path) -> Iterator[Item]:
     for path in cassette_paths(root):
         yield load_item(path, root)
+
+
+def expected_name(cassette: Cassette, stem: str) -> str:
+    """The one name to suggest for a misnamed file: the recorder's own choice (hash with
+    the test id when there is one), in the same form (12 or 64 hex, models-) as ``stem``."""
+    request = cassette.request
+    url = request.url or ""
+    endpoint = (urlsplit(url).path if "://" in url else "") or request.endpoint or "/"
+    body = request_body_of(request)
+    primary = keys.recording_hash(request.method, endpoint, body, cassette.test_id)
+
+    short = len(stem) == 12  # llama-stack's older 12-hex names
+
+    def rank(name: str) -> tuple[bool, bool, bool, str]:
+        return (
+            name.startswith("models-") != stem.startswith("models-"),
+            (len(name) == 12) != short,
+            primary not in name and primary[:12] != name,
+            name,
+        )
+
+    return min(expected_names(cassette), key=rank) + ".json"
+
+
+def prompt_of(cassette: Cassette) -> str:
+    """The start of what was asked: the last user message, or the input / prompt field."""
+    body = request_body_of(cassette.request)
+    if not isinstance(body, dict):
+        return ""
+    text = ""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+        chosen = users[-1] if users else (messages[-1] if messages else None)
+        text = _text_of(chosen.get("content") if isinstance(chosen, dict) else chosen)
+    for name in ("input", "prompt"):
+        if not text and name in body:
+            value = body[name]
+            if isinstance(value, list) and value and isinstance(value[-1], dict):
+                users = [m for m in value if isinstance(m, dict) and m.get("role") == "user"]
+                value = (users or value)[-1].get("content")
+            text = _text_of(value)
+    return " ".join(text.split())
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, dict) and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+            elif isinstance(part, dict) and part.get("type"):
+                parts.append(f"[{part['type']}]")
+        return " ".join(parts)
+    return "" if content is None else json.dumps(content)[:200]

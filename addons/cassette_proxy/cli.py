@@ -4,7 +4,8 @@ Exit codes, for every command: 0 done; 1 the command ran and found or hit a prob
 (``verify`` found errors, a file could not be read or written, no such cassette);
 2 bad usage (an unknown option, a missing file given on the command line). ``run``
 returns the proxy's own status: 0 after a clean stop, 1 when it could not start
-(port in use), 2 for an option it does not know.
+(port in use), 2 for an option it does not know, a bad value, or replay from a folder
+that does not exist.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,16 +50,37 @@ def cli() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    if argv is None and _optimize_run(sys.argv[1:]):
+        # `run` under -O: mitmproxy checks the type of every header and body it sets with
+        # asserts, a real part of its time per request (docs/benchmarks.md). asserts are
+        # compiled out or not when a module is first imported, so the process starts
+        # again, once, before mitmproxy is imported. PYTHONOPTIMIZE=0 keeps them.
+        env = dict(os.environ, PYTHONOPTIMIZE="1")
+        argv0 = [sys.executable, "-m", "cassette_proxy.cli", *sys.argv[1:]]
+        try:
+            os.execve(sys.executable, argv0, env)
+        except OSError:
+            pass  # run as we are: slower, not wrong
     cli.main(args=list(argv) if argv is not None else None, prog_name="cassette-proxy")
+
+
+def _optimize_run(args: Sequence[str]) -> bool:
+    return (
+        bool(args)
+        and args[0] == "run"
+        and not sys.flags.optimize
+        and "PYTHONOPTIMIZE" not in os.environ
+        and "mitmproxy" not in sys.modules
+    )
 
 
 # ---- helpers ---------------------------------------------------------------------------
 
 
 @contextmanager
-def progress[T](items: Sequence[T], label: str) -> Iterator[Iterable[T]]:
+def progress[T](items: Sequence[T], label: str, minimum: int = 201) -> Iterator[Iterable[T]]:
     """A progress bar on stderr for long work, when a person is watching."""
-    if len(items) > 200 and sys.stderr.isatty():
+    if len(items) >= minimum and sys.stderr.isatty():
         with click.progressbar(items, label=label, file=sys.stderr) as bar:
             yield bar
     else:
@@ -103,6 +126,26 @@ def read_folder(cassette_dir: Path, label: str = "reading cassettes") -> list[ca
         return [catalog.load_item(p, cassette_dir) for p in bar]
 
 
+def read_roots(
+    paths: Sequence[Path], cassette_dir: Path, label: str = "reading cassettes"
+) -> list[catalog.Item]:
+    """The cassettes of PATH arguments (files or folders), or of the -d folder."""
+    roots = list(paths) or [cassette_dir]
+    items: list[catalog.Item] = []
+    for root in roots:
+        found = read_folder(root, label)
+        if len(roots) > 1 and root.is_dir():
+            for item in found:  # names relative to their own root would be ambiguous
+                item.rel = str(root / item.rel)
+        items += found
+    return items
+
+
+paths_argument = click.argument(
+    "paths", nargs=-1, type=click.Path(exists=True, path_type=Path), metavar="[PATH]..."
+)
+
+
 def report_bad(items: Iterable[catalog.Item]) -> int:
     bad = 0
     for item in items:
@@ -116,6 +159,7 @@ def report_bad(items: Iterable[catalog.Item]) -> int:
 
 
 @cli.command("ls")
+@paths_argument
 @dir_option
 @click.option("--endpoint", "-e", help="Only endpoints containing this text.")
 @click.option("--model", "-m", help="Only models containing this text.")
@@ -124,6 +168,7 @@ def report_bad(items: Iterable[catalog.Item]) -> int:
 @click.option("--wide", "-w", is_flag=True, help="Do not shorten long cells.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def ls_command(
+    paths: tuple[Path, ...],
     cassette_dir: Path,
     endpoint: str | None,
     model: str | None,
@@ -132,16 +177,20 @@ def ls_command(
     wide: bool,
     as_json: bool,
 ) -> None:
-    """List cassettes: file, endpoint, model, streamed, chunks, size, test id.
+    """List cassettes, oldest first: file, when recorded, endpoint, model, streamed,
+    chunks, size, test id, and the start of the last user message (or input).
+
+    On a terminal FILE is the shortest prefix that names the file alone (paste it
+    into `show`); piped, it is the whole name. Lists PATHS, or the cassette folder.
 
     \b
     Example:
       cassette-proxy ls --endpoint chat --streamed
     """
-    items = read_folder(cassette_dir)
+    items = read_roots(paths, cassette_dir)
     report_bad(items)
     rows: list[dict[str, Any]] = []
-    for item in items:
+    for item in sorted(items, key=lambda i: (_mtime(i.path), i.rel)):
         if item.cassette is None:
             continue
         s = catalog.summarize(item.cassette)
@@ -156,6 +205,7 @@ def ls_command(
         rows.append(
             {
                 "file": item.rel,
+                "recorded": _when(item.path),
                 "method": s.method,
                 "endpoint": s.endpoint,
                 "model": s.model,
@@ -164,6 +214,7 @@ def ls_command(
                 "chunks": s.chunks,
                 "size": item.size,
                 "test_id": s.test_id,
+                "prompt": clip(catalog.prompt_of(item.cassette), 200),
             }
         )
     if as_json:
@@ -173,22 +224,62 @@ def ls_command(
     if not rows:
         click.echo("no cassettes match", err=True)
         return
-    width = 10_000 if wide else 40
+    terminal = sys.stdout.isatty() and not wide
+    names = _unique_prefixes([i.path.name for i in items]) if terminal else {}
+
+    def cut(text: str, width: int) -> str:
+        return clip(text, width) if terminal else text
+
     cells = [
         [
-            clip(r["file"], width),
+            names.get(Path(r["file"]).name, r["file"]),
+            r["recorded"][:16].replace("T", " "),
             f"{r['method']} {r['endpoint']}",
-            clip(r["model"], width) or "-",
+            cut(r["model"], 32) or "-",
             "yes" if r["streamed"] else "no",
             str(r["chunks"]) if r["streamed"] else "-",
             human_size(r["size"]),
-            clip(r["test_id"] or "-", 10_000 if wide else 60),
+            cut(r["test_id"] or "-", 48),
+            clip(r["prompt"], 10_000 if wide else 40) or "-",
         ]
         for r in rows
     ]
-    headers = ["FILE", "ENDPOINT", "MODEL", "STREAMED", "CHUNKS", "SIZE", "TEST ID"]
-    click.echo(table(headers, cells, right=(4, 5)))
+    headers = ["FILE", "RECORDED", "ENDPOINT", "MODEL", "STREAMED", "CHUNKS", "SIZE", "TEST ID",
+               "PROMPT"]  # fmt: skip
+    click.echo(table(headers, cells, right=(5, 6)))
     click.echo(f"{len(rows)} cassette(s)", err=True)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _when(path: Path) -> str:
+    """When a cassette was recorded (written), local time, to the second."""
+    stamp = datetime.fromtimestamp(_mtime(path)).astimezone()
+    return stamp.isoformat(timespec="seconds")
+
+
+def _unique_prefixes(names: Sequence[str], shortest: int = 8) -> dict[str, str]:
+    """Each file name's shortest prefix (without .json) that no other name starts with.
+
+    Two files of the same name (in two test folders) keep their whole names: `show`
+    then needs a path.
+    """
+    stems = sorted(n.removesuffix(".json") for n in names)
+    out: dict[str, str] = {}
+    for i, stem in enumerate(stems):
+        need = shortest
+        for j in (i - 1, i + 1):
+            if 0 <= j < len(stems):
+                other = stems[j]
+                common = len(os.path.commonprefix([stem, other]))
+                need = max(need, common + 1)
+        out[stem + ".json"] = stem if need >= len(stem) else stem[:need]
+    return out
 
 
 # ---- show ------------------------------------------------------------------------------
@@ -201,23 +292,24 @@ def find_cassette(target: str, cassette_dir: Path) -> catalog.Item:
         item = catalog.load_item(path, path.parent)
         item.rel = str(path)
         return item
-    wanted = target.removesuffix(".json").lower()
-    if len(wanted) < 4 or not all(c in "0123456789abcdef-models" for c in wanted):
-        raise fail(f"no file {target} (and it is not a hash or key prefix)")
+    # A name cut by a table ("0806aef4…") is pasted with its ellipsis.
+    wanted = target.rstrip("…").removesuffix(".json").lower()
+    if len(wanted) < 4:
+        raise fail(f"no file {target}, and {target!r} is too short a prefix (give 4 or more)")
     if not cassette_dir.is_dir():
         raise fail(f"no file {target}, and no cassette folder at {cassette_dir} to search")
     matches: list[catalog.Item] = []
     for item in read_folder(cassette_dir, "searching"):
-        if item.path.name.lower().startswith(wanted):
+        if item.path.name.lower().startswith(wanted) or item.rel.lower().startswith(wanted):
             matches.append(item)
         elif item.cassette is not None and _key(item).startswith(wanted):
             matches.append(item)
     if not matches:
-        raise fail(f"no cassette in {cassette_dir} named or keyed {target}")
+        raise fail(f"no cassette matches {target} in {cassette_dir} (by file name or key)")
     if len(matches) > 1:
         names = ", ".join(m.rel for m in matches[:5])
         more = f" and {len(matches) - 5} more" if len(matches) > 5 else ""
-        raise fail(f"{target} matches {len(matches)} cassettes: {names}{more}; give more of it")
+        raise fail(f"ambiguous: {len(matches)} match {target}: {names}{more}; give more of it")
     return matches[0]
 
 
@@ -359,7 +451,7 @@ def render_view(view: dict[str, Any]) -> str:
 
 
 @cli.command("verify")
-@click.argument("paths", nargs=-1, type=click.Path(exists=True, path_type=Path))
+@paths_argument
 @dir_option
 @click.option("--strict", is_flag=True, help="Warnings fail too (exit 1).")
 @click.option("--quiet", "-q", is_flag=True, help="Print only problems and the total.")
@@ -376,12 +468,7 @@ def verify_command(paths: tuple[Path, ...], cassette_dir: Path, strict: bool, qu
     Example (CI):
       cassette-proxy verify --cassette-dir tests/cassettes
     """
-    roots = list(paths) or [cassette_dir]
-    items: list[catalog.Item] = []
-    for root in roots:
-        if not root.exists():
-            raise fail(f"no cassette folder at {root}")
-        items += read_folder(root, "verifying")
+    items = read_roots(paths, cassette_dir, "verifying")
     errors = warnings = 0
     seen: dict[tuple[str, str | None], str] = {}
     lines: list[str] = []  # printed after the progress bar, not through it
@@ -396,8 +483,11 @@ def verify_command(paths: tuple[Path, ...], cassette_dir: Path, strict: bool, qu
                     seen[key] = item.rel
             errors += len(found.errors)
             warnings += len(found.warnings)
-            lines += [f"error    {item.rel}: {message}" for message in found.errors]
-            lines += [f"warning  {item.rel}: {message}" for message in found.warnings]
+            # Each file's name once, its findings after it.
+            findings = [f"error: {m}" for m in found.errors]
+            findings += [f"warning: {m}" for m in found.warnings]
+            if findings:
+                lines.append(f"{item.rel}: " + "; ".join(findings))
     for line in lines:
         click.echo(line)
     verdict = f"{len(items)} cassette(s): {errors} error(s), {warnings} warning(s)"
@@ -410,16 +500,18 @@ def verify_command(paths: tuple[Path, ...], cassette_dir: Path, strict: bool, qu
 
 
 @cli.command("stats")
+@paths_argument
 @dir_option
 @click.option("--json", "as_json", is_flag=True, help="The numbers as JSON.")
-def stats_command(cassette_dir: Path, as_json: bool) -> None:
-    """Counts by endpoint and by model, and the tokens recorded (from ``usage``).
+def stats_command(paths: tuple[Path, ...], cassette_dir: Path, as_json: bool) -> None:
+    """Counts by endpoint and by model, and the tokens recorded (from ``usage``), of
+    PATHS or of the cassette folder.
 
     \b
     Example:
       cassette-proxy stats
     """
-    items = read_folder(cassette_dir)
+    items = read_roots(paths, cassette_dir)
     bad = report_bad(items)
     by_endpoint: Counter[str] = Counter()
     by_model: Counter[str] = Counter()
@@ -496,6 +588,9 @@ def stats_command(cassette_dir: Path, as_json: bool) -> None:
 
 
 @cli.command("prune")
+@click.argument(
+    "folder", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path)
+)
 @dir_option
 @click.option(
     "--usage-log",
@@ -507,8 +602,13 @@ def stats_command(cassette_dir: Path, as_json: bool) -> None:
     help="A usage log written by `run --usage-log` (repeatable: their union is kept).",
 )
 @click.option("--yes", "-y", is_flag=True, help="Delete. Without it, only list what would go.")
-def prune_command(cassette_dir: Path, usage_logs: tuple[Path, ...], yes: bool) -> None:
+def prune_command(
+    folder: Path | None, cassette_dir: Path, usage_logs: tuple[Path, ...], yes: bool
+) -> None:
     """Remove cassettes that no logged session used. A dry run unless --yes.
+
+    FOLDER (or -d) is the cassette folder the logged proxy ran with; a log written
+    for another folder, or naming none of this one's cassettes, is refused.
 
     Run the proxy (or the test suite's proxy) with a usage log for a full session,
     then prune with that log: every cassette the session neither served nor recorded
@@ -522,23 +622,40 @@ def prune_command(cassette_dir: Path, usage_logs: tuple[Path, ...], yes: bool) -
     """
     from .usage import read_usage
 
+    cassette_dir = folder or cassette_dir
     if not cassette_dir.is_dir():
         raise fail(f"no cassette folder at {cassette_dir}")
-    used, malformed = read_usage(usage_logs, cassette_dir)
-    if malformed:
-        click.echo(f"warning: {malformed} line(s) of the usage log(s) not understood", err=True)
-    if not used:
-        raise fail("the usage log(s) name no cassette; refusing to prune everything")
-    unused = [p for p in catalog.cassette_paths(cassette_dir) if p.resolve() not in used]
+    usage = read_usage(usage_logs, cassette_dir)
+    if usage.malformed:
+        click.echo(
+            f"warning: {usage.malformed} line(s) of the usage log(s) not understood", err=True
+        )
+    folder = cassette_dir.resolve()
+    if usage.folders and folder not in usage.folders:
+        logged = ", ".join(str(f) for f in sorted(usage.folders))
+        raise fail(
+            f"the usage log(s) were written for {logged}, not {folder}; refusing to prune "
+            f"(give that folder with -d)"
+        )
+    paths = catalog.cassette_paths(cassette_dir)
+    unused = [p for p in paths if p.resolve() not in usage.used]
+    kept = len(paths) - len(unused)
+    if not kept:
+        raise fail(
+            f"the usage log(s) name none of the {len(paths)} cassette(s) in {cassette_dir}; "
+            "refusing to prune everything (is -d the folder the proxy ran with?)"
+        )
     root = cassette_dir
     for path in unused:
         click.echo(f"{'removing' if yes else 'would remove'} {path.relative_to(root)}")
-    kept = len(catalog.cassette_paths(cassette_dir)) - len(unused)
     if not yes:
         click.echo(
             f"{len(unused)} unused, {kept} used; nothing removed (dry run: add --yes)", err=True
         )
         return
+    click.echo(
+        f"{len(unused)} of {len(paths)} cassette(s) in {cassette_dir} go, {kept} stay", err=True
+    )
     failed = 0
     with progress(unused, "removing") as bar:
         for path in bar:
@@ -632,6 +749,112 @@ def import_command(
     )
 
 
+# ---- drift -----------------------------------------------------------------------------
+
+
+def _header(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for spec in values:
+        name, sep, value = spec.partition(":")
+        if not sep or not name.strip() or any(c.isspace() for c in name.strip()):
+            raise click.BadParameter(f"{spec!r} is not 'Name: value'")
+        headers[name.strip()] = value.strip()
+    return headers
+
+
+def _upstream(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not value.startswith(("http://", "https://")):
+        raise click.BadParameter(f"{value!r} is not an http:// or https:// URL")
+    return value
+
+
+@cli.command("drift")
+@paths_argument
+@dir_option
+@click.option(
+    "--upstream",
+    metavar="URL",
+    callback=_upstream,
+    help="Send every request here (base URL) instead of its recorded host.",
+)
+@click.option(
+    "--header",
+    "headers",
+    multiple=True,
+    callback=_header,
+    metavar="'NAME: VALUE'",
+    help="A header to send with every request (repeatable), e.g. credentials.",
+)
+@click.option(
+    "--ignore",
+    "ignore",
+    multiple=True,
+    metavar="PATH",
+    help="A field not to compare, and all below it (repeatable): usage, choices.logprobs, *.id.",
+)
+@click.option(
+    "--timeout", type=float, default=120.0, show_default=True, help="Seconds per request."
+)
+def drift_command(
+    paths: tuple[Path, ...],
+    cassette_dir: Path,
+    upstream: str | None,
+    headers: dict[str, str],
+    ignore: tuple[str, ...],
+    timeout: float,
+) -> None:
+    """Send each cassette's request to the live upstream and say what changed shape.
+
+    Compares field names and JSON types (values ignored; list items as one shape; int
+    and float are both numbers; null is no type), each chunk of a stream, and the
+    status. Prints, per cassette that drifted: +field (new), -field (gone),
+    field: int -> string. Exit 0 when nothing drifted, 1 when something did (or an
+    upstream could not be reached), 2 on bad usage. Writes nothing; requests go
+    straight to the upstream, not through any proxy. Credentials come only from
+    --header, or OPENAI_API_KEY in the environment (as Authorization: Bearer).
+
+    \b
+    Example:
+      cassette-proxy drift -d tests/cassettes --upstream http://127.0.0.1:8000 \\
+        --ignore system_fingerprint
+    """
+    from . import drift
+
+    items = [i for i in read_roots(paths, cassette_dir, "reading") if i.cassette is not None]
+    send = drift.credentials_from_env()
+    if any(name.lower() == "authorization" for name in headers):
+        send = {}
+    send.update(headers)
+    drifted = unchanged = failed = 0
+    results: list[drift.Result] = []
+    with progress(items, "drift", minimum=2) as bar:
+        for item in bar:
+            assert item.cassette is not None
+            result = drift.check(
+                item.cassette, item.rel, upstream=upstream, headers=send, ignore=ignore,
+                timeout=timeout,
+            )  # fmt: skip
+            results.append(result)
+    for result in results:
+        if result.error:
+            failed += 1
+            click.echo(f"error  {result.file}: {result.error}")
+        elif result.changes:
+            drifted += 1
+            click.echo(f"drift  {result.file}  {result.url}")
+            for change in result.changes:
+                click.echo(f"  {change}")
+        else:
+            unchanged += 1
+    click.echo(
+        f"{len(results)} cassette(s): {drifted} drifted, {unchanged} unchanged"
+        + (f", {failed} not checked" if failed else ""),
+        err=True,
+    )
+    if drifted or failed:
+        sys.exit(1)
+
+
 # ---- run -------------------------------------------------------------------------------
 
 
@@ -645,8 +868,13 @@ def _setting(sets: Sequence[str], name: str) -> str | None:
     return value
 
 
-def _above_info(record: logging.LogRecord) -> bool:
-    return record.levelno > logging.INFO
+_CHATTER = ("client connect", "client disconnect", "server connect", "server disconnect")
+
+
+def _no_connection_chatter(record: logging.LogRecord) -> bool:
+    """Hide the connect/disconnect lines, keep the rest: a client's protocol error
+    (curl's ``authorization: Bearer `` over HTTP/2) is logged there too, at info."""
+    return record.levelno > logging.INFO or not record.getMessage().startswith(_CHATTER)
 
 
 def _client_host(listen_host: str) -> str:
@@ -667,10 +895,14 @@ def _ca_cert(confdir: Path) -> Path | None:
 def client_lines(url: str, reverse: str | None, ca: Path | None) -> list[str]:
     """What a client needs, as lines to paste into a shell."""
     if reverse:
-        return [
+        lines = [
             f"# reverse proxy to {reverse}: send requests to {url} instead",
             f"export OPENAI_BASE_URL={url}/v1",
         ]
+        if not os.environ.get("OPENAI_API_KEY"):
+            # The openai SDKs refuse to start without a key; replay needs none.
+            lines.append("export OPENAI_API_KEY=sk-placeholder")
+        return lines
     lines = [
         f"export {name}={url}"
         for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")
@@ -683,9 +915,27 @@ def client_lines(url: str, reverse: str | None, ca: Path | None) -> list[str]:
     return lines
 
 
+def _cassette_mode(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if value in MODES:
+        return value
+    choices = ", ".join(MODES)
+    if value.startswith(("reverse:", "regular", "upstream:", "socks5", "transparent", "wire")):
+        hint = f"; for reverse mode use --reverse {value.removeprefix('reverse:')}" if (
+            value.startswith("reverse:")
+        ) else ""
+        raise click.BadParameter(
+            f"{value!r} is a mitmproxy proxy mode; --mode is the cassette mode ({choices}){hint}"
+        )
+    raise click.BadParameter(f"{value!r} is not one of {choices}")
+
+
 @cli.command("run", context_settings={"show_default": True})
 @click.option(
-    "--mode", type=click.Choice(MODES), default="auto", help="What to do with each request."
+    "--mode",
+    default="auto",
+    callback=_cassette_mode,
+    metavar="[" + "|".join(MODES) + "]",
+    help="What to do with each request (the cassette mode; see the README's Modes).",
 )
 @dir_option
 @click.option("--listen-host", default="127.0.0.1", help="Address to listen on.")
@@ -732,9 +982,11 @@ def run_command(
 ) -> None:
     """Start the proxy. Stop it with Ctrl-C (or SIGTERM); it prints a summary.
 
-    It prints the lines a client needs (proxy variables and the CA certificate
-    for curl, Python and Node) and logs one line per interaction: mode, hit / miss
-    / recorded / fallback, key prefix and file.
+    Once it listens it prints the lines a client needs (proxy variables and the CA
+    certificate for curl, Python and Node), then logs one line per interaction: mode,
+    hit / miss / recorded / fallback, key prefix and file. --mode replay refuses a
+    folder that does not exist (exit 2); the modes that record create it. A port in
+    use is exit 1.
 
     \b
     Examples:
@@ -781,21 +1033,41 @@ def run_command(
     conf = Path(_setting(settings, "confdir") or "~/.mitmproxy").expanduser()
     ca = None if reverse_to else _ca_cert(conf)
     folder = Path(_setting(settings, "cassette_dir") or DEFAULT_DIR)
-    click.echo(
+    # Checked here too (the addon checks them for mitmdump): before mitmproxy starts,
+    # so the one line printed is the reason, not a reload of the default folder.
+    cassette_mode = _setting(settings, "cassette_mode") or "auto"
+    if cassette_mode not in MODES:
+        click.echo(
+            f"cassette-proxy: cassette_mode must be one of {', '.join(MODES)}, "
+            f"not {cassette_mode!r}",
+            err=True,
+        )
+        sys.exit(2)
+    if cassette_mode == "replay" and not folder.expanduser().exists():
+        click.echo(
+            f"cassette-proxy: cassette folder {folder} does not exist, and replay answers "
+            "only from it (check the path given to -d / CASSETTE_DIR, or record first)",
+            err=True,
+        )
+        sys.exit(2)
+    banner = [
         f"# cassette-proxy {_setting(settings, 'cassette_mode')} mode, cassettes in {folder}, "
-        f"{'lean' if not full else 'full'} master at {url}"
-    )
-    for line in client_lines(url, reverse_to, ca):
-        click.echo(line)
-    sys.stdout.flush()
+        f"{'lean' if not full else 'full'} master at {url}",
+        *client_lines(url, reverse_to, ca),
+    ]
+
+    def listening() -> None:
+        # Only once it listens: lines to paste are a promise that something answers.
+        click.echo("\n".join(banner))  # one write: a reader never sees half of it
+        sys.stdout.flush()
 
     if not verbose:
         # mitmproxy logs every client connect and disconnect at info; `run` keeps info
         # for one line per interaction, so those lines wait for --verbose.
-        logging.getLogger("mitmproxy.proxy.server").addFilter(_above_info)
+        logging.getLogger("mitmproxy.proxy.server").addFilter(_no_connection_chatter)
     addon = CassetteRecorder()
     addon.log_summary = False  # printed below, once
-    status = run_proxy(settings, lean=not full, addon=addon)
+    status = run_proxy(settings, lean=not full, addon=addon, on_listening=listening)
     c = addon.counts
     if status == 0 or any(c.values()):  # not after a failed start: the error says it all
         click.echo(

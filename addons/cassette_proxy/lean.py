@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import inspect
 import logging
+import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -143,6 +144,46 @@ class _TermLog(termlog.TermLog):
             logging.getLogger().setLevel(self.logger.level)
 
 
+class _ErrorCheck(errorcheck.ErrorCheck):
+    """errorcheck, without the extra "Error logged during startup, exiting..." line: the
+    error itself is on the terminal already, in one line."""
+
+    name = "errorcheck"
+
+    async def shutdown_if_errored(self) -> None:
+        await asyncio.sleep(0)  # as mitmproxy's: let pending log records arrive first
+        if self.logger.has_errored:
+            sys.exit(1)
+
+
+class _PortInUse(logging.Filter):
+    """mitmproxy's "address already in use" names ``--mode regular@PORT``, which is not
+    how this proxy takes a port: say it in one line, naming --listen-port and PORT=."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "address already in use" in text:
+            where = re.search(r"failed to listen on (\S+?):(\d+)", text)
+            host, port = where.groups() if where else ("127.0.0.1", "the port")
+            record.msg = (
+                f"cassette-proxy: cannot listen on {host}:{port}: address already in use "
+                "(another proxy running?); pick another port with --listen-port N "
+                "(scripts/run: PORT=N)"
+            )
+            record.args = ()
+        return True
+
+
+class _Listening:
+    """Calls back once the proxy listens (mitmproxy's ``running``: servers are up)."""
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self.callback = callback
+
+    def running(self) -> None:
+        self.callback()
+
+
 class LeanMaster(master.Master):
     """A mitmproxy Master with only the built-in addons the cassette proxy needs."""
 
@@ -161,7 +202,7 @@ class LeanMaster(master.Master):
             proxyserver.Proxyserver(),
             next_layer.NextLayer(),
             tlsconfig.TlsConfig(),
-            errorcheck.ErrorCheck(),
+            _ErrorCheck(),
         )
 
     async def done(self) -> None:
@@ -227,7 +268,13 @@ def _quiet_cancellations(loop: asyncio.AbstractEventLoop, context: dict[str, Any
     loop.default_exception_handler(context)
 
 
-async def _serve(sets: list[str], lean: bool, addon: Any, fast_dispatch: bool = True) -> int:
+async def _serve(
+    sets: list[str],
+    lean: bool,
+    addon: Any,
+    fast_dispatch: bool = True,
+    on_listening: Callable[[], None] | None = None,
+) -> int:
     _configure_logging()
     opts = options.Options()
     if lean:
@@ -237,6 +284,8 @@ async def _serve(sets: list[str], lean: bool, addon: Any, fast_dispatch: bool = 
 
         m = DumpMaster(opts)
     m.addons.add(addon)
+    if on_listening is not None:
+        m.addons.add(_Listening(on_listening))
 
     names = _option_names(sets)
     unknown = sorted({n for n in names if n not in opts})
@@ -273,27 +322,42 @@ async def _serve(sets: list[str], lean: bool, addon: Any, fast_dispatch: bool = 
 
 
 def run_proxy(
-    sets: Sequence[str], *, lean: bool = True, addon: CassetteRecorder | None = None
+    sets: Sequence[str],
+    *,
+    lean: bool = True,
+    addon: CassetteRecorder | None = None,
+    on_listening: Callable[[], None] | None = None,
 ) -> int:
     """Run the cassette proxy until SIGINT/SIGTERM; return the process exit status.
 
     ``sets`` are mitmproxy ``name=value`` settings (``listen_port=8080``,
     ``mode=reverse:http://127.0.0.1:8000``, ``cassette_mode=replay``, ...). The listen
     host defaults to 127.0.0.1. ``lean=False`` hosts the addon in mitmdump's full
-    DumpMaster. Pass ``addon`` to read ``addon.counts`` after the proxy stops.
+    DumpMaster. Pass ``addon`` to read ``addon.counts`` after the proxy stops;
+    ``on_listening`` is called once it listens (not at all when it fails to start).
     """
-    return run_master(sets, addon if addon is not None else CassetteRecorder(), lean=lean)
+    chosen = addon if addon is not None else CassetteRecorder()
+    return run_master(sets, chosen, lean=lean, on_listening=on_listening)
 
 
 def run_master(
-    sets: Sequence[str], addon: Any, *, lean: bool = True, fast_dispatch: bool = True
+    sets: Sequence[str],
+    addon: Any,
+    *,
+    lean: bool = True,
+    fast_dispatch: bool = True,
+    on_listening: Callable[[], None] | None = None,
 ) -> int:
     """``run_proxy`` for any one addon object (the benchmark hosts its baseline this way;
     ``fast_dispatch=False`` keeps mitmproxy's own per-addon hook dispatch, to measure it)."""
+    port_in_use = _PortInUse()
+    logging.getLogger("mitmproxy.addons.proxyserver").addFilter(port_in_use)
     try:
-        return asyncio.run(_serve(list(sets), lean, addon, fast_dispatch))
+        return asyncio.run(_serve(list(sets), lean, addon, fast_dispatch, on_listening))
     except KeyboardInterrupt:  # a second Ctrl-C while shutting down
         return 130
+    finally:
+        logging.getLogger("mitmproxy.addons.proxyserver").removeFilter(port_in_use)
 
 
 def _parse_args(argv: Sequence[str]) -> tuple[list[str], bool]:

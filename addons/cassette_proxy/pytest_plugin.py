@@ -140,6 +140,12 @@ def start_proxy(config: pytest.Config, workdir: Path, timeout: float = 30.0) -> 
                 socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
                 break
             time.sleep(0.05)
+        # The client lines are printed just after the port opens (`run` prints them once
+        # it listens): wait for them.
+        while time.monotonic() < deadline and proc.poll() is None:
+            if "# cassette-proxy " in log_path.read_text(errors="replace"):
+                break
+            time.sleep(0.05)
         output = log_path.read_text(errors="replace")
         if proc.poll() is None and time.monotonic() < deadline:
             exports = dict(
