@@ -48,6 +48,7 @@ from .recording import (
     whole_response,
 )
 from .redact import recordable_headers, redact_path, redact_url
+from .shaping import ReplayShaper
 from .stable import normalize_response
 from .store import CassetteStore, live_key
 from .upstream import UpstreamProbe
@@ -114,6 +115,9 @@ class CassetteRecorder:
         self.plans: weakref.WeakKeyDictionary[http.HTTPFlow, Plan] = weakref.WeakKeyDictionary()
         self.log_summary = True  # `cassette-proxy run` prints the summary itself
         self.record_errors = DEFAULT_RECORDED_ERRORS  # option cassette_record_errors
+        # Faults on demand and recorded pacing; a child addon: its hooks run after ours.
+        self.shaper = ReplayShaper(self)
+        self.addons = [self.shaper]
 
     # ---- options -----------------------------------------------------------------
 
@@ -226,6 +230,8 @@ class CassetteRecorder:
     async def request(self, flow: http.HTTPFlow) -> None:
         mode = ctx.options.cassette_mode
         test_id = flow.request.headers.pop(TEST_ID_HEADER, "").strip() or None
+        if flow.response is None and await self.shaper.take_fault(flow, test_id):
+            return  # X-Cassette-Fault: an error answer, or a bad header
         if mode == "passthrough" or flow.response is not None:
             return
         plan = self._plan(flow, test_id)
@@ -683,6 +689,7 @@ class CassetteRecorder:
         if ctx.options.cassette_normalize:
             digest = keys.recording_hash(plan.method, plan.path, plan.body, plan.test_id)
             response = normalize_response(response, digest)
+        response = self.shaper.timed(flow, response)  # response.timing, if recorded
         path, cassette = new_recording(
             self.store.root,
             method=plan.method,
