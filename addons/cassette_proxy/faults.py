@@ -22,6 +22,7 @@ from typing import Any
 from mitmproxy import http
 
 FAULT_HEADER = "x-cassette-fault"
+FAULT_HEADER_NAME = "X-Cassette-Fault"  # as messages and docs spell it
 MAX_DELAY_MS = 10 * 60 * 1000  # mitmproxy's own tcp_timeout is 600 s
 # Statuses a client's retry logic waits on: they carry Retry-After, as real servers send it.
 RETRY_AFTER_STATUSES = (429, 503)
@@ -166,7 +167,7 @@ def error_body(family: str, status: int, message: str) -> dict[str, Any]:
 
 def fault_response(path: str, status: int) -> http.Response:
     """The injected error answer for a request path."""
-    message = f"cassette-proxy: fault injected by {FAULT_HEADER} (status={status})"
+    message = f"cassette-proxy: fault injected by {FAULT_HEADER_NAME} (status={status})"
     headers = {"content-type": "application/json", "x-cassette-fault-injected": f"status={status}"}
     if status in RETRY_AFTER_STATUSES:
         headers["retry-after"] = "1"

@@ -25,6 +25,7 @@ from mitmproxy import ctx, exceptions, http
 
 from .faults import (
     FAULT_HEADER,
+    FAULT_HEADER_NAME,
     Fault,
     FaultCounter,
     FaultError,
@@ -123,8 +124,8 @@ class ReplayShaper:
         try:
             fault = parse_fault(value)
         except FaultError as e:
-            log.warning("%s bad %s header on %s %s: %s", mode, FAULT_HEADER, request.method,
-                        path, e)  # fmt: skip
+            shown = f"{request.method} {path}"
+            log.warning("%s bad %s header on %s: %s", mode, FAULT_HEADER_NAME, shown, e)
             flow.response = bad_fault_response(path, value, str(e))
             flow.comment = "cassette: bad X-Cassette-Fault header"
             flow.marked = ":x:"
@@ -143,7 +144,7 @@ class ReplayShaper:
             flow.comment = f"cassette: fault {fault.spec}"
             flow.marked = ":boom:"
             log.info("%s fault %s %s -> %d (%s)", mode, request.method, path, fault.status,
-                     FAULT_HEADER)  # fmt: skip
+                     FAULT_HEADER_NAME)  # fmt: skip
             return True
         if fault.needs_replay:
             self._faults[flow] = fault
@@ -187,7 +188,8 @@ class ReplayShaper:
         if timing is not None:
             how.append(f"paced x{self.factor:g}")
         flow.comment += f" ({', '.join(how)})"
-        log.info("%s shaped replay of %s: %s", ctx.options.cassette_mode, plan.served_from, ", ".join(how))
+        mode = ctx.options.cassette_mode
+        log.info("%s shaped replay of %s: %s", mode, plan.served_from, ", ".join(how))
 
     def _timing(self, plan: Any) -> dict[str, Any] | None:
         store = self.recorder.store
