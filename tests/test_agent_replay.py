@@ -7,6 +7,7 @@ as at least 200 ms); accuracy is a benchmark figure (scripts/bench pacing), not 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 from cassette_proxy.cassette import read_cassette
 from cassette_proxy.faults import FaultError, api_family, parse_fault
 from cassette_proxy.pacing import parse_pacing, schedule, split_events
+from cassette_proxy.sequence import position_of
 from conftest import cassette_files, openai_client, wait_for_files
 from upstreams import answer_text, refused_port
 
@@ -339,3 +341,120 @@ def test_schedule_keeps_every_byte_and_the_recorded_times() -> None:
     for bad in ("fast", "0", "-1", "nan", "inf"):
         with pytest.raises(ValueError):
             parse_pacing(bad)
+
+
+# ---- identical requests answered in recorded order -----------------------------------------
+
+TEST_ID = "tests/test_agent.py::test_polls_the_job"
+
+
+def poll(client: httpx.Client, base: str, test_id: str = TEST_ID, stream: bool = False):
+    """One "is the job done?" request; its answer's text and the file that served it."""
+    body = chat("is the job done?", stream=stream)
+    got = client.post(base + "/v1/chat/completions", json=body,
+                      headers={"X-Cassette-Test-Id": test_id})  # fmt: skip
+    assert got.status_code == 200, got.text
+    if stream:
+        events = [json.loads(line[6:]) for line in got.text.splitlines()
+                  if line.startswith("data: {")]  # fmt: skip
+        text = "".join(
+            e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"]
+        )
+    else:
+        text = got.json()["choices"][0]["message"]["content"]
+    return text.split("]")[0] + "]", got.headers.get("x-cassette-file")
+
+
+def record_polls(proxy_factory, upstream, tags: list[str], stream: bool = False) -> None:
+    proxy = proxy_factory(mode="record")
+    with http_client(proxy) as client:
+        for tag in tags:
+            upstream.configure(tag=tag)
+            poll(client, upstream.url, stream=stream)
+    proxy.stop()
+
+
+def test_repeated_requests_replay_in_recorded_order_then_the_last_repeats(
+    proxy_factory, upstream, tmp_path
+):
+    record_polls(proxy_factory, upstream, ["A", "B", "C"])
+    files = [p.name for p in sorted(cassette_files(tmp_path / "cassettes"), key=position_of)]
+    first = files[0].removesuffix(".json")
+    assert files == [f"{first}.json", f"{first}.2.json", f"{first}.3.json"]
+    folder = next(p.parent for p in cassette_files(tmp_path / "cassettes"))
+    # The first answer is in llama-stack's own file for the request.
+    assert json.loads((folder / f"{first}.json").read_text())["response"]["body"]["__data__"][
+        "choices"][0]["message"]["content"].startswith("[A]")  # fmt: skip
+
+    proxy = proxy_factory(mode="replay")
+    with http_client(proxy) as client:
+        got = [poll(client, OFFLINE) for _ in range(5)]
+        other_test = poll(client, OFFLINE, test_id=TEST_ID + "[other]")
+    assert [text for text, _ in got] == ["[A]", "[B]", "[C]", "[C]", "[C]"]
+    assert [Path(file).name for _, file in got[:3]] == files  # x-cassette-file names it
+    assert other_test[0] == "[A]"  # another test id starts at the first (unscoped fallback)
+    log = proxy.log_text()
+    assert f"-> {Path(got[1][1])}" in log or f"{first}.2.json" in log
+
+
+def test_a_new_recording_run_replaces_the_old_sequence_whole(proxy_factory, upstream, tmp_path):
+    record_polls(proxy_factory, upstream, ["A", "B", "C"], stream=True)
+    assert len(cassette_files(tmp_path / "cassettes")) == 3
+    record_polls(proxy_factory, upstream, ["D", "E"], stream=True)
+    names = [p.name for p in sorted(cassette_files(tmp_path / "cassettes"), key=position_of)]
+    assert len(names) == 2 and names[1].endswith(".2.json")  # no stale third answer
+    proxy = proxy_factory(mode="replay")
+    with http_client(proxy) as client:
+        got = [poll(client, OFFLINE, stream=True)[0] for _ in range(3)]
+    assert got == ["[D]", "[E]", "[E]"]
+
+
+def test_a_run_that_never_repeats_writes_what_it_wrote_before(proxy_factory, upstream, tmp_path):
+    record_polls(proxy_factory, upstream, ["A"])
+    [path] = cassette_files(tmp_path / "cassettes")
+    assert len(path.name) == len("0" * 64 + ".json")  # the request hash, nothing more
+    # And identical requests in flight at the same time stay one answer (as before).
+    proxy = proxy_factory(mode="record")
+    upstream.configure(response_delay=0.3)
+
+    async def together() -> None:
+        async with httpx.AsyncClient(proxy=proxy.url, trust_env=False, timeout=30) as client:
+            body = chat("same time")
+            await asyncio.gather(*(client.post(upstream.url + "/v1/chat/completions", json=body)
+                                   for _ in range(5)))  # fmt: skip
+
+    asyncio.run(together())
+    proxy.stop()
+    assert not [p for p in cassette_files(tmp_path / "cassettes") if p.name.count(".") > 1]
+
+
+def test_parallel_identical_replays_take_the_answers_in_arrival_order(
+    proxy_factory, upstream, tmp_path
+):
+    record_polls(proxy_factory, upstream, ["A", "B", "C"])
+    proxy = proxy_factory(mode="replay")
+
+    async def together() -> list[str]:
+        async with httpx.AsyncClient(proxy=proxy.url, trust_env=False, timeout=30) as client:
+            body = chat("is the job done?")
+            answers = await asyncio.gather(*(
+                client.post(OFFLINE + "/v1/chat/completions", json=body,
+                            headers={"X-Cassette-Test-Id": TEST_ID})
+                for _ in range(3)
+            ))  # fmt: skip
+        return sorted(a.json()["choices"][0]["message"]["content"][:3] for a in answers)
+
+    assert asyncio.run(together()) == ["[A]", "[B]", "[C]"]  # each answer once
+
+
+def test_ls_and_verify_know_the_later_answers(proxy_factory, upstream, tmp_path):
+    from cassette_proxy.cli import cli
+    from click.testing import CliRunner
+
+    record_polls(proxy_factory, upstream, ["A", "B"])
+    folder = str(tmp_path / "cassettes")
+    listed = CliRunner().invoke(cli, ["ls", "-d", folder, "--json"], catch_exceptions=False)
+    rows = [json.loads(line) for line in listed.output.splitlines()]  # JSON lines
+    assert len(rows) == 2 and any(".2.json" in json.dumps(row) for row in rows)
+    checked = CliRunner().invoke(cli, ["verify", "-d", folder], catch_exceptions=False).output
+    assert "does not match" not in checked

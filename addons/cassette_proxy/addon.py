@@ -48,6 +48,7 @@ from .recording import (
     whole_response,
 )
 from .redact import recordable_headers, redact_path, redact_url
+from .sequence import Sequencer
 from .shaping import ReplayShaper
 from .stable import normalize_response
 from .store import CassetteStore, live_key
@@ -118,6 +119,7 @@ class CassetteRecorder:
         # Faults on demand and recorded pacing; a child addon: its hooks run after ours.
         self.shaper = ReplayShaper(self)
         self.addons = [self.shaper]
+        self.sequencer = Sequencer()  # identical requests answered in recorded order
 
     # ---- options -----------------------------------------------------------------
 
@@ -345,6 +347,7 @@ class CassetteRecorder:
         if entry is None:
             self.counts["miss"] += 1
             return self._miss(plan)
+        entry = self.sequencer.answer(self.store, entry, plan.key, plan.test_id)
         try:
             wire, plan.served_from, fields = self._wire(entry, plan)
         except (OSError, ValueError, NotRecordable, CassetteError) as e:
@@ -700,6 +703,7 @@ class CassetteRecorder:
             headers=recordable_headers(request.headers, ctx.options.cassette_record_headers),
             response=response,
         )
+        path = self.sequencer.recording_path(self.store, flow, path)  # <hash>.<n>.json
         return path, cassette
 
     def _recorded(self, flow: http.HTTPFlow, plan: Plan, path: Path, cassette: Cassette) -> None:

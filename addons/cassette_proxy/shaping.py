@@ -43,6 +43,7 @@ from .pacing import (
     whole_timing,
     with_timing,
 )
+from .recording import recording_path
 
 if TYPE_CHECKING:
     from .addon import CassetteRecorder
@@ -155,6 +156,7 @@ class ReplayShaper:
     async def request(self, flow: http.HTTPFlow) -> None:
         response = flow.response
         if response is None:
+            self._forwarded(flow)
             return
         plan = self.recorder.plans.get(flow)
         if plan is None or plan.served_from is None:
@@ -190,6 +192,15 @@ class ReplayShaper:
         flow.comment += f" ({', '.join(how)})"
         mode = ctx.options.cassette_mode
         log.info("%s shaped replay of %s: %s", mode, plan.served_from, ", ".join(how))
+
+    def _forwarded(self, flow: http.HTTPFlow) -> None:
+        """A request on its way upstream: the position its recorded answer takes."""
+        plan = self.recorder.plans.get(flow)
+        store = self.recorder.store
+        if plan is None or store is None:
+            return
+        first = recording_path(store.root, plan.method, plan.path, plan.body, plan.test_id)
+        self.recorder.sequencer.arrived(flow, first)
 
     def _timing(self, plan: Any) -> dict[str, Any] | None:
         store = self.recorder.store

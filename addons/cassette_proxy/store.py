@@ -24,6 +24,7 @@ from .equivalence import normal_form
 from .families import unknown_type
 from .index_cache import IndexCache
 from .redact import keyed_query, redact_body, redact_path, wire_text
+from .sequence import SequenceIndex, position_of
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,8 @@ class CassetteStore:
         self._loose: dict[str, list[Entry]] = {}
         self._cache: OrderedDict[Path, Cassette] = OrderedDict()
         self._cache_size = cache_size
+        # Later answers of repeated requests (<hash>.<n>.json): sequence.py
+        self.sequences = SequenceIndex()
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._index.values())
@@ -129,6 +132,7 @@ class CassetteStore:
         self._by_path.clear()
         self._loose.clear()
         self._cache.clear()
+        self.sequences.clear()
         if not self.root.is_dir():
             return report
         root = self.root.resolve()
@@ -213,6 +217,9 @@ class CassetteStore:
         return self._insert(entry)
 
     def _insert(self, entry: Entry) -> Entry:
+        if position_of(entry.path) > 1:
+            self.sequences.add(entry)  # a later answer: found through its first one only
+            return entry
         self._index.setdefault(entry.key, []).append(entry)
         self._by_path.setdefault(entry.wire_path, []).append(entry)
         for k in entry.loose:
@@ -221,6 +228,10 @@ class CassetteStore:
 
     def add(self, path: Path, cassette: Cassette) -> Entry:
         """Index a cassette just recorded; it replaces older entries for its key and test id."""
+        if position_of(path) > 1:
+            entry = self._add(path, cassette)  # into self.sequences
+            self._remember(path, cassette)
+            return entry
         key, _ = key_of(cassette)
         old = [e for e in self._index.get(key, []) if e.test_id == cassette.test_id]
         for e in old:
