@@ -447,7 +447,7 @@ def test_parallel_identical_replays_take_the_answers_in_arrival_order(
     assert asyncio.run(together()) == ["[A]", "[B]", "[C]"]  # each answer once
 
 
-def test_ls_and_verify_know_the_later_answers(proxy_factory, upstream, tmp_path):
+def test_ls_show_and_verify_know_the_later_answers(proxy_factory, upstream, tmp_path):
     from cassette_proxy.cli import cli
     from click.testing import CliRunner
 
@@ -458,3 +458,10 @@ def test_ls_and_verify_know_the_later_answers(proxy_factory, upstream, tmp_path)
     assert len(rows) == 2 and any(".2.json" in json.dumps(row) for row in rows)
     checked = CliRunner().invoke(cli, ["verify", "-d", folder], catch_exceptions=False).output
     assert "does not match" not in checked
+    [first] = [p for p in cassette_files(folder) if position_of(p) == 1]
+    stem = first.name.removesuffix(".json")
+    for target, position in ((stem, 1), (stem + ".2", 2)):  # a name picks its own answer
+        shown = CliRunner().invoke(cli, ["show", target, "-d", folder], catch_exceptions=False)
+        assert f"answer    {position} of 2 (identical requests" in shown.output, shown.output
+    as_json = CliRunner().invoke(cli, ["show", stem + ".2", "-d", folder, "--json"])
+    assert json.loads(as_json.output)["answer"] == {"position": 2, "of": 2}

@@ -21,7 +21,7 @@ from typing import Any
 
 import click
 
-from . import __version__, catalog
+from . import __version__, catalog, sequence
 from .store import key_of
 
 DEFAULT_DIR = "cassettes"
@@ -202,7 +202,7 @@ def find_cassette(target: str, cassette_dir: Path) -> catalog.Item:
         item.rel = str(path)
         return item
     wanted = target.removesuffix(".json").lower()
-    if len(wanted) < 4 or not all(c in "0123456789abcdef-models" for c in wanted):
+    if len(wanted) < 4 or not all(c in "0123456789abcdef-models." for c in wanted):
         raise fail(f"no file {target} (and it is not a hash or key prefix)")
     if not cassette_dir.is_dir():
         raise fail(f"no file {target}, and no cassette folder at {cassette_dir} to search")
@@ -214,6 +214,9 @@ def find_cassette(target: str, cassette_dir: Path) -> catalog.Item:
             matches.append(item)
     if not matches:
         raise fail(f"no cassette in {cassette_dir} named or keyed {target}")
+    exact = [m for m in matches if m.path.name.lower() == wanted + ".json"]
+    if len(matches) > 1 and len(exact) == 1:
+        return exact[0]  # a whole file name: not its later answers (<name>.2.json, ...)
     if len(matches) > 1:
         names = ", ".join(m.rel for m in matches[:5])
         more = f" and {len(matches) - 5} more" if len(matches) > 5 else ""
@@ -281,6 +284,7 @@ def show_command(target: str, cassette_dir: Path, full: bool, as_json: bool, raw
             "file": item.rel,
             "key": _key(item),
             "test_id": cassette.test_id,
+            "answer": dict(zip(("position", "of"), sequence.position_in(item.path), strict=True)),
             "request": {
                 "method": s.method,
                 "url": request.url,
@@ -295,6 +299,9 @@ def show_command(target: str, cassette_dir: Path, full: bool, as_json: bool, raw
     click.echo(f"request   {s.method} {request.url or s.endpoint}")
     click.echo(f"key       {_key(item) or '-'}")
     click.echo(f"test id   {cassette.test_id or '-'}")
+    position, answers = sequence.position_in(item.path)
+    if answers > 1:
+        click.echo(f"answer    {position} of {answers} (identical requests, in recorded order)")
     click.echo(f"model     {s.model or '-'}")
     click.echo("body")
     click.echo(_indent(json.dumps(body, indent=2, ensure_ascii=False)))

@@ -18,6 +18,7 @@ files it wrote before sequences existed.
 from __future__ import annotations
 
 import functools
+import glob
 import logging
 import os
 import re
@@ -174,3 +175,16 @@ class Sequencer:
             store.sequences.drop(first)
         self.positions.recorded(first, position)
         return sibling_path(first, position)
+
+
+def position_in(path: Path) -> tuple[int, int]:
+    """A file's position in its sequence and how many answers the sequence has on disk
+    (``1, 1`` for a request answered once), for ``cassette-proxy show``."""
+    first = first_path(path)
+    stem = first.name.removesuffix(".json")
+    later = [p for p in first.parent.glob(f"{glob.escape(stem)}.*.json") if first_path(p) == first]
+    count = 1
+    positions = {position_of(p) for p in later}
+    while count + 1 in positions:
+        count += 1
+    return position_of(path), max(count, position_of(path))
