@@ -465,3 +465,57 @@ def test_ls_show_and_verify_know_the_later_answers(proxy_factory, upstream, tmp_
         assert f"answer    {position} of 2 (identical requests" in shown.output, shown.output
     as_json = CliRunner().invoke(cli, ["show", stem + ".2", "-d", folder, "--json"])
     assert json.loads(as_json.output)["answer"] == {"position": 2, "of": 2}
+
+
+# ---- through HTTPS, HTTP/2 and reverse mode ------------------------------------------------
+
+
+def test_cut_and_pacing_work_over_https_http2_and_in_reverse_mode(
+    proxy_factory, tls_upstream, upstream_factory
+):
+    import ssl
+
+    proxy = proxy_factory(
+        mode="record", options={"ssl_verify_upstream_trusted_ca": str(tls_upstream.cert)}
+    )
+    verify = ssl.create_default_context(cafile=str(proxy.ca_cert))
+    base = f"https://localhost:{tls_upstream.port}/v1"
+    with httpx.Client(proxy=proxy.url, verify=verify, trust_env=False, timeout=30) as h:
+        sdk = openai.OpenAI(base_url=base, api_key="sk-x", http_client=h, max_retries=0)
+        live = [c.model_dump() for c in sdk.chat.completions.create(**chat("tls"), stream=True)]
+    proxy.stop()
+    tls_upstream.stop()
+    replay = proxy_factory(mode="replay", options={"cassette_pacing": "recorded"})
+    for http2 in (False, True):
+        with httpx.Client(
+            proxy=replay.url, verify=verify, trust_env=False, timeout=30, http2=http2
+        ) as h:
+            sdk = openai.OpenAI(base_url=base, api_key="sk-x", http_client=h, max_retries=0)
+            again = [
+                c.model_dump() for c in sdk.chat.completions.create(**chat("tls"), stream=True)
+            ]
+            assert again == live
+            cut = sdk.with_options(max_retries=0).chat.completions.create(
+                **chat("tls"), stream=True, extra_headers={"X-Cassette-Fault": "cut-after=1"}
+            )
+            got = []
+            with pytest.raises((openai.APIConnectionError, httpx.HTTPError)):
+                for chunk in cut:
+                    got.append(chunk)
+            assert len(got) == 1
+
+    # Reverse mode: the proxy is the upstream's address.
+    up = upstream_factory("R")
+    recorder = proxy_factory(mode="record", reverse=up.url)
+    sdk = openai_client(None, recorder)
+    live = [c.model_dump() for c in sdk.chat.completions.create(**chat("rev"), stream=True)]
+    recorder.stop()
+    up.stop()
+    reverse = proxy_factory(mode="replay", reverse=up.url, options={"cassette_pacing": "2"})
+    sdk = openai_client(None, reverse)
+    assert [c.model_dump() for c in sdk.chat.completions.create(**chat("rev"), stream=True)] == live
+    cut = sdk.chat.completions.create(
+        **chat("rev"), stream=True, extra_headers={"X-Cassette-Fault": "cut-after=0"}
+    )
+    with pytest.raises((openai.APIConnectionError, httpx.HTTPError)):
+        list(cut)

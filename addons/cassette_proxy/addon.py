@@ -347,7 +347,7 @@ class CassetteRecorder:
         if entry is None:
             self.counts["miss"] += 1
             return self._miss(plan)
-        entry = self.sequencer.answer(self.store, entry, plan.key, plan.test_id)
+        entry = self.sequencer.answer(self.store, entry, plan)  # the n-th of a sequence
         try:
             wire, plan.served_from, fields = self._wire(entry, plan)
         except (OSError, ValueError, NotRecordable, CassetteError) as e:

@@ -150,10 +150,9 @@ class Sequencer:
         self.positions = RecordingPositions()
         self._arrivals: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
-    def answer(self, store: Any, entry: Any, key: str, test_id: str | None) -> Any:
+    def answer(self, store: Any, entry: Any, plan: Any) -> Any:
         """The entry that answers this request now: the n-th for its n-th arrival."""
-        position = self.replays.next(key, test_id, entry.path)
-        return store.sequences.at(entry, position)
+        return store.sequences.at(entry, self.replays.next(plan.key, plan.test_id, entry.path))
 
     def arrived(self, flow: Any, first: Path) -> None:
         """A request about to be forwarded: note the position its answer will take."""

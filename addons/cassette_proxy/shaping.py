@@ -19,6 +19,7 @@ import hashlib
 import logging
 import time
 import weakref
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mitmproxy import ctx, exceptions, http
@@ -44,6 +45,7 @@ from .pacing import (
     with_timing,
 )
 from .recording import recording_path
+from .sequence import position_of
 
 if TYPE_CHECKING:
     from .addon import CassetteRecorder
@@ -209,6 +211,8 @@ class ReplayShaper:
         entry = self.recorder._lookup(plan)
         if entry is None:
             return None
+        # The answer served may be a later one of a sequence (<hash>.<n>.json).
+        entry = store.sequences.at(entry, position_of(Path(plan.served_from or "")))
         try:
             return recorded_timing(store.read(entry).response)
         except Exception:  # noqa: BLE001 - it was just read for the answer; no pacing then
