@@ -264,6 +264,7 @@ class LocalReplayServer:
 
     def restore(self, flow: http.HTTPFlow) -> None:
         """Give the flow back its real target (logs, mitmweb, ``-w`` files show it)."""
+        self._replays.pop(flow.id, None)  # never picked up when the client went first
         target = self._targets.pop(flow, None)
         if target is not None:
             flow.request.data.host, flow.request.data.port, flow.request.data.scheme = target
