@@ -54,7 +54,7 @@ def arrivals(stream) -> list[float]:
 @pytest.fixture
 def recorded(proxy_factory, upstream_factory, tmp_path):
     """Cassettes of one stream and one whole answer, recorded with known pacing:
-    the first chunk after ~400 ms, then one every ~300 ms."""
+    the first chunk after ~400 ms, then one every ~300 ms; the whole answer after ~400 ms."""
     up = upstream_factory("A", first_event_delay=0.4, event_interval=0.3, n_chunks=3)
     proxy = proxy_factory(mode="record")
     client = openai_client(proxy, up)
@@ -63,6 +63,7 @@ def recorded(proxy_factory, upstream_factory, tmp_path):
         for c in client.chat.completions.create(**chat("paced"), stream=True)
         if c.choices
     )
+    up.configure(response_delay=0.4)  # the whole answer takes ~400 ms
     client.chat.completions.create(**chat("whole"))
     files = wait_for_files(tmp_path / "cassettes", 2)
     assert len(files) == 2
@@ -259,7 +260,7 @@ def test_recorded_timing_is_an_extra_field_beside_the_body(recorded, tmp_path):
     assert len(chunks) == len(stream["response"]["body"]) + 1  # the chunks and [DONE]
     assert chunks == sorted(chunks) and chunks[0] >= 300  # first chunk after ~400 ms
     assert all(b - a >= 200 for a, b in zip(chunks, chunks[1:], strict=False))  # ~300 ms
-    assert whole["response"]["timing"]["total_ms"] >= 0
+    assert whole["response"]["timing"]["total_ms"] >= 300  # the upstream took ~400 ms
     for path, doc in files.items():
         # Written as the format writes every file; our reader (and llama-stack's, which
         # takes response.body) sees the same body as before.
@@ -282,7 +283,7 @@ def test_recorded_pacing_is_replayed(proxy_factory, recorded):
     assert len(gaps) >= 2 and all(g >= 0.2 for g in gaps)  # recorded ~300 ms apart
     start = time.monotonic()
     whole = fault_client(proxy).chat.completions.create(**chat("whole"))
-    assert time.monotonic() - start >= 0
+    assert time.monotonic() - start >= 0.3  # sent after its recorded ~400 ms
     assert whole.choices[0].message.content == answer_text("A", "whole")
     proxy.wait_for_log("paced x1")
 
@@ -519,3 +520,25 @@ def test_cut_and_pacing_work_over_https_http2_and_in_reverse_mode(
     )
     with pytest.raises((openai.APIConnectionError, httpx.HTTPError)):
         list(cut)
+
+
+def test_sequence_names_and_positions() -> None:
+    from types import SimpleNamespace
+
+    from cassette_proxy.sequence import SequenceIndex, first_path, sibling_path
+
+    first = Path("/c/t/0806aef47037.json")
+    assert sibling_path(first, 1) == first
+    assert sibling_path(first, 3) == Path("/c/t/0806aef47037.3.json")
+    assert [position_of(sibling_path(first, n)) for n in (1, 2, 10)] == [1, 2, 10]
+    assert first_path(sibling_path(first, 10)) == first
+    # Hand-named files are never taken for a later answer.
+    assert position_of(Path("chat.2.json")) == 1 and position_of(Path("x.json")) == 1
+    index = SequenceIndex()
+    head = SimpleNamespace(path=first)
+    for n in (2, 4):  # 3 is missing: the sequence ends at 2, answers are never skipped
+        index.add(SimpleNamespace(path=sibling_path(first, n)))
+    assert index.length(first) == 2
+    assert [index.at(head, n).path.name for n in (1, 2, 3, 9)] == [
+        "0806aef47037.json", "0806aef47037.2.json", "0806aef47037.2.json", "0806aef47037.2.json",
+    ]  # fmt: skip

@@ -28,8 +28,9 @@ from typing import Any
 
 log = logging.getLogger("cassette_proxy")
 
-# <stem>.<n>.json with n >= 2; the stem is the first answer's file name without .json
-_SIBLING = re.compile(r"^(?P<stem>.+)\.(?P<n>[2-9]|[1-9]\d+)\.json$")
+# <hash>.<n>.json with n >= 2: the first answer's file name (a request hash, as the
+# recorder names files) and the position. Hand-named files (chat.2.json) are not siblings.
+_SIBLING = re.compile(r"^(?P<stem>[0-9a-f]{12,64})\.(?P<n>[2-9]|[1-9]\d+)\.json$")
 MAX_POSITION = 100_000
 
 

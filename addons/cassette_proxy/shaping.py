@@ -201,6 +201,11 @@ class ReplayShaper:
         store = self.recorder.store
         if plan is None or store is None:
             return
+        fault = self._faults.pop(flow, None)
+        if fault is not None:
+            log.info("%s fault %r not applied to %s %s: cut-after applies to replayed answers, "
+                     "this one is forwarded live", ctx.options.cassette_mode, fault.spec,
+                     plan.method, plan.path)  # fmt: skip
         first = recording_path(store.root, plan.method, plan.path, plan.body, plan.test_id)
         self.recorder.sequencer.arrived(flow, first)
 
