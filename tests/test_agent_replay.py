@@ -11,6 +11,7 @@ import asyncio
 import json
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -542,3 +543,17 @@ def test_sequence_names_and_positions() -> None:
     assert [index.at(head, n).path.name for n in (1, 2, 3, 9)] == [
         "0806aef47037.json", "0806aef47037.2.json", "0806aef47037.2.json", "0806aef47037.2.json",
     ]  # fmt: skip
+
+
+def test_the_pacing_benchmark_runs(tmp_path):
+    """``scripts/bench --only pacing`` end to end (smoke size; no timing asserted)."""
+    bench = Path(__file__).resolve().parent.parent / "bench" / "bench.py"
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, str(bench), "--smoke", "--only", "pacing", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads(out.read_text())["pacing"]["rows"]
+    assert {r["host"] for r in rows} == {"lean+recorder", "mitmdump+recorder"}
+    assert all(r["gaps"]["n"] > 0 and r["first_chunk"]["n"] > 0 for r in rows)
