@@ -557,3 +557,18 @@ def test_the_pacing_benchmark_runs(tmp_path):
     rows = json.loads(out.read_text())["pacing"]["rows"]
     assert {r["host"] for r in rows} == {"lean+recorder", "mitmdump+recorder"}
     assert all(r["gaps"]["n"] > 0 and r["first_chunk"]["n"] > 0 for r in rows)
+
+
+def test_after_the_upstream_goes_down_the_sequence_goes_on(proxy_factory, upstream):
+    """auto mode: two polls recorded live, then the upstream dies: the third poll gets
+    the last recorded answer, not the first again (the job does not start over)."""
+    proxy = proxy_factory(mode="auto")
+    with http_client(proxy) as client:
+        for tag in ("A", "B"):
+            upstream.configure(tag=tag)
+            poll(client, upstream.url)
+        wait_for_files(proxy.cassette_dir, 2)
+        upstream.stop()
+        later = [poll(client, upstream.url) for _ in range(2)]
+    assert [text for text, _ in later] == ["[B]", "[B]"]
+    assert all(file.endswith(".2.json") for _, file in later)

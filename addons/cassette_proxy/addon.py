@@ -90,6 +90,7 @@ class Plan:
     recorded: bool = False
     notes: list[str] = field(default_factory=list)
     loose_keys: tuple[str, ...] = ()  # weaker keys tried after a miss (keys.loose_keys)
+    position: int | None = None  # n-th identical request of this run (sequence.py)
 
 
 

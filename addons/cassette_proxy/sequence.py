@@ -112,16 +112,16 @@ class SequenceIndex:
 
 
 class ReplayCounter:
-    """How many times each request was answered in this proxy run, per test id."""
+    """How many identical requests (same key, same test id) this proxy run has seen,
+    forwarded or replayed: the n-th gets the n-th answer."""
 
     def __init__(self) -> None:
-        self._served: dict[tuple[Any, ...], int] = {}
+        self._seen: dict[tuple[str, str | None], int] = {}
 
-    def next(self, key: str, test_id: str | None, first: Path) -> int:
-        """The position the next answer for this request takes (1, 2, ...)."""
-        counter = (key, test_id, _canonical(first))
-        n = self._served.get(counter, 0) + 1
-        self._served[counter] = min(n, MAX_POSITION)
+    def next(self, key: str, test_id: str | None) -> int:
+        """The position of a request arriving now (1, 2, ...)."""
+        n = min(self._seen.get((key, test_id), 0) + 1, MAX_POSITION)
+        self._seen[(key, test_id)] = n
         return n
 
 
@@ -152,11 +152,19 @@ class Sequencer:
         self._arrivals: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
     def answer(self, store: Any, entry: Any, plan: Any) -> Any:
-        """The entry that answers this request now: the n-th for its n-th arrival."""
-        return store.sequences.at(entry, self.replays.next(plan.key, plan.test_id, entry.path))
+        """The entry that answers this request now: the n-th for its n-th arrival.
 
-    def arrived(self, flow: Any, first: Path) -> None:
-        """A request about to be forwarded: note the position its answer will take."""
+        A request forwarded first (and answered from the cassettes only because its
+        upstream went away) keeps the position it arrived with."""
+        if plan.position is None:
+            plan.position = self.replays.next(plan.key, plan.test_id)
+        return store.sequences.at(entry, plan.position)
+
+    def arrived(self, flow: Any, plan: Any, first: Path) -> None:
+        """A request about to be forwarded: it counts among the run's identical requests
+        (so replays after the upstream went down go on from there), and its answer, if
+        recorded, takes the next position of the recording."""
+        plan.position = self.replays.next(plan.key, plan.test_id)
         self._arrivals[flow] = self.positions.arrived(first)
 
     def recording_path(self, store: Any, flow: Any, first: Path) -> Path:

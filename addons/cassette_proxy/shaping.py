@@ -207,7 +207,7 @@ class ReplayShaper:
                      "this one is forwarded live", ctx.options.cassette_mode, fault.spec,
                      plan.method, plan.path)  # fmt: skip
         first = recording_path(store.root, plan.method, plan.path, plan.body, plan.test_id)
-        self.recorder.sequencer.arrived(flow, first)
+        self.recorder.sequencer.arrived(flow, plan, first)
 
     def _timing(self, plan: Any) -> dict[str, Any] | None:
         store = self.recorder.store
