@@ -38,6 +38,7 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
 from corpus import make_cassettes  # noqa: E402
+from pacing_bench import section_pacing  # noqa: E402
 
 HOST = "127.0.0.1"
 PY = sys.executable
@@ -853,7 +854,9 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="seconds, tiny sizes, no claims")
     ap.add_argument("--out", default=str(ROOT / "bench-results" / "latest.json"))
     ap.add_argument(
-        "--only", default="replay,record,ttft,cold,soak,profile", help="comma-separated sections"
+        "--only",
+        default="replay,record,ttft,cold,soak,profile,pacing",
+        help="comma-separated sections",
     )
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     args = ap.parse_args()
@@ -893,6 +896,8 @@ def main() -> int:
             section_soak(b, up, cassettes, out)
         if "profile" in only and not args.smoke and shutil.which("wrk"):
             section_profile(b, up, cassettes, out)
+        if "pacing" in only:
+            section_pacing(b, out, start_upstream, chat_body, RECORDER)
     finally:
         b.stop_all()
         out["seconds"] = time.monotonic() - t0

@@ -215,7 +215,13 @@ def test_record_mode_always_forwards_and_replaces(proxy_factory, upstream_factor
     second = openai_client(proxy, b).chat.completions.create(**chat_kwargs("twice"))
     assert second.choices[0].message.content == answer_text("B", "twice")
     assert len(a.requests) == len(b.requests) == 1
-    time.sleep(0.5)  # let the second write land
+    # Asked again in the same run: kept as the request's second answer (issue 11.1).
+    first, later = sorted(wait_for_files(proxy.cassette_dir, 2), key=lambda p: len(p.name))
+    assert later.name == first.name.removesuffix(".json") + ".2.json"
+    proxy.stop()
+    proxy = proxy_factory(mode="record")  # a new recording run replaces the sequence whole
+    openai_client(proxy, b).chat.completions.create(**chat_kwargs("twice"))
+    time.sleep(0.5)  # let the write land
     doc = only_cassette(proxy.cassette_dir)  # same request: the same file, replaced
     assert doc["response"]["body"]["__data__"]["choices"][0]["message"]["content"] == (
         answer_text("B", "twice")

@@ -59,6 +59,8 @@ from .redact import (
     redact_url,
     scrub,
 )
+from .sequence import Sequencer
+from .shaping import ReplayShaper
 from .stable import normalize_response
 from .store import CassetteStore, live_key
 from .upstream import UpstreamProbe
@@ -101,6 +103,7 @@ class Plan:
     request: matching.Request | None = None  # as matching sees it (redacted, as recorded)
     upstream: str | None = None  # host:port the request is for (host affinity)
     rule: str | None = None  # the matching rule of a hit: exact, or the loose rules
+    position: int | None = None  # n-th identical request of this run (sequence.py)
 
 
 
@@ -128,6 +131,10 @@ class CassetteRecorder:
         self.log_summary = True  # `cassette-proxy run` prints the summary itself
         self.record_errors = DEFAULT_RECORDED_ERRORS  # option cassette_record_errors
         self.stopping = False  # set when the proxy shuts down
+        # Faults on demand and recorded pacing; a child addon: its hooks run after ours.
+        self.shaper = ReplayShaper(self)
+        self.addons = [self.shaper]
+        self.sequencer = Sequencer()  # identical requests answered in recorded order
 
     # ---- options -----------------------------------------------------------------
 
@@ -243,6 +250,8 @@ class CassetteRecorder:
     async def request(self, flow: http.HTTPFlow) -> None:
         mode = ctx.options.cassette_mode
         test_id = flow.request.headers.pop(TEST_ID_HEADER, "").strip() or None
+        if flow.response is None and await self.shaper.take_fault(flow, test_id):
+            return  # X-Cassette-Fault: an error answer, or a bad header
         if mode == "passthrough" or flow.response is not None:
             return
         plan = self._plan(flow, test_id)
@@ -383,6 +392,7 @@ class CassetteRecorder:
             self.counts["miss"] += 1
             return self._miss(plan)
         entry, plan.rule = match.entry, match.rule
+        entry = self.sequencer.answer(self.store, entry, plan)  # the n-th of a sequence
         try:
             wire, plan.served_from, fields = self._wire(entry, plan)
         except (OSError, ValueError, NotRecordable, CassetteError) as e:
@@ -804,6 +814,7 @@ class CassetteRecorder:
         if ctx.options.cassette_normalize:
             digest = keys.recording_hash(plan.method, plan.path, plan.body, plan.test_id)
             response = normalize_response(response, digest)
+        response = self.shaper.timed(flow, response)  # response.timing, if recorded
         # Every credential value the request carried, out of all that is written.
         secrets, marker = written_secrets(
             request.headers.items(multi=True),
@@ -824,6 +835,7 @@ class CassetteRecorder:
             headers=scrub(headers, secrets),
             response=redact_answer(response, secrets),
         )
+        path = self.sequencer.recording_path(self.store, flow, path)  # <hash>.<n>.json
         return path, cassette
 
     def _recorded(self, flow: http.HTTPFlow, plan: Plan, path: Path, cassette: Cassette) -> None:

@@ -22,6 +22,7 @@ from . import keys, matching
 from .cassette import TEMP_PREFIX, Cassette, CassetteError, read_cassette
 from .families import anthropic, responses
 from .families.base import is_typed
+from .sequence import first_path
 from .store import key_of, request_body_of, wire_path_of
 
 # Packages whose types the proxy's families replay. A type from one of them that cannot
@@ -477,7 +478,7 @@ def verify_item(item: Item) -> Findings:
     except Exception as e:  # noqa: BLE001 - any failure to key it means the proxy cannot serve it
         findings.errors.append(f"request cannot be keyed: {e}")
     check_types(cassette, findings)
-    stem = item.path.name.removesuffix(".json")
+    stem = first_path(item.path).name.removesuffix(".json")  # <hash>.<n>.json: answer n
     if stem not in expected_names(cassette):
         expected = f" (expected {expected_name(cassette, stem)})"
         if stem.startswith("models-"):

@@ -23,7 +23,7 @@ from typing import Any
 
 import click
 
-from . import __version__, catalog
+from . import __version__, catalog, sequence
 from .store import key_of
 
 DEFAULT_DIR = "cassettes"
@@ -306,6 +306,9 @@ def find_cassette(target: str, cassette_dir: Path) -> catalog.Item:
             matches.append(item)
     if not matches:
         raise fail(f"no cassette matches {target} in {cassette_dir} (by file name or key)")
+    exact = [m for m in matches if m.path.name.lower() == wanted + ".json"]
+    if len(matches) > 1 and len(exact) == 1:
+        return exact[0]  # a whole file name: not its later answers (<name>.2.json, ...)
     if len(matches) > 1:
         names = ", ".join(m.rel for m in matches[:5])
         more = f" and {len(matches) - 5} more" if len(matches) > 5 else ""
@@ -373,6 +376,7 @@ def show_command(target: str, cassette_dir: Path, full: bool, as_json: bool, raw
             "file": item.rel,
             "key": _key(item),
             "test_id": cassette.test_id,
+            "answer": dict(zip(("position", "of"), sequence.position_in(item.path), strict=True)),
             "request": {
                 "method": s.method,
                 "url": request.url,
@@ -387,6 +391,9 @@ def show_command(target: str, cassette_dir: Path, full: bool, as_json: bool, raw
     click.echo(f"request   {s.method} {request.url or s.endpoint}")
     click.echo(f"key       {_key(item) or '-'}")
     click.echo(f"test id   {cassette.test_id or '-'}")
+    position, answers = sequence.position_in(item.path)
+    if answers > 1:
+        click.echo(f"answer    {position} of {answers} (identical requests, in recorded order)")
     click.echo(f"model     {s.model or '-'}")
     click.echo("body")
     click.echo(_indent(json.dumps(body, indent=2, ensure_ascii=False)))

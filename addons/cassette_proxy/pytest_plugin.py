@@ -14,6 +14,9 @@ until a test asks for one of its fixtures:
 ``cassette_http_client``, ``cassette_openai_client``
     an ``httpx.Client`` / ``openai.OpenAI`` wired to the proxy that sends the test id
     with every request, so each test's cassettes go in a folder of their own.
+``@pytest.mark.cassette_fault("status=429,times=1")``
+    sends ``X-Cassette-Fault`` with every request of the test's clients (and puts it in
+    ``cassette_headers``): the proxy answers with that fault (faults.py).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import pytest
 
 MODES = ("auto", "record", "replay", "record-if-missing", "passthrough")
 TEST_ID_HEADER = "X-Cassette-Test-Id"
+FAULT_HEADER = "X-Cassette-Fault"
 _PROXY_VARS = (
     "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY",
     "http_proxy", "https_proxy", "all_proxy", "no_proxy",
@@ -59,6 +63,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("cassette_proxy_args", "More `cassette-proxy run` arguments.", type="args")
     parser.addini(
         "cassette_set_env", "Set HTTP(S)_PROXY etc. for the session.", type="bool", default=True
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "cassette_fault(spec): send X-Cassette-Fault: spec (status=NNN, delay-ms=N, "
+        "cut-after=N, times=N; comma-separated) with every request of this test's "
+        "cassette clients",
     )
 
 
@@ -197,9 +210,28 @@ def cassette_test_id(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def cassette_headers(cassette_test_id: str) -> dict[str, str]:
-    """Headers that tie a request to this test; add them to any client."""
-    return {TEST_ID_HEADER: cassette_test_id}
+def cassette_fault(request: pytest.FixtureRequest) -> str | None:
+    """The ``X-Cassette-Fault`` value this test's ``cassette_fault`` marker asks for."""
+    marker = request.node.get_closest_marker("cassette_fault")
+    if marker is None:
+        return None
+    parts = [str(a).strip() for a in marker.args if str(a).strip()]
+    if not parts or marker.kwargs:
+        raise pytest.UsageError(
+            f'{request.node.nodeid}: write @pytest.mark.cassette_fault("status=429"), '
+            "one or more strings, comma-separated"
+        )
+    return ",".join(parts)
+
+
+@pytest.fixture
+def cassette_headers(cassette_test_id: str, cassette_fault: str | None) -> dict[str, str]:
+    """Headers that tie a request to this test (and its fault marker); add them to any
+    client."""
+    headers = {TEST_ID_HEADER: cassette_test_id}
+    if cassette_fault:
+        headers[FAULT_HEADER] = cassette_fault
+    return headers
 
 
 @pytest.fixture

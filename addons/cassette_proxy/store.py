@@ -36,6 +36,7 @@ from .cassette import (
 )
 from .families import unknown_type
 from .index_cache import IndexCache
+from .sequence import SequenceIndex, position_of
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,8 @@ class CassetteStore:
         self._scanned_at = time.monotonic()
         self._scan_cost = 0.0
         self._real_root = root
+        # Later answers of repeated requests (<hash>.<n>.json): sequence.py
+        self.sequences = SequenceIndex()
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._index.values())
@@ -157,6 +160,7 @@ class CassetteStore:
         self._checked.clear()
         self._scanned_at = time.monotonic()
         self._real_root = root = self.root.resolve()
+        self.sequences.clear()
         if not self.root.is_dir():
             return report
         # What indexing found per file, kept across starts by path + size + mtime.
@@ -376,6 +380,9 @@ class CassetteStore:
         return self._insert(entry)
 
     def _insert(self, entry: Entry) -> Entry:
+        if position_of(entry.path) > 1:
+            self.sequences.add(entry)  # a later answer: found through its first one only
+            return entry
         self._entry_of[entry.path] = entry
         self._index.setdefault(entry.key, []).append(entry)
         self._by_path.setdefault(entry.wire_path, []).append(entry)
@@ -386,6 +393,10 @@ class CassetteStore:
     def add(self, path: Path, cassette: Cassette) -> Entry:
         """Index a cassette just recorded; it replaces older entries for its key and test id."""
         path = self._real(path)
+        if position_of(path) > 1:
+            entry = self._add(path, cassette)  # into self.sequences
+            self._remember(path, cassette)
+            return entry
         key, _ = key_of(cassette)
         old = [e for e in self._index.get(key, []) if e.test_id == cassette.test_id]
         same_file = self._entry_of.get(path)

@@ -1,0 +1,198 @@
+"""Identical requests answered in recorded order (an agent polling "is the job done?").
+
+When one request (same key, same test id) is recorded several times in one proxy run,
+every answer is kept, in order: the first in llama-stack's own file for the request
+(``<hash>.json``, so llama-stack's reader still finds it), the n-th in a sibling file
+``<hash>.<n>.json`` in the same folder. On replay, the n-th identical request of a
+proxy run (per test id) gets the n-th answer; after the last, the last repeats.
+
+Positions in a recording run: a request takes the position after the answers already
+recorded for it in this run, when it arrives. So a client that asks again after its
+answer (polling) gets the next position, while identical requests in flight at the
+same time share one (the last to finish is kept, as before). The first recording of a
+request in a run removes the siblings an older run left: a new run of two answers
+leaves no stale third behind. A run that never repeats a request writes exactly the
+files it wrote before sequences existed.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import logging
+import os
+import re
+import weakref
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("cassette_proxy")
+
+# <hash>.<n>.json with n >= 2: the first answer's file name (a request hash, as the
+# recorder names files) and the position. Hand-named files (chat.2.json) are not siblings.
+_SIBLING = re.compile(r"^(?P<stem>[0-9a-f]{12,64})\.(?P<n>[2-9]|[1-9]\d+)\.json$")
+MAX_POSITION = 100_000
+
+
+def position_of(path: Path) -> int:
+    """An answer's position in its sequence, from its file name (1 for the first)."""
+    match = _SIBLING.match(path.name)
+    if match is None or int(match["n"]) > MAX_POSITION:
+        return 1
+    return int(match["n"])
+
+
+def first_path(path: Path) -> Path:
+    """The file of a sequence's first answer (the file itself for a first answer)."""
+    match = _SIBLING.match(path.name)
+    if match is None or int(match["n"]) > MAX_POSITION:
+        return path
+    return path.with_name(match["stem"] + ".json")
+
+
+def sibling_path(first: Path, position: int) -> Path:
+    """The file of the answer at ``position`` of the sequence that starts at ``first``."""
+    if position <= 1:
+        return first
+    return first.with_name(f"{first.name.removesuffix('.json')}.{position}.json")
+
+
+@functools.lru_cache(maxsize=4096)
+def _real_folder(folder: str) -> str:
+    return os.path.realpath(folder)
+
+
+def _canonical(path: Path) -> tuple[str, str]:
+    """One name for a file whether the store saw it below the resolved cassette_dir (at
+    load) or below cassette_dir as given (just recorded)."""
+    return _real_folder(str(path.parent)), path.name
+
+
+class SequenceIndex:
+    """The later answers of each sequence, by the first answer's file: position -> entry.
+
+    Kept by the store beside its index; only the first answer is in the store's own
+    index, so every lookup that knows nothing of sequences finds the first answer.
+    """
+
+    def __init__(self) -> None:
+        self._later: dict[tuple[str, str], dict[int, Any]] = {}
+
+    def clear(self) -> None:
+        self._later.clear()
+
+    def add(self, entry: Any) -> None:
+        path: Path = entry.path
+        self._later.setdefault(_canonical(first_path(path)), {})[position_of(path)] = entry
+
+    def drop(self, first: Path) -> None:
+        self._later.pop(_canonical(first), None)
+
+    def files(self, first: Path) -> list[Path]:
+        """The files of the later answers indexed for a first answer's file."""
+        later = self._later.get(_canonical(first)) or {}
+        return [later[n].path for n in sorted(later)]
+
+    def length(self, first: Path) -> int:
+        """How many answers the sequence starting at ``first`` has (1: no siblings)."""
+        later = self._later.get(_canonical(first))
+        if not later:
+            return 1
+        n = 1
+        while n + 1 in later:  # a gap ends the sequence: answers are never skipped
+            n += 1
+        return n
+
+    def at(self, first_entry: Any, position: int) -> Any:
+        """The entry answering at ``position``; the last one past the end."""
+        if position <= 1:
+            return first_entry
+        last = min(position, self.length(first_entry.path))
+        return first_entry if last == 1 else self._later[_canonical(first_entry.path)][last]
+
+
+class ReplayCounter:
+    """How many identical requests (same key, same test id) this proxy run has seen,
+    forwarded or replayed: the n-th gets the n-th answer."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[str, str | None], int] = {}
+
+    def next(self, key: str, test_id: str | None) -> int:
+        """The position of a request arriving now (1, 2, ...)."""
+        n = min(self._seen.get((key, test_id), 0) + 1, MAX_POSITION)
+        self._seen[(key, test_id)] = n
+        return n
+
+
+class RecordingPositions:
+    """Positions of the answers recorded in this proxy run, per request and test id."""
+
+    def __init__(self) -> None:
+        self._recorded: dict[Path, int] = {}  # first file -> answers recorded in this run
+
+    def arrived(self, first: Path) -> int:
+        """The position a request arriving now will be recorded at."""
+        return min(self._recorded.get(first, 0) + 1, MAX_POSITION)
+
+    def started(self, first: Path) -> bool:
+        """Whether this run has recorded this request already."""
+        return first in self._recorded
+
+    def recorded(self, first: Path, position: int) -> None:
+        self._recorded[first] = max(self._recorded.get(first, 0), position)
+
+
+class Sequencer:
+    """The addon's side: which answer a replay gets, which file a recording goes in."""
+
+    def __init__(self) -> None:
+        self.replays = ReplayCounter()
+        self.positions = RecordingPositions()
+        self._arrivals: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+
+    def answer(self, store: Any, entry: Any, plan: Any) -> Any:
+        """The entry that answers this request now: the n-th for its n-th arrival.
+
+        A request forwarded first (and answered from the cassettes only because its
+        upstream went away) keeps the position it arrived with."""
+        if plan.position is None:
+            plan.position = self.replays.next(plan.key, plan.test_id)
+        return store.sequences.at(entry, plan.position)
+
+    def arrived(self, flow: Any, plan: Any, first: Path) -> None:
+        """A request about to be forwarded: it counts among the run's identical requests
+        (so replays after the upstream went down go on from there), and its answer, if
+        recorded, takes the next position of the recording."""
+        plan.position = self.replays.next(plan.key, plan.test_id)
+        self._arrivals[flow] = self.positions.arrived(first)
+
+    def recording_path(self, store: Any, flow: Any, first: Path) -> Path:
+        """The file this flow's answer is recorded in; the first answer of a request in
+        this run removes the later answers an older run left."""
+        position = self._arrivals.pop(flow, 1)
+        if position == 1 and not self.positions.started(first):
+            for stale in store.sequences.files(first):
+                try:
+                    stale.unlink()
+                    log.info("removed %s: a later answer of an older recording run", stale)
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    log.warning("could not remove stale answer %s: %s", stale, e)
+            store.sequences.drop(first)
+        self.positions.recorded(first, position)
+        return sibling_path(first, position)
+
+
+def position_in(path: Path) -> tuple[int, int]:
+    """A file's position in its sequence and how many answers the sequence has on disk
+    (``1, 1`` for a request answered once), for ``cassette-proxy show``."""
+    first = first_path(path)
+    stem = first.name.removesuffix(".json")
+    later = [p for p in first.parent.glob(f"{glob.escape(stem)}.*.json") if first_path(p) == first]
+    count = 1
+    positions = {position_of(p) for p in later}
+    while count + 1 in positions:
+        count += 1
+    return position_of(path), max(count, position_of(path))
