@@ -142,8 +142,12 @@ def test_an_error_for_a_new_request_is_still_recorded(proxy_factory, upstream):
 
 
 def test_a_record_run_replaces_a_success_with_the_error_and_warns(proxy_factory, upstream):
+    first = proxy_factory(mode="record")
+    record_five(first, upstream)
+    first.stop()
+    # A new record run: within one run a repeated request is the next answer of its
+    # sequence (test_agent_replay.py); a new run replaces what an earlier one recorded.
     proxy = proxy_factory(mode="record")
-    record_five(proxy, upstream)
     upstream.configure(fail_mode="status", fail_status=401)
     with httpx.Client(proxy=proxy.url, trust_env=False) as http:
         assert http.post(upstream.url + CHAT_PATH, json=chat(PROMPTS[0])).status_code == 401

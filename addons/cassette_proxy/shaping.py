@@ -213,9 +213,10 @@ class ReplayShaper:
         store = self.recorder.store
         if store is None:
             return None
-        entry = self.recorder._lookup(plan)
-        if entry is None:
+        match = self.recorder._lookup(plan)
+        if match is None:
             return None
+        entry = match.entry
         # The answer served may be a later one of a sequence (<hash>.<n>.json).
         entry = store.sequences.at(entry, position_of(Path(plan.served_from or "")))
         try:
