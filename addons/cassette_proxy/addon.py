@@ -3,7 +3,10 @@
 The way of a request:
   request          classify it, key it; serve a hit or forward it (by mode, by upstream)
   server_connect   the upstream died since the last probe: point the connection at
-                   the local fallback server, which answers from the cassettes
+                   the local fallback server, which answers from the cassettes (a busy
+                   upstream is waited for first: upstream.py)
+  (a timer)        no response headers within cassette_response_timeout_ms: the
+                   cassettes answer in the upstream's place (fallback.answer_in_flight)
   responseheaders  a stream: tap it, so chunks are recorded as they pass through
   response/error   a complete answer: write the cassette
 """
@@ -109,6 +112,7 @@ class CassetteRecorder:
         self._connect_deadlines: dict[str, asyncio.TimerHandle] = {}
         self.response_timeout_ms = DEFAULT_RESPONSE_TIMEOUT_MS
         self._fallback_flows: dict[str, http.HTTPFlow] = {}
+        self._refusals: dict[str, http.Response] = {}  # streamed bodies kept from upstream
         self._writes: set[asyncio.Task[None]] = set()
         # fsyncs wait for the disk: one thread of their own, so they never hold up the
         # threads (asyncio's default pool) that other work is queued on.
@@ -255,6 +259,8 @@ class CassetteRecorder:
         test_id = flow.request.headers.pop(TEST_ID_HEADER, "").strip() or None
         if mode == "passthrough" or flow.response is not None:
             return
+        if flow.id in self._refusals:
+            return  # a streamed body, already sent to the stand-in (requestheaders)
         try:
             plan = self._plan(flow, test_id)
         except Unkeyable as e:
@@ -297,19 +303,48 @@ class CassetteRecorder:
             # Decoded bodies stream through the tap as they are recorded.
             flow.request.headers["accept-encoding"] = "identity"
 
-    async def _unkeyable(self, flow: http.HTTPFlow, mode: str, why: str) -> None:
-        """A request with no key: forwarded unrecorded, or, where forwarding is not allowed
-        (replay; auto with the upstream offline), a non-retryable error saying why."""
-        request = flow.request
-        shown = redact_path(request.path.partition("?")[0])  # logs never show a key
-        host, port = request.host, request.port
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """A streamed request body (stream_large_bodies) goes upstream before the request
+        hook runs: where nothing may be forwarded, it goes to the local stand-in instead,
+        which answers the error saying why."""
+        mode = ctx.options.cassette_mode
+        if not flow.request.stream or flow.response is not None or mode not in ("replay", "auto"):
+            return
+        where = await self._no_forwarding(flow, mode)
+        if where is None:
+            return
+        why = _not_keyable(flow.request) or "the request body is streamed (stream_large_bodies)"
+        await self._start_fallback()
+        self._refusals[flow.id] = self._refusal(flow, mode, why, where)
+        flow.request.headers[TOKEN_HEADER] = flow.id
+        https = flow.request.scheme == "https"
+        stand_in = self.fallback.tls_address if https else self.fallback.address
+        if stand_in is not None:
+            flow.request.host, flow.request.port = stand_in
+
+    async def _no_forwarding(self, flow: http.HTTPFlow, mode: str) -> str | None:
+        """Why a request must not be forwarded (replay; auto with the upstream offline)."""
+        host, port = flow.request.host, flow.request.port
         if mode == "replay":
-            where = "cassette_mode is replay"
-        elif mode == "auto" and not await self.probe.reachable(host, port):
-            where = f"the upstream {host}:{port} is offline"
-        else:
+            return "cassette_mode is replay"
+        if mode == "auto" and not await self.probe.reachable(host, port):
+            return f"the upstream {host}:{port} is offline"
+        return None
+
+    async def _unkeyable(self, flow: http.HTTPFlow, mode: str, why: str) -> None:
+        """A request with no key: forwarded unrecorded, or, where forwarding is not allowed,
+        a non-retryable error saying why."""
+        where = await self._no_forwarding(flow, mode)
+        if where is None:
+            request = flow.request
+            shown = redact_path(request.path.partition("?")[0])  # logs never show a key
             log.info("%s passthrough %s %s: %s", mode, request.method, shown, why)
             return
+        flow.response = self._refusal(flow, mode, why, where)
+
+    def _refusal(self, flow: http.HTTPFlow, mode: str, why: str, where: str) -> http.Response:
+        request = flow.request
+        shown = redact_path(request.path.partition("?")[0])
         message = (
             f"cassette-proxy: {request.method} {shown} cannot be answered from cassettes: "
             f"{why}; {where}, so it was not forwarded"
@@ -324,13 +359,13 @@ class CassetteRecorder:
             "path": shown,
             "reason": why,
         }
-        flow.response = http.Response.make(
+        flow.comment = f"cassette: not forwarded ({why})"
+        flow.marked = ":x:"
+        return http.Response.make(
             MISS_STATUS,
             json.dumps({"error": error}),
             {"content-type": "application/json", MISS_HEADER: "unkeyable"},
         )
-        flow.comment = f"cassette: not forwarded ({why})"
-        flow.marked = ":x:"
 
     def _plan(self, flow: http.HTTPFlow, test_id: str | None) -> Plan | None:
         request = flow.request
@@ -649,6 +684,9 @@ class CassetteRecorder:
         await self.fallback.start(*pems)
 
     def _fallback_answer(self, token: str) -> http.Response:
+        refusal = self._refusals.pop(token, None)
+        if refusal is not None:
+            return refusal
         flow = self._fallback_flows.pop(token, None)
         plan: Plan | None = self.plans.get(flow) if flow else None
         if flow is None or plan is None:
