@@ -259,8 +259,8 @@ class CassetteRecorder:
         test_id = flow.request.headers.pop(TEST_ID_HEADER, "").strip() or None
         if mode == "passthrough" or flow.response is not None:
             return
-        if flow.id in self._refusals:
-            return  # a streamed body, already sent to the stand-in (requestheaders)
+        if TOKEN_HEADER in flow.request.headers:
+            return  # a streamed body, already on its way to the stand-in (requestheaders)
         try:
             plan = self._plan(flow, test_id)
         except Unkeyable as e:
