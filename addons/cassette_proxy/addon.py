@@ -67,6 +67,7 @@ MISS_STATUS = 404
 # auto: no response headers from the upstream by then, and the cassettes answer (or a 504).
 # Under the openai SDK's own 600 s; above most non-streamed generations.
 DEFAULT_RESPONSE_TIMEOUT_MS = 120_000
+MITMPROXY_CONNECT_TIMEOUT_S = 3 * CONNECT_TIMEOUT_S
 STREAM_TYPES = ("text/event-stream", "application/x-ndjson", "application/jsonl")
 # Request bytes -> key, for requests sent again (at most this many, bodies up to 64 KiB).
 KEY_MEMO_SIZE = 512
@@ -565,7 +566,8 @@ class CassetteRecorder:
                 )
                 up = await self.probe.wait_until_up(host, port)
         if up:
-            self._bound_connect(data.server)
+            if any(p.busy for p in plans):
+                self._bound_connect(data.server)  # it accepted ours; mitmproxy's is next
             return
         await self._start_fallback()
         for flow in flows:
@@ -583,10 +585,12 @@ class CassetteRecorder:
         data.server.address = stand_in
 
     def _bound_connect(self, server: connection.Server) -> None:
-        """mitmproxy has no connect timeout: cancel its connect after CONNECT_TIMEOUT_S.
+        """mitmproxy has no connect timeout: after a busy upstream accepted our connect,
+        cancel mitmproxy's own if it takes longer than MITMPROXY_CONNECT_TIMEOUT_S.
 
         server_connect runs in the task that then connects; cancelling it makes mitmproxy
         fail the connect (server_connect_error, a 502) instead of waiting for minutes.
+        Generous: on a crowded event loop a connect done in the kernel is seen late.
         """
         task = asyncio.current_task()
         if task is None:
@@ -598,12 +602,12 @@ class CassetteRecorder:
                 log.warning(
                     "upstream %s:%s did not accept within %.0f s: connect cancelled",
                     *server.address[:2],
-                    CONNECT_TIMEOUT_S,
+                    MITMPROXY_CONNECT_TIMEOUT_S,
                 )
-                task.cancel(f"connect timeout ({CONNECT_TIMEOUT_S:.0f} s)")
+                task.cancel(f"connect timeout ({MITMPROXY_CONNECT_TIMEOUT_S:.0f} s)")
 
         loop = asyncio.get_running_loop()
-        self._connect_deadlines[server.id] = loop.call_later(CONNECT_TIMEOUT_S, expire)
+        self._connect_deadlines[server.id] = loop.call_later(MITMPROXY_CONNECT_TIMEOUT_S, expire)
 
     def _unbound_connect(self, server: connection.Server) -> None:
         deadline = self._connect_deadlines.pop(server.id, None)
