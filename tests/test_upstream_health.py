@@ -143,11 +143,12 @@ def test_200_parallel_clients_on_a_tiny_probe_timeout_all_get_live_answers(
     proxy = proxy_factory(
         mode="auto", options={"cassette_probe_timeout_ms": 50, "cassette_probe_ttl_ms": 0}
     )
+    openai_client(proxy, upstream).chat.completions.create(**chat("seen up"))
     prompts = [f"crowd {i}" for i in range(200)]
     assert asyncio.run(_parallel(proxy, upstream, prompts)) == [
         answer_text("A", p) for p in prompts
     ]
-    assert len(upstream.requests_to(CHAT_PATH)) == 200
+    assert len(upstream.requests_to(CHAT_PATH)) == 201
     assert "auto miss" not in proxy.log_text()
 
 
