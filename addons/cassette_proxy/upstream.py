@@ -114,7 +114,8 @@ class UpstreamProbe:
             attempt: Future[str] = self._threads.submit(_connect, host, port, timeout)
             await asyncio.wait([asyncio.wrap_future(attempt)], timeout=timeout + _RESOLVE_GRACE_S)
             # The thread's own result, even if the loop was too busy to see it in time.
-            outcome = attempt.result() if attempt.done() else _TIMEOUT
+            done = attempt.done() and not attempt.cancelled()  # cancelled: close()
+            outcome = attempt.result() if done else _TIMEOUT
             future.set_result(outcome)
             return outcome
         finally:
