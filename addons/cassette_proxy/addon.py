@@ -3,7 +3,10 @@
 The way of a request:
   request          classify it, key it; serve a hit or forward it (by mode, by upstream)
   server_connect   the upstream died since the last probe: point the connection at
-                   the local fallback server, which answers from the cassettes
+                   the local fallback server, which answers from the cassettes (a busy
+                   upstream is waited for first: upstream.py)
+  (a timer)        no response headers within cassette_response_timeout_ms: the
+                   cassettes answer in the upstream's place (fallback.answer_in_flight)
   responseheaders  a stream: tap it, so chunks are recorded as they pass through
   response/error   a complete answer: write the cassette
 """
@@ -40,7 +43,7 @@ from .cassette import (
     write_cassette,
 )
 from .decoding import StreamDecoder, stream_decoder
-from .fallback import TOKEN_HEADER, FallbackServer, certificate_pems
+from .fallback import TOKEN_HEADER, FallbackServer, answer_in_flight, certificate_pems
 from .families import Family, NotRecordable, StreamRecorder, Wire, classify, encode
 from .families.ollama import with_stream_default
 from .recording import (
@@ -63,7 +66,7 @@ from .sequence import Sequencer
 from .shaping import ReplayShaper
 from .stable import normalize_response
 from .store import CassetteStore, live_key
-from .upstream import UpstreamProbe
+from .upstream import BUSY, CONNECT_TIMEOUT_S, DOWN, UpstreamProbe
 from .usage import UsageLog
 
 log = logging.getLogger("cassette_proxy")
@@ -74,6 +77,10 @@ FILE_HEADER = "x-cassette-file"
 MISS_HEADER = "x-cassette-miss"
 # The openai SDKs retry 408, 409, 429 and 5xx; a miss must not be retried.
 MISS_STATUS = 404
+# auto: no response headers from the upstream by then, and the cassettes answer (or a 504).
+# Under the openai SDK's own 600 s; above most non-streamed generations.
+DEFAULT_RESPONSE_TIMEOUT_MS = 120_000
+MITMPROXY_CONNECT_TIMEOUT_S = 3 * CONNECT_TIMEOUT_S
 STREAM_TYPES = ("text/event-stream", "application/x-ndjson", "application/jsonl")
 # Request bytes -> key, for requests sent again (at most this many, bodies up to 64 KiB).
 KEY_MEMO_SIZE = 512
@@ -97,6 +104,7 @@ class Plan:
     test_id: str | None
     served_from: str | None = None  # cassette file, once replayed
     probed: bool = False  # the upstream was probed for this very request
+    busy: bool = False  # ... and did not accept within the probe timeout, though seen up lately
     recorder: StreamRecorder | None = None
     recorded: bool = False
     notes: list[str] = field(default_factory=list)
@@ -112,8 +120,13 @@ class CassetteRecorder:
         self.store: CassetteStore | None = None
         self.probe = UpstreamProbe()
         self.fallback = FallbackServer(self._fallback_answer)
-        self._awaiting_connect: dict[str, http.HTTPFlow] = {}
+        # Forwarded auto-mode flows not yet connected, by client connection, then by flow:
+        # an HTTP/2 client multiplexes many flows on one connection (server_connect).
+        self._awaiting_connect: dict[str, dict[str, http.HTTPFlow]] = {}
+        self._connect_deadlines: dict[str, asyncio.TimerHandle] = {}
+        self.response_timeout_ms = DEFAULT_RESPONSE_TIMEOUT_MS
         self._fallback_flows: dict[str, http.HTTPFlow] = {}
+        self._refusals: dict[str, http.Response] = {}  # streamed bodies kept from upstream
         self._writes: set[asyncio.Task[None]] = set()
         # fsyncs wait for the disk: one thread of their own, so they never hold up the
         # threads (asyncio's default pool) that other work is queued on.
@@ -149,6 +162,13 @@ class CassetteRecorder:
         )
         loader.add_option(
             "cassette_probe_ttl_ms", int, 2000, "How long an upstream verdict is cached (ms)."
+        )
+        loader.add_option(
+            "cassette_response_timeout_ms",
+            int,
+            DEFAULT_RESPONSE_TIMEOUT_MS,
+            "auto mode: with no response headers from the upstream this long after the "
+            "request, answer from the cassettes (a 504 on a miss). 0: wait for the upstream.",
         )
         loader.add_option(
             "cassette_record_headers",
@@ -189,7 +209,15 @@ class CassetteRecorder:
                 raise exceptions.OptionsError(
                     "cassette_probe_timeout_ms must be > 0 and cassette_probe_ttl_ms >= 0"
                 )
+            self.probe.close()
             self.probe = UpstreamProbe(opts.cassette_probe_timeout_ms, opts.cassette_probe_ttl_ms)
+        if "cassette_response_timeout_ms" in updated:
+            if opts.cassette_response_timeout_ms < 0:
+                raise exceptions.OptionsError(
+                    "cassette_response_timeout_ms must be >= 0 (milliseconds; 0 waits for "
+                    f"the upstream as long as it takes), not {opts.cassette_response_timeout_ms}"
+                )
+            self.response_timeout_ms = opts.cassette_response_timeout_ms
         if "connection_strategy" in updated or "cassette_mode" in updated:
             # Lazy connects let the request hook answer before any upstream connect,
             # so reverse mode and HTTPS work with the upstream down.
@@ -234,6 +262,7 @@ class CassetteRecorder:
         if self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)
         self.fallback.close()
+        self.probe.close()
         self.usage.close()
         if not self.log_summary:
             return
@@ -254,7 +283,13 @@ class CassetteRecorder:
             return  # X-Cassette-Fault: an error answer, or a bad header
         if mode == "passthrough" or flow.response is not None:
             return
-        plan = self._plan(flow, test_id)
+        if TOKEN_HEADER in flow.request.headers:
+            return  # a streamed body, already on its way to the stand-in (requestheaders)
+        try:
+            plan = self._plan(flow, test_id)
+        except NotKeyable as e:
+            await self._unkeyable(flow, mode, str(e))
+            return
         if plan is None:
             return
         self.plans[flow] = plan
@@ -267,12 +302,17 @@ class CassetteRecorder:
                 self._serve(flow, plan, why="upstream offline")  # the miss error, at once
         elif mode == "auto":
             host, port = flow.request.host, flow.request.port
-            plan.probed = self.probe.cached(host, port) is None
-            if not await self.probe.reachable(host, port):
+            verdict = self.probe.cached(host, port)
+            plan.probed = verdict is None
+            if verdict is None:
+                verdict = await self.probe.probe(host, port)
+            if verdict == DOWN:
                 self.counts["fallback"] += 1
                 self._serve(flow, plan, why="upstream offline")
                 return
-            self._awaiting_connect[flow.client_conn.id] = flow
+            plan.busy = verdict == BUSY
+            self._await_connect(flow)
+            self._watch_response(flow)
         elif mode == "record":
             # Fail fast: mitmproxy has no connect timeout of its own.
             if not await self.probe.reachable(flow.request.host, flow.request.port):
@@ -292,14 +332,76 @@ class CassetteRecorder:
             # Decoded bodies stream through the tap as they are recorded.
             flow.request.headers["accept-encoding"] = "identity"
 
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """A streamed request body (stream_large_bodies) goes upstream before the request
+        hook runs: where nothing may be forwarded, it goes to the local stand-in instead,
+        which answers the error saying why."""
+        mode = ctx.options.cassette_mode
+        if not flow.request.stream or flow.response is not None or mode not in ("replay", "auto"):
+            return
+        where = await self._no_forwarding(flow, mode)
+        if where is None:
+            return
+        why = _not_keyable(flow.request) or "the request body is streamed (stream_large_bodies)"
+        await self._start_fallback()
+        self._refusals[flow.id] = self._refusal(flow, mode, why, where)
+        flow.request.headers[TOKEN_HEADER] = flow.id
+        https = flow.request.scheme == "https"
+        stand_in = self.fallback.tls_address if https else self.fallback.address
+        if stand_in is not None:
+            flow.request.host, flow.request.port = stand_in
+
+    async def _no_forwarding(self, flow: http.HTTPFlow, mode: str) -> str | None:
+        """Why a request must not be forwarded (replay; auto with the upstream offline)."""
+        host, port = flow.request.host, flow.request.port
+        if mode == "replay":
+            return "cassette_mode is replay"
+        if mode == "auto" and not await self.probe.reachable(host, port):
+            return f"the upstream {host}:{port} is offline"
+        return None
+
+    async def _unkeyable(self, flow: http.HTTPFlow, mode: str, why: str) -> None:
+        """A request with no key: forwarded unrecorded, or, where forwarding is not allowed,
+        a non-retryable error saying why."""
+        where = await self._no_forwarding(flow, mode)
+        if where is None:
+            request = flow.request
+            shown = redact_path(request.path.partition("?")[0])  # logs never show a key
+            log.info("%s passthrough %s %s: %s", mode, request.method, shown, why)
+            return
+        flow.response = self._refusal(flow, mode, why, where)
+
+    def _refusal(self, flow: http.HTTPFlow, mode: str, why: str, where: str) -> http.Response:
+        request = flow.request
+        shown = redact_path(request.path.partition("?")[0])
+        message = (
+            f"cassette-proxy: {request.method} {shown} cannot be answered from cassettes: "
+            f"{why}; {where}, so it was not forwarded"
+        )
+        log.warning("%s not forwarded %s %s: %s (%s)", mode, request.method, shown, why, where)
+        error = {
+            "message": message,
+            "type": "cassette_unkeyable",
+            "code": "cassette_unkeyable",
+            "param": None,
+            "method": request.method,
+            "path": shown,
+            "reason": why,
+        }
+        flow.comment = f"cassette: not forwarded ({why})"
+        flow.marked = ":x:"
+        return http.Response.make(
+            MISS_STATUS,
+            json.dumps({"error": error}),
+            {"content-type": "application/json", MISS_HEADER: "unkeyable"},
+        )
+
     def _plan(self, flow: http.HTTPFlow, test_id: str | None) -> Plan | None:
         request = flow.request
         path, has_query, _ = request.path.partition("?")
         why = _not_keyable(request)
         if why is not None:
-            mode = ctx.options.cassette_mode
-            log.info("%s passthrough %s %s: %s", mode, request.method, redact_path(path), why)
-            return None
+            raise NotKeyable(why)
         # The same request bytes always give the same key: a test suite re-sends the
         # same requests, and the key's work (parse, redact, normal form, hash) was the
         # biggest part of the addon's time per hit (docs/benchmarks.md).
@@ -312,20 +414,15 @@ class CassetteRecorder:
             # As the recorded URL names it (pretty_url), for host affinity.
             host = matching.upstream(request.pretty_host, request.port)
             return self._plan_for(request.method, key, path, body, query, test_id, host)
-        try:
-            # JSON, form-encoded or multipart; the request's own credential values out.
-            parts = keyed_parts(
-                request.headers.items(multi=True),
-                path,
-                request.query.items(multi=True) if has_query else [],
-                request.headers.get("content-type", ""),
-                (request.get_content(strict=False) or b"") if request.raw_content else b"",
-            )
-        except NotKeyable as e:
-            mode = ctx.options.cassette_mode
-            # Logs never show a key in the path either.
-            log.info("%s passthrough %s %s: %s", mode, request.method, redact_path(path), e)
-            return None
+        # JSON, form-encoded or multipart; the request's own credential values out.
+        # A body that cannot be keyed raises NotKeyable (request() says what then).
+        parts = keyed_parts(
+            request.headers.items(multi=True),
+            path,
+            request.query.items(multi=True) if has_query else [],
+            request.headers.get("content-type", ""),
+            (request.get_content(strict=False) or b"") if request.raw_content else b"",
+        )
         body, path, pairs = parts.body, parts.path, parts.query
         try:
             # Credentials never reach a cassette, nor the key (store.live_key).
@@ -333,10 +430,7 @@ class CassetteRecorder:
             host = matching.upstream(request.pretty_host, request.port)
             plan = self._plan_for(request.method, key, path, body, query, test_id, host)
         except RecursionError:
-            mode = ctx.options.cassette_mode
-            shown = redact_path(path)
-            log.info("%s passthrough %s %s: JSON nested too deeply", mode, request.method, shown)
-            return None
+            raise NotKeyable("JSON nested too deeply") from None
         # A request whose header credential was scrubbed out of its body is not memoised:
         # the memo is keyed by the body's bytes, not the headers.
         if len(request.raw_content or b"") <= KEY_MEMO_MAX_BODY and not parts.scrubbed:
@@ -493,32 +587,155 @@ class CassetteRecorder:
 
     # ---- server_connect: no window of 502s when the upstream dies -----------------
 
+    def _await_connect(self, flow: http.HTTPFlow) -> None:
+        """Remember a forwarded flow until it has a server connection (server_connect)."""
+        flows = self._awaiting_connect.setdefault(flow.client_conn.id, {})
+        for settled in [f for f in flows.values() if not _connecting(f)]:
+            del flows[settled.id]  # answered, failed or connected: server_connect is past
+        flows[flow.id] = flow
+
+    def _connecting(self, client: connection.Client, address: Any) -> list[http.HTTPFlow]:
+        """The client's flows that wait for a connection to this upstream address."""
+        flows = self._awaiting_connect.get(client.id, {}).values()
+        return [
+            f for f in flows if _connecting(f) and (f.request.host, f.request.port) == address[:2]
+        ]
+
     async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
-        flow = self._awaiting_connect.pop(data.client.id, None)
-        if flow is None or data.server.address is None:
+        address = data.server.address
+        if address is None:
             return
-        plan: Plan | None = self.plans.get(flow)
-        if plan is None or plan.probed or flow.response is not None:
+        flows = self._connecting(data.client, address)
+        plans = [plan for f in flows if (plan := self.plans.get(f)) is not None]
+        if not plans:
             return
-        host, port = data.server.address[:2]
-        if await self.probe.probe(host, port):
+        host, port = address[:2]
+        if any(TOKEN_HEADER in f.request.headers for f in flows):
+            up = False  # found dead for this client's other streams: these follow them
+        elif all(p.probed and not p.busy for p in plans):
+            up = True  # probed for these very requests a moment ago
+        else:
+            verdict = BUSY if any(p.busy for p in plans) else await self.probe.probe(host, port)
+            up = verdict != DOWN
+            if verdict == BUSY:
+                # A live server with a full accept queue drops SYNs too: wait for it.
+                seen = self.probe.seen_up(host, port)
+                log.info(
+                    "upstream %s:%s is busy (no connect within %d ms, seen up %s): "
+                    "waiting up to %.0f s for it to accept",
+                    host,
+                    port,
+                    self.probe.timeout_ms,
+                    f"{seen:.0f} s ago" if seen is not None else "lately",
+                    CONNECT_TIMEOUT_S,
+                )
+                up = await self.probe.wait_until_up(host, port)
+        if up:
+            if any(p.busy for p in plans):
+                self._bound_connect(data.server)  # it accepted ours; mitmproxy's is next
             return
         await self._start_fallback()
-        self.counts["fallback"] += 1
-        self._fallback_flows[flow.id] = flow
-        flow.request.headers[TOKEN_HEADER] = flow.id
-        address = self.fallback.tls_address if data.server.tls else self.fallback.address
-        log.debug("upstream %s:%s went away; answering %s from cassettes", host, port, plan.key)
-        data.server.address = address
+        for flow in flows:
+            if TOKEN_HEADER not in flow.request.headers:
+                self.counts["fallback"] += 1
+                self._fallback_flows[flow.id] = flow
+                flow.request.headers[TOKEN_HEADER] = flow.id
+        stand_in = self.fallback.tls_address if data.server.tls else self.fallback.address
+        log.info(
+            "upstream %s:%s went away; answering %d request(s) from cassettes",
+            host,
+            port,
+            len(flows),
+        )
+        data.server.address = stand_in
+
+    def _bound_connect(self, server: connection.Server) -> None:
+        """mitmproxy has no connect timeout: after a busy upstream accepted our connect,
+        cancel mitmproxy's own if it takes longer than MITMPROXY_CONNECT_TIMEOUT_S.
+
+        server_connect runs in the task that then connects; cancelling it makes mitmproxy
+        fail the connect (server_connect_error, a 502) instead of waiting for minutes.
+        Generous: on a crowded event loop a connect done in the kernel is seen late.
+        """
+        task = asyncio.current_task()
+        if task is None:
+            return
+
+        def expire() -> None:
+            self._connect_deadlines.pop(server.id, None)
+            if server.timestamp_tcp_setup is None and server.error is None:
+                log.warning(
+                    "upstream %s:%s did not accept within %.0f s: connect cancelled",
+                    *server.address[:2],
+                    MITMPROXY_CONNECT_TIMEOUT_S,
+                )
+                task.cancel(f"connect timeout ({MITMPROXY_CONNECT_TIMEOUT_S:.0f} s)")
+
+        loop = asyncio.get_running_loop()
+        self._connect_deadlines[server.id] = loop.call_later(MITMPROXY_CONNECT_TIMEOUT_S, expire)
+
+    def _unbound_connect(self, server: connection.Server) -> None:
+        deadline = self._connect_deadlines.pop(server.id, None)
+        if deadline is not None:
+            deadline.cancel()
+
+    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        self._unbound_connect(data.server)
+        if data.server.address and data.server.address != self.fallback.address:
+            if data.server.address != self.fallback.tls_address:
+                self.probe.mark(*data.server.address[:2], up=True)
 
     def client_disconnected(self, client: connection.Client) -> None:
         # A keep-alive request reuses its server connection and never reaches
-        # server_connect: forget it when its client goes.
-        self._awaiting_connect.pop(client.id, None)
+        # server_connect: forget the client's flows when it goes.
+        for flow in self._awaiting_connect.pop(client.id, {}).values():
+            self._fallback_flows.pop(flow.id, None)
 
     def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
+        self._unbound_connect(data.server)
         if data.server.address:
             self.probe.mark(*data.server.address[:2], up=False)
+
+    # ---- response timeout: an upstream that accepts and never answers -------------
+
+    def _watch_response(self, flow: http.HTTPFlow) -> None:
+        """After cassette_response_timeout_ms with no response headers, answer from cassettes."""
+        if self.response_timeout_ms <= 0:
+            return
+        # A weak reference: a timer must not keep a finished flow (and its bodies) alive.
+        asyncio.get_running_loop().call_later(
+            self.response_timeout_ms / 1000, self._response_timed_out, weakref.ref(flow)
+        )
+
+    def _response_timed_out(self, ref: weakref.ref[http.HTTPFlow]) -> None:
+        flow = ref()
+        if flow is None or flow.response is not None or flow.error is not None or not flow.live:
+            return
+        plan: Plan | None = self.plans.get(flow)
+        if plan is None or TOKEN_HEADER in flow.request.headers:
+            return
+        if not flow.server_conn.connected:
+            # Still connecting (a busy upstream; bounded by CONNECT_TIMEOUT_S): look again.
+            asyncio.get_running_loop().call_later(0.25, self._response_timed_out, ref)
+            return
+        host, port = flow.request.host, flow.request.port
+        self.probe.mark(host, port, up=False)  # the next requests do not wait as long
+        answer = self._replay(plan, why="upstream did not answer")
+        if plan.served_from is None:
+            answer = _timeout_answer(answer, self.response_timeout_ms)
+        how = answer_in_flight(flow, answer)
+        log.warning(
+            "upstream %s:%s sent no response headers within %d ms "
+            "(cassette_response_timeout_ms) for %s %s: %s",
+            host,
+            port,
+            self.response_timeout_ms,
+            plan.method,
+            plan.path,
+            how,
+        )
+        flow.comment = f"cassette: {plan.served_from or 'miss'} (upstream did not answer)"
+        flow.marked = ":tape:" if plan.served_from else ":x:"
 
     def tls_start_server(self, tls_start: TlsData) -> None:
         """Our own stand-in has a throwaway certificate: do not verify it."""
@@ -551,6 +768,9 @@ class CassetteRecorder:
         await self.fallback.start(*pems)
 
     def _fallback_answer(self, token: str) -> http.Response:
+        refusal = self._refusals.pop(token, None)
+        if refusal is not None:
+            return refusal
         flow = self._fallback_flows.pop(token, None)
         plan: Plan | None = self.plans.get(flow) if flow else None
         if flow is None or plan is None:
@@ -950,6 +1170,29 @@ def _reason_kind(reason: str) -> str:
     if reason.startswith("an SDK-level recording"):
         return "SDK-level recording, not an HTTP request"
     return reason
+
+
+def _connecting(flow: http.HTTPFlow) -> bool:
+    """No answer, no error, no server connection yet: a flow server_connect may carry."""
+    return flow.response is None and flow.error is None and not flow.server_conn.connected
+
+
+def _timeout_answer(miss: http.Response, timeout_ms: int) -> http.Response:
+    """The miss error, as a 504 saying the upstream did not answer in time."""
+    try:
+        body = json.loads(miss.content or b"{}")
+        error = body["error"]
+    except (ValueError, KeyError, TypeError):
+        return miss
+    error["type"] = error["code"] = "cassette_upstream_timeout"
+    miss_message = str(error.get("message", "")).removeprefix("cassette-proxy: ")
+    error["message"] = (
+        f"cassette-proxy: the upstream sent no response headers within {timeout_ms} ms "
+        f"(cassette_response_timeout_ms) and {miss_message}"
+    )
+    miss.status_code = 504
+    miss.content = json.dumps(body).encode()
+    return miss
 
 
 def _not_keyable(request: http.Request) -> str | None:

@@ -1,9 +1,13 @@
-"""A local stand-in upstream for requests whose upstream died after they were let through.
+"""Answers for requests already let through: the upstream died, or never answers.
 
 mitmproxy sends its own 502 once a connect fails, whatever an addon does in the
 error hook. So when the last-moment probe in ``server_connect`` fails, the
-connection is pointed here instead, and this server answers from the cassettes.
-The request carries a token header naming the flow it belongs to.
+connection is pointed at a local stand-in instead, and it answers from the
+cassettes. The request carries a token header naming the flow it belongs to.
+
+An upstream that accepts a request and never answers cannot be swapped for the
+stand-in any more: ``answer_in_flight`` hands mitmproxy the answer as if the
+upstream had sent it (cassette_response_timeout_ms).
 """
 
 from __future__ import annotations
@@ -16,8 +20,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
-from mitmproxy import http
+from mitmproxy import ctx, http
+from mitmproxy.connection import ConnectionState
 from mitmproxy.net.http.http1.assemble import assemble_response
+from mitmproxy.proxy import events, layer
+from mitmproxy.proxy.layers.http import (
+    HttpLayer,
+    HttpStream,
+    ResponseData,
+    ResponseEndOfMessage,
+    ResponseHeaders,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,3 +102,91 @@ def certificate_pems(certstore: object, host: str = "localhost") -> tuple[bytes,
         serialization.NoEncryption(),
     )
     return entry.cert.to_pem(), key
+
+
+# ---- answering a flow that waits for its upstream's response headers ---------------
+#
+# mitmproxy routes an injected message (MessageInjected, as for WebSocket injection)
+# straight to the flow's HTTP stream; these events are also the HTTP events that stream
+# waits for, so it takes them as the upstream's answer: hooks run, streams are tapped,
+# the client gets the answer in its own protocol (HTTP/1 or HTTP/2).
+
+
+class _Headers(ResponseHeaders, events.MessageInjected):
+    pass
+
+
+class _Data(ResponseData, events.MessageInjected):
+    pass
+
+
+class _End(ResponseEndOfMessage, events.MessageInjected):
+    pass
+
+
+def _injected(event: events.MessageInjected, flow: http.HTTPFlow) -> events.MessageInjected:
+    event.flow = flow
+    event.message = None
+    return event
+
+
+def _stream_of(root: layer.Layer, flow: http.HTTPFlow) -> HttpStream | None:
+    """The HTTP stream carrying ``flow``, if the client connection's own HTTP layer has it.
+
+    Not found inside a CONNECT tunnel (HTTPS through the proxy): that HTTP layer sits in
+    the tunnel's stream, whose passthrough turns injected body events into tunnel bytes.
+    """
+    for node in root.context.layers:
+        if isinstance(node, HttpLayer):
+            for stream in node.streams.values():
+                if getattr(stream, "flow", None) is flow:
+                    return stream
+    return None
+
+
+def answer_in_flight(flow: http.HTTPFlow, response: http.Response) -> str:
+    """Answer a flow whose request went upstream and whose upstream has not answered.
+
+    The upstream connection is closed once the client has the answer (it is never
+    reused). Returns what was done, for the log.
+    """
+    proxyserver = ctx.master.addons.get("proxyserver")
+    handler = proxyserver.connections.get(flow.client_conn.id) if proxyserver else None
+    if handler is None:
+        return "the client is gone"
+    server = flow.server_conn
+    stream = _stream_of(handler.layer, flow)
+    if stream is None or server.alpn == b"h2" or server not in handler.transports:
+        # Inside a CONNECT tunnel (HTTPS through the proxy) mitmproxy turns injected body
+        # events into tunnel bytes, and an HTTP/2 upstream has no single stream to answer
+        # for: close the upstream connection. The client gets mitmproxy's 502; an SDK
+        # retries, and the retry is answered from the cassettes (the upstream is down now).
+        if server in handler.transports:
+            handler.close_connection(server)
+        return "closed the upstream connection (the client gets a 502; a retry is answered)"
+    server.state = ConnectionState.CLOSED  # never reused for another request
+    task = asyncio.get_running_loop().create_task(_answer(handler, flow, response))
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
+    return "answered from cassettes" if response.status_code < 400 else "answered with an error"
+
+
+_tasks: set[asyncio.Task[None]] = set()
+
+
+async def _answer(handler: object, flow: http.HTTPFlow, response: http.Response) -> None:
+    server = flow.server_conn
+    body = response.raw_content or b""
+    sid = 0  # HttpLayer finds the stream by the flow; the id in the event is not used
+    await handler.server_event(_injected(_Headers(sid, response, not body), flow))  # type: ignore[attr-defined]
+    if body:
+        await handler.server_event(_injected(_Data(sid, body), flow))  # type: ignore[attr-defined]
+    await handler.server_event(_injected(_End(sid), flow))  # type: ignore[attr-defined]
+    # Close the upstream connection once the stream is done: an error it reports then
+    # has no stream left to reach (before, it would reach the client after the answer).
+    for _ in range(400):
+        if not flow.live:
+            break
+        await asyncio.sleep(0.025)
+    if server in handler.transports:  # type: ignore[attr-defined]
+        handler.close_connection(server)  # type: ignore[attr-defined]
