@@ -14,7 +14,7 @@ import json
 from typing import Any
 
 from ..cassette import typed
-from ..streams import LineFramer
+from ..streams import LineBytesFramer, json_payload
 from .base import NotRecordable, Wire, is_typed, json_wire
 
 PREFIX = "ollama._types."
@@ -61,24 +61,27 @@ def endpoint_of(path: str) -> str | None:
 
 
 class NDJSONRecorder:
-    """Types each line of an Ollama stream; complete once the last object ends it."""
+    """Types each line of an Ollama stream; complete once the last object ends it.
+
+    Works on the raw bytes and reads each line with orjson (see SSEChunkRecorder).
+    """
 
     def __init__(self, type_name: str, is_end: Any) -> None:
         self.type_name = type_name
         self.is_end = is_end
         self.complete = False
-        self._framer = LineFramer()
+        self._framer = LineBytesFramer()
         self._objects: list[dict[str, Any]] = []
 
     def feed(self, data: bytes) -> None:
         for line in self._framer.feed(data):
             self._take(line)
 
-    def _take(self, line: str) -> None:
-        if not line.strip():
+    def _take(self, line: bytes) -> None:
+        if not line.strip() and not line.decode("utf-8", "replace").strip():
             return
         try:
-            obj = json.loads(line)
+            obj = json_payload(line)
         except json.JSONDecodeError as e:
             raise NotRecordable(f"NDJSON line is not JSON: {e}") from e
         if not isinstance(obj, dict):

@@ -13,7 +13,7 @@ import struct
 from typing import Any
 
 from ..cassette import typed
-from ..streams import SSEFramer, sse_data
+from ..streams import SSEBytesFramer, json_payload, sse_payload
 from .base import NotRecordable, Wire, is_typed, json_wire
 
 CHAT = "openai.types.chat.chat_completion.ChatCompletion"
@@ -58,31 +58,38 @@ def encode_embedding(value: Any) -> Any:
 
 
 class SSEChunkRecorder:
-    """Types each ``data:`` event of an OpenAI stream; complete once ``[DONE]`` is seen."""
+    """Types each ``data:`` event of an OpenAI stream; complete once ``[DONE]`` is seen.
+
+    Works on the raw bytes (decoding only unusual events) and reads each chunk with
+    orjson: this runs for every chunk of every recorded stream.
+    """
 
     def __init__(self, chunk_type: str) -> None:
         self.chunk_type = chunk_type
         self.complete = False
-        self._framer = SSEFramer()
+        self._framer = SSEBytesFramer()
         self._chunks: list[dict[str, Any]] = []
 
     def feed(self, data: bytes) -> None:
+        chunk_type = self.chunk_type
         for event in self._framer.feed(data):
-            name, payload = sse_data(event)
+            name, payload = sse_payload(event)
             if payload is None:
                 continue  # a comment or keep-alive
-            if payload.strip() == "[DONE]":
-                self.complete = True
-                continue
+            if payload[:1] not in (b"{", "{"):  # a chunk is an object: only then look
+                text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else payload
+                if text.strip() == "[DONE]":
+                    self.complete = True
+                    continue
             if name not in (None, "message"):
                 raise NotRecordable(f"named SSE event {name!r} does not fit a typed chunk list")
             try:
-                chunk = json.loads(payload)
+                chunk = json_payload(payload)
             except json.JSONDecodeError as e:
                 raise NotRecordable(f"SSE data is not JSON: {e}") from e
             if isinstance(chunk, dict) and "error" in chunk and "choices" not in chunk:
                 raise NotRecordable("the upstream sent an error inside the stream")
-            self._chunks.append(typed(self.chunk_type, chunk))
+            self._chunks.append({"__type__": chunk_type, "__data__": chunk})  # typed()
 
     def response(self, clean_end: bool) -> dict[str, Any]:
         if not self.complete:
