@@ -6,9 +6,8 @@ answers a fixed chat completion; with ``"stream": true`` in the body, a 100-chun
 stream (``--chunks``), the first event after ``--first-ms`` and then one every
 ``--every-ms`` (both 0 by default: the whole stream in one write). A body that names
 ``BIG-STREAM`` gets a stream of ``--big-chunks`` chunks, one that names ``BIG-JSON`` a
-chat completion of about ``--big-json-mb`` MB (its content with logprobs: many small
-objects and floats, the expensive kind to parse and write); both made once, on first
-use. Anything else: 404.
+chat completion of about ``--big-json-mb`` MB (a long content, and logprobs for 20,000
+tokens: small objects and floats); both made once, on first use. Anything else: 404.
 """
 
 from __future__ import annotations
@@ -55,11 +54,14 @@ def chunk_event(i: int, n: int) -> bytes:
 
 
 def big_json(mb: float) -> bytes:
-    """A chat completion of about ``mb`` MB: per-token logprobs, as an eval run asks for."""
+    """A chat completion of about ``mb`` MB: a long answer with per-token logprobs (its
+    cassette, indented, stays under the 32 MiB a cassette may hold)."""
     token = {"token": "tok", "logprob": -0.0123456, "bytes": [116, 111, 107], "top_logprobs": []}
-    n = int(mb * 1e6 / len(json.dumps(token)))
+    n = min(20000, int(mb * 1e6 / 10 / len(json.dumps(token))))
     doc = json.loads(json.dumps(CHAT))
     doc["choices"][0]["logprobs"] = {"content": [dict(token, logprob=-i / n) for i in range(n)]}
+    rest = int(mb * 1e6) - len(json.dumps(doc))
+    doc["choices"][0]["message"]["content"] = ("The quick brown fox. " * (rest // 21 + 1))[:rest]
     return json.dumps(doc).encode()
 
 

@@ -174,5 +174,22 @@ def test_ndjson_recorder_refuses_a_bad_line():
 @pytest.mark.parametrize("payload", [b'{"a": 1}', b"[1, 2.5e-07]", b'"\xff"', b"NaN", b"1" * 25])
 def test_json_payload_reads_what_json_loads_reads(payload: bytes):
     want = json.loads(payload.decode("utf-8", "replace"))
-    assert json.dumps(json_payload(payload)) == json.dumps(want)
-    assert json.dumps(json_payload(payload.decode("utf-8", "replace"))) == json.dumps(want)
+    assert json.dumps(json_payload(payload)[0]) == json.dumps(want)
+    assert json.dumps(json_payload(payload.decode("utf-8", "replace"))[0]) == json.dumps(want)
+
+
+def test_a_stream_with_nan_is_written_as_json_writes_it():
+    recorder = SSEChunkRecorder(CHAT_CHUNK)
+    recorder.feed(b'data: {"a": 1e-05}\n\ndata: {"x": NaN, "y": -Infinity}\n\ndata: [DONE]\n\n')
+    response = recorder.response(clean_end=True)
+    assert type(response["body"]) is list  # json read a chunk: its floats are looked at
+    assert dumps_indented(response) == json.dumps(response, indent=2)
+    assert '"x": NaN' in dumps_indented(response)
+
+
+def test_a_stream_read_by_orjson_is_trusted_and_written_the_same():
+    recorder = SSEChunkRecorder(CHAT_CHUNK)
+    recorder.feed(b'data: {"a": 1e-05, "b": "\\u00e9\xc3\xa9"}\n\ndata: [DONE]\n\n')
+    response = recorder.response(clean_end=True)
+    assert type(response["body"]) is not list  # FiniteList: not walked
+    assert dumps_indented(response) == json.dumps(response, indent=2)

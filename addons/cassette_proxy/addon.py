@@ -52,6 +52,7 @@ from .stable import normalize_response
 from .store import CassetteStore, live_key
 from .upstream import UpstreamProbe
 from .usage import UsageLog
+from .writer import CassetteWriter
 
 log = logging.getLogger("cassette_proxy")
 
@@ -102,6 +103,7 @@ class CassetteRecorder:
         # fsyncs wait for the disk: one thread of their own, so they never hold up the
         # threads (asyncio's default pool) that other work is queued on.
         self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cassette-fsync")
+        self.writer = CassetteWriter()  # big answers: parsed and written off the loop
         self.counts = {"hit": 0, "miss": 0, "recorded": 0, "fallback": 0}
         # Encoded answers by cassette file: a hit re-sends bytes, no model_dump/encode.
         # Valid while the store still holds the same Cassette object for that file.
@@ -211,6 +213,7 @@ class CassetteRecorder:
             await asyncio.gather(*self._writes, return_exceptions=True)
         self.fallback.close()
         self.usage.close()
+        self.writer.close()
         if not self.log_summary:
             return
         log.info(
@@ -572,7 +575,7 @@ class CassetteRecorder:
             return  # a stream we chose not to record
         status = flow.response.status_code
         try:
-            data = json.loads(flow.response.get_content(strict=False) or b"")
+            data = await self.writer.loads(flow.response.get_content(strict=False) or b"")
         except (ValueError, UnicodeDecodeError):
             self._not_recorded(flow, plan, "answer is not JSON")
             return
@@ -646,8 +649,10 @@ class CassetteRecorder:
         """
         plan.recorded = True
         path, cassette = self._new_cassette(flow, plan, response)
+        size = len(flow.response.raw_content or b"") if flow.response is not None else 0
         try:
-            write_cassette(path, cassette, durable=False)  # ~0.15 ms; a thread hop costs more
+            # Small: on the loop (a thread hop costs more); big: on the writer thread.
+            await self.writer.write(path, cassette, size)
         except Exception as e:  # noqa: BLE001 - the client still gets its answer
             self._write_failed(flow, plan, path, e)
             return

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..cassette import typed
+from ..cassette import FiniteList, typed
 from ..streams import LineBytesFramer, json_payload
 from .base import NotRecordable, Wire, is_typed, json_wire
 
@@ -72,6 +72,7 @@ class NDJSONRecorder:
         self.complete = False
         self._framer = LineBytesFramer()
         self._objects: list[dict[str, Any]] = []
+        self._finite = True  # every line read by orjson (see cassette.FiniteList)
 
     def feed(self, data: bytes) -> None:
         for line in self._framer.feed(data):
@@ -81,7 +82,8 @@ class NDJSONRecorder:
         if not line.strip() and not line.decode("utf-8", "replace").strip():
             return
         try:
-            obj = json_payload(line)
+            obj, finite = json_payload(line)
+            self._finite = self._finite and finite
         except json.JSONDecodeError as e:
             raise NotRecordable(f"NDJSON line is not JSON: {e}") from e
         if not isinstance(obj, dict):
@@ -97,7 +99,8 @@ class NDJSONRecorder:
             self._take(tail)  # a last line without its newline
         if not self.complete:
             raise NotRecordable("stream ended before its last object said it was done")
-        return {"body": self._objects, "is_streaming": True}
+        body = FiniteList(self._objects) if self._finite else self._objects
+        return {"body": body, "is_streaming": True}
 
 
 class OllamaFamily:

@@ -12,7 +12,7 @@ import json
 import struct
 from typing import Any
 
-from ..cassette import typed
+from ..cassette import FiniteList, typed
 from ..streams import SSEBytesFramer, json_payload, sse_payload
 from .base import NotRecordable, Wire, is_typed, json_wire
 
@@ -69,6 +69,7 @@ class SSEChunkRecorder:
         self.complete = False
         self._framer = SSEBytesFramer()
         self._chunks: list[dict[str, Any]] = []
+        self._finite = True  # every chunk read by orjson (see cassette.FiniteList)
 
     def feed(self, data: bytes) -> None:
         chunk_type = self.chunk_type
@@ -84,9 +85,10 @@ class SSEChunkRecorder:
             if name not in (None, "message"):
                 raise NotRecordable(f"named SSE event {name!r} does not fit a typed chunk list")
             try:
-                chunk = json_payload(payload)
+                chunk, finite = json_payload(payload)
             except json.JSONDecodeError as e:
                 raise NotRecordable(f"SSE data is not JSON: {e}") from e
+            self._finite = self._finite and finite
             if isinstance(chunk, dict) and "error" in chunk and "choices" not in chunk:
                 raise NotRecordable("the upstream sent an error inside the stream")
             self._chunks.append({"__type__": chunk_type, "__data__": chunk})  # typed()
@@ -94,7 +96,8 @@ class SSEChunkRecorder:
     def response(self, clean_end: bool) -> dict[str, Any]:
         if not self.complete:
             raise NotRecordable("stream ended without data: [DONE]")
-        return {"body": self._chunks, "is_streaming": True}
+        body = FiniteList(self._chunks) if self._finite else self._chunks
+        return {"body": body, "is_streaming": True}
 
 
 class OpenAIFamily:
