@@ -87,6 +87,7 @@ class Bench:
     confdir: Path
     procs: list[Proc] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    before: str = ""  # --before: the addons/ folder of an older checkout, measured too
 
     def spawn(
         self, name: str, argv: list[str], env: dict[str, str] | None = None, port: int = 0
@@ -500,11 +501,15 @@ def section_record(b: Bench, ups: dict[int, Proc], out: dict[str, Any]) -> None:
         url = f"http://{HOST}:{up.port}/v1/chat/completions"
         hosts: list[tuple[str, Proc]] = []
         folders: dict[str, Path] = {}
-        for name, mode in (("lean+recorder passthrough", "passthrough"),
-                           ("lean+recorder record", "record")):  # fmt: skip
-            folder = folders[name] = b.work / f"rec-{kind}-{mode}"
+        variants = [("lean+recorder passthrough", "passthrough", {}),
+                    ("lean+recorder record", "record", {})]  # fmt: skip
+        if b.before:
+            variants.append(("before: lean+recorder record", "record", before_env(b)))
+        for name, mode, env in variants:
+            tag = f"rec-{kind}-{mode}-{len(folders)}"
+            folder = folders[name] = b.work / tag
             sets = [f"cassette_dir={folder}", f"cassette_mode={mode}"]
-            hosts.append((name, b.proxy(f"rec-{kind}-{mode}", "lean-recorder", sets)))
+            hosts.append((name, b.proxy(tag, "lean-recorder", sets, env)))
         for conns in conns_list:
             before = {name: count_cassettes(folder) for name, folder in folders.items()}
             trials = interleaved(b, hosts, conns, url, up, bodies=None, stream=kind != "json")
@@ -521,9 +526,15 @@ def section_record(b: Bench, ups: dict[int, Proc], out: dict[str, Any]) -> None:
     out["record"] = rows
 
 
+def before_env(b: Bench) -> dict[str, str]:
+    """The environment that makes a proxy import the package of the --before checkout."""
+    return {"PYTHONPATH": os.pathsep.join([b.before, os.environ.get("PYTHONPATH", "")])}
+
+
 def fetch_big(port: int, url: str, body: str, folder: Path, timeout: float = 600.0) -> dict:
-    """One big POST through the proxy, read to the end; for a stream, how many cassettes
-    the folder held the moment ``data: [DONE]`` arrived (the cassette must be there)."""
+    """One big POST through the proxy, read to the end; for a stream, whether its own
+    cassette (a new file in folder holding this request's body) was in place the moment
+    ``data: [DONE]`` arrived."""
     from urllib.parse import urlsplit
 
     data = body.encode()
@@ -534,6 +545,8 @@ def fetch_big(port: int, url: str, body: str, folder: Path, timeout: float = 600
     ).encode() + data
     received = bytearray()
     at_done = None
+    known = set(folder.rglob("*.json")) if folder.exists() else set()
+    marker = json.loads(body)["messages"][0]["content"].encode()
     t = time.monotonic()
     length = None  # the body's end: content-length, or the last chunk of a chunked body
     with socket.create_connection((HOST, port), timeout=timeout) as s:
@@ -544,7 +557,8 @@ def fetch_big(port: int, url: str, body: str, folder: Path, timeout: float = 600
                 break
             received += buf
             if at_done is None and b"data: [DONE]" in received[-(len(buf) + 16) :]:
-                at_done = count_cassettes(folder)
+                new = set(folder.rglob("*.json")) - known
+                at_done = any(marker in f.read_bytes()[:8192] for f in new)
             if length is None and b"\r\n\r\n" in received:
                 head, _, _ = bytes(received[:65536]).partition(b"\r\n\r\n")
                 m = re.search(rb"content-length:\s*(\d+)", head.lower())
@@ -555,7 +569,7 @@ def fetch_big(port: int, url: str, body: str, folder: Path, timeout: float = 600
                 break
     status = int(bytes(received[:16]).split(b" ", 2)[1]) if received else 0
     return {"status": status, "bytes": len(received), "seconds": time.monotonic() - t,
-            "cassettes_at_done": at_done}  # fmt: skip
+            "cassette_in_place_at_done": at_done}  # fmt: skip
 
 
 def replay_latencies(port: int, url: str, bodies: list[str], stop: Any, min_s: float) -> list:
@@ -581,7 +595,9 @@ def replay_latencies(port: int, url: str, bodies: list[str], stop: Any, min_s: f
     return out
 
 
-def section_stall(b: Bench, cassettes: Path, out: dict[str, Any]) -> None:
+def section_stall(
+    b: Bench, cassettes: Path, out: dict[str, Any], label: str = "stall", env: Any = None
+) -> None:
     """Another client's replay latency while one huge stream and one huge answer are
     recorded, against the same client's latency with nothing being recorded (rounds
     interleaved: idle, busy, idle, busy, ...). One proxy in record-if-missing mode: the
@@ -591,10 +607,10 @@ def section_stall(b: Bench, cassettes: Path, out: dict[str, Any]) -> None:
     chunks, mb = (2000, 1.0) if b.smoke else (60000, 25.0)
     up = start_upstream(b, "big-upstream", "--big-chunks", str(chunks), "--big-json-mb", str(mb))
     url = f"http://{HOST}:{up.port}/v1/chat/completions"
-    folder = b.work / "stall-cassettes"
+    folder = b.work / f"{label}-cassettes"
     shutil.copytree(cassettes, folder)
-    p = b.proxy("stall", "lean-recorder", [f"cassette_dir={folder}",
-                                           "cassette_mode=record-if-missing"])  # fmt: skip
+    p = b.proxy(label, "lean-recorder", [f"cassette_dir={folder}",
+                                         "cassette_mode=record-if-missing"], env)  # fmt: skip
     bodies = [chat_body(f"Question {i}: what is {i} plus {i}?", False)
               for i in range(4 if b.smoke else N_DISTINCT)]  # fmt: skip
     never = threading.Event()
@@ -644,11 +660,12 @@ def section_stall(b: Bench, cassettes: Path, out: dict[str, Any]) -> None:
                "stream": results.get("stream"), "json": results.get("json")}  # fmt: skip
         busy.append(row)
         print(
-            f"  stall round {i}: idle p50 {idle[-1]['p50_ms']:.2f} p99 {idle[-1]['p99_ms']:.2f}"
+            f"  {label} round {i}: idle p50 {idle[-1]['p50_ms']:.2f} p99 {idle[-1]['p99_ms']:.2f}"
             f" max {idle[-1]['max_ms']:.1f} ms; recording p50 {row['p50_ms']:.2f} p99 "
             f"{row['p99_ms']:.2f} max {row['max_ms']:.1f} ms over {window:.1f} s, "
             f"{written} cassettes; stream {results['stream']['seconds']:.1f} s "
-            f"(cassettes at [DONE]: {results['stream']['cassettes_at_done']}), json "
+            f"(its cassette in place at [DONE]: "
+            f"{results['stream']['cassette_in_place_at_done']}), json "
             f"{results['json']['seconds']:.1f} s",
             flush=True,
         )
@@ -660,7 +677,7 @@ def section_stall(b: Bench, cassettes: Path, out: dict[str, Any]) -> None:
     def median(rows: list[dict[str, Any]], k: str) -> float:
         return sorted(r[k] for r in rows)[len(rows) // 2]
 
-    out["stall"] = {
+    out[label] = {
         "chunks": chunks, "json_mb": mb, "idle": idle, "busy": busy,
         "idle_p99_ms": median(idle, "p99_ms"), "busy_p99_ms": median(busy, "p99_ms"),
         "idle_p50_ms": median(idle, "p50_ms"), "busy_p50_ms": median(busy, "p50_ms"),
@@ -1027,11 +1044,18 @@ def ratios(out: dict[str, Any]) -> dict[str, Any]:
             res[f"record {kind} c{conns}: record / passthrough (same lean proxy)"] = rps(
                 rec, host="lean+recorder record", **m
             ) / rps(rec, host="lean+recorder passthrough", **m)
-    if "stall" in out:
-        st = out["stall"]
-        res["stall: replay p99 while recording big / idle p99"] = (
-            st["busy_p99_ms"] / st["idle_p99_ms"]
-        )
+    for label in ("stall", "stall_before"):
+        if label in out:
+            st = out[label]
+            res[f"{label}: replay p99 while recording big / idle p99"] = (
+                st["busy_p99_ms"] / st["idle_p99_ms"]
+            )
+    for kind in ("json", "sse40", "sse100"):
+        for conns in sorted({r["conns"] for r in rec}):
+            m = {"kind": kind, "conns": conns}
+            res[f"record {kind} c{conns}: before: record / passthrough (same lean proxy)"] = rps(
+                rec, host="before: lean+recorder record", **m
+            ) / rps(rec, host="lean+recorder passthrough", **m)
     return {k: round(v, 3) for k, v in res.items() if v == v}  # NaN: not measured
 
 
@@ -1045,6 +1069,12 @@ def main() -> int:
         help="comma-separated sections",
     )
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument(
+        "--before",
+        default="",
+        help="also measure recording with the addons/ folder of an older checkout "
+        "(git archive REV addons | tar -x -C DIR; pass DIR/addons)",
+    )
     args = ap.parse_args()
     only = set(args.only.split(","))
 
@@ -1053,7 +1083,9 @@ def main() -> int:
     from mitmproxy.certs import CertStore
 
     CertStore.from_store(confdir, "mitmproxy", 2048)  # the CA once, before any proxy
-    b = Bench(work, args.smoke, confdir)
+    b = Bench(
+        work, args.smoke, confdir, before=str(Path(args.before).resolve()) if args.before else ""
+    )
     b.env["CASSETTE_PROXY_CACHE_DIR"] = str(work / "index-cache")  # never the user's cache
     out: dict[str, Any] = {"smoke": args.smoke, "machine": machine(), "started": time.time()}
     t0 = time.monotonic()
@@ -1079,6 +1111,8 @@ def main() -> int:
             if not cassettes.exists():
                 record_replay_set(b, up, cassettes)
             section_stall(b, cassettes, out)
+            if b.before:
+                section_stall(b, cassettes, out, "stall_before", before_env(b))
         if "ttft" in only:
             section_ttft(b, out)
         if "cold" in only:
