@@ -900,6 +900,8 @@ def section_profile(b: Bench, up: Proc, cassettes: Path, out: dict[str, Any]) ->
          _lua(url, f"{HOST}:{up.port}", bodies, False)),
         ("record json c16", ["cassette_mode=record", f"cassette_dir={b.work / 'profile-rec'}"],
          _lua(url, f"{HOST}:{up.port}", None, True)),
+        ("record sse c16", ["cassette_mode=record", f"cassette_dir={b.work / 'profile-sse'}"],
+         _lua(url, f"{HOST}:{up.port}", None, True)),
     ):  # fmt: skip
         p = b.proxy("profile", "lean-recorder", sets)
         raw = b.work / "profile.txt"
@@ -908,7 +910,11 @@ def section_profile(b: Bench, up: Proc, cassettes: Path, out: dict[str, Any]) ->
         wrk = subprocess.Popen(
             ["wrk", "-t1", "-c16", "-d12s", "-s", str(lua), f"http://{HOST}:{p.port}/"],
             stdout=subprocess.DEVNULL,
-            env={**os.environ, "BENCH_RUN": "profile"},
+            env={
+                **os.environ,
+                "BENCH_RUN": "profile",
+                "BENCH_STREAM": "true" if "sse" in what else "false",
+            },  # fmt: skip
         )
         time.sleep(1.5)
         subprocess.run(
@@ -931,17 +937,31 @@ AREAS = [
         ("CassetteRecorder._plan",),
     ),
     ("cassette addon: lookup + cached answer + Response", ("CassetteRecorder._serve",)),
+    # Recording, most specific first (a stack is counted in the first area it matches).
     (
-        "cassette addon: write cassette (model, JSON indent=2, file)",
+        "record: cassette text (orjson + fix-ups, or json)",
+        ("dumps_indented", "Cassette.to_json", "_fix_small_floats", "_plain_json", "plain ("),
+    ),
+    ("record: store index of the new cassette", ("CassetteStore.add",)),
+    ("record: cassette model, redaction, file name", ("CassetteRecorder._new_cassette",)),
+    ("record: temp file, write, rename", ("write_cassette",)),
+    (
+        "record: stream chunks (framing, orjson per chunk)",
+        ("SSEChunkRecorder.", "NDJSONRecorder.", "RawLinesRecorder."),
+    ),
+    (
+        "record: the rest (answer parse, fsync thread, hooks)",
         (
-            "write_cassette",
             "CassetteRecorder._write",
             "CassetteRecorder._finish_stream",
-            "CassetteRecorder._new_cassette",
             "CassetteRecorder._recorded",
+            "CassetteRecorder.response",
+            "CassetteRecorder._sync",
+            "sync_cassette",
+            "_Tap.",
+            "CassetteWriter.",
         ),
     ),
-    ("cassette addon: stream tap (SSE framing, JSON per event)", ("_Tap.",)),
     ("cassette addon: other hooks + probe", ("CassetteRecorder.", "UpstreamProbe")),
     ("hook dispatch (lean _HookTable)", ("_HookTable.",)),
     ("mitmproxy HTTP/1 layers + connection handling", ("mitmproxy/proxy/",)),
