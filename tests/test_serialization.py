@@ -134,8 +134,19 @@ def test_sse_recorder_records_what_the_text_framing_did(size: int):
 )
 def test_sse_recorder_refuses_what_it_refused(event: bytes, reason: str):
     recorder = SSEChunkRecorder(CHAT_CHUNK)
-    with pytest.raises(NotRecordable, match=reason):
-        recorder.feed(b'data: {"id": "ok"}\n\n' + event)
+    with pytest.raises(NotRecordable, match=reason):  # as it passes, or at its end
+        recorder.feed(b'data: {"id": "ok"}\n\n' + event + b"data: [DONE]\n\n")
+        recorder.response(clean_end=True)
+
+
+def test_a_big_stream_is_read_with_the_collector_paused_and_resumed():
+    import gc
+
+    recorder = SSEChunkRecorder(CHAT_CHUNK)
+    recorder.feed(b'data: {"i": 1, "f": 1.5e-07}\n\n' * 6000 + b"data: [DONE]\n\n")
+    response = recorder.response(clean_end=True)
+    assert gc.isenabled() and len(response["body"]) == 6000
+    assert dumps_indented(response) == json.dumps(response, indent=2)
 
 
 def test_sse_recorder_needs_done():

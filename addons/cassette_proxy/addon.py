@@ -18,7 +18,6 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,6 @@ from .cassette import (
     MAX_CASSETTE_BYTES,
     Cassette,
     CassetteError,
-    sync_cassette,
     write_cassette,
 )
 from .decoding import StreamDecoder, stream_decoder
@@ -100,10 +98,9 @@ class CassetteRecorder:
         self._awaiting_connect: dict[str, http.HTTPFlow] = {}
         self._fallback_flows: dict[str, http.HTTPFlow] = {}
         self._writes: set[asyncio.Task[None]] = set()
-        # fsyncs wait for the disk: one thread of their own, so they never hold up the
-        # threads (asyncio's default pool) that other work is queued on.
-        self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cassette-fsync")
-        self.writer = CassetteWriter()  # big answers: parsed and written off the loop
+        # Big answers parsed and written off the loop; fsyncs batched on a thread of their
+        # own, so they never hold up the threads other work is queued on.
+        self.writer = CassetteWriter()
         self.counts = {"hit": 0, "miss": 0, "recorded": 0, "fallback": 0}
         # Encoded answers by cassette file: a hit re-sends bytes, no model_dump/encode.
         # Valid while the store still holds the same Cassette object for that file.
@@ -661,7 +658,7 @@ class CassetteRecorder:
 
     async def _sync_file(self, path: Path) -> None:
         try:
-            await asyncio.get_running_loop().run_in_executor(self._syncer, sync_cassette, path)
+            await self.writer.sync(path)  # batched with the others waiting
         except OSError as e:
             log.error("FAILED to flush cassette %s to disk: %s", path, e)
 

@@ -325,3 +325,27 @@ def _fsync_folder(folder: Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def sync_cassettes(paths: list[Path]) -> list[OSError | None]:
+    """``sync_cassette`` for many cassettes: each file, then each folder once; the error
+    (or None) of each path, in order."""
+    errors: list[OSError | None] = []
+    folders: dict[Path, OSError | None] = {}
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            errors.append(None)
+        except OSError as e:
+            errors.append(e)
+        folders.setdefault(path.parent, None)
+    for folder in folders:
+        try:
+            _fsync_folder(folder)
+        except OSError as e:
+            folders[folder] = e
+    return [error or folders[path.parent] for path, error in zip(paths, errors, strict=True)]

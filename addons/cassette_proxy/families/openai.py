@@ -8,6 +8,7 @@ any base path (``/v1``, ``/openai/v1``, ``/v1beta/openai``) works.
 from __future__ import annotations
 
 import base64
+import gc
 import json
 import struct
 from typing import Any
@@ -21,6 +22,7 @@ CHAT_CHUNK = "openai.types.chat.chat_completion_chunk.ChatCompletionChunk"
 COMPLETION = "openai.types.completion.Completion"
 EMBEDDINGS = "openai.types.create_embedding_response.CreateEmbeddingResponse"
 MODEL = "openai.types.model.Model"
+BIG_STREAM = 5000  # chunks: above this, the collector waits while they are read
 
 
 def endpoint_kind(path: str) -> str | None:
@@ -60,19 +62,20 @@ def encode_embedding(value: Any) -> Any:
 class SSEChunkRecorder:
     """Types each ``data:`` event of an OpenAI stream; complete once ``[DONE]`` is seen.
 
-    Works on the raw bytes (decoding only unusual events) and reads each chunk with
-    orjson: this runs for every chunk of every recorded stream.
+    While the stream passes, only frames it (raw bytes, decoding only unusual events) and
+    keeps each event's data; the chunks are read (orjson) once, at its end. Chunks read
+    as they came kept a growing heap of objects alive during a long stream, which the
+    garbage collector walked again and again (issue 12: the stall while a 60,000-chunk
+    stream was recorded).
     """
 
     def __init__(self, chunk_type: str) -> None:
         self.chunk_type = chunk_type
         self.complete = False
         self._framer = SSEBytesFramer()
-        self._chunks: list[dict[str, Any]] = []
-        self._finite = True  # every chunk read by orjson (see cassette.FiniteList)
+        self._payloads: list[bytes | str] = []
 
     def feed(self, data: bytes) -> None:
-        chunk_type = self.chunk_type
         for event in self._framer.feed(data):
             name, payload = sse_payload(event)
             if payload is None:
@@ -84,20 +87,32 @@ class SSEChunkRecorder:
                     continue
             if name not in (None, "message"):
                 raise NotRecordable(f"named SSE event {name!r} does not fit a typed chunk list")
-            try:
-                chunk, finite = json_payload(payload)
-            except json.JSONDecodeError as e:
-                raise NotRecordable(f"SSE data is not JSON: {e}") from e
-            self._finite = self._finite and finite
-            if isinstance(chunk, dict) and "error" in chunk and "choices" not in chunk:
-                raise NotRecordable("the upstream sent an error inside the stream")
-            self._chunks.append({"__type__": chunk_type, "__data__": chunk})  # typed()
+            self._payloads.append(payload)
 
     def response(self, clean_end: bool) -> dict[str, Any]:
         if not self.complete:
             raise NotRecordable("stream ended without data: [DONE]")
-        body = FiniteList(self._chunks) if self._finite else self._chunks
-        return {"body": body, "is_streaming": True}
+        chunk_type = self.chunk_type
+        chunks: list[dict[str, Any]] = []
+        finite = True  # every chunk read by orjson (see cassette.FiniteList)
+        # Reading many chunks in one go: no collection in the middle of it.
+        pause = len(self._payloads) > BIG_STREAM and gc.isenabled()
+        if pause:
+            gc.disable()
+        try:
+            for payload in self._payloads:
+                try:
+                    chunk, by_orjson = json_payload(payload)
+                except json.JSONDecodeError as e:
+                    raise NotRecordable(f"SSE data is not JSON: {e}") from e
+                if isinstance(chunk, dict) and "error" in chunk and "choices" not in chunk:
+                    raise NotRecordable("the upstream sent an error inside the stream")
+                chunks.append({"__type__": chunk_type, "__data__": chunk})  # typed()
+                finite = finite and by_orjson
+        finally:
+            if pause:
+                gc.enable()
+        return {"body": FiniteList(chunks) if finite else chunks, "is_streaming": True}
 
 
 class OpenAIFamily:
