@@ -88,6 +88,7 @@ class Bench:
     confdir: Path
     procs: list[Proc] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    before: str = ""  # --before: the addons/ folder of an older checkout, measured too
 
     def spawn(
         self, name: str, argv: list[str], env: dict[str, str] | None = None, port: int = 0
@@ -477,44 +478,246 @@ def show(
     )
 
 
-def section_record(b: Bench, up: Proc, out: dict[str, Any]) -> None:
-    """Forward + record against plain forwarding, each host with its own folder."""
-    url = f"http://{HOST}:{up.port}/v1/chat/completions"
+# What section_record measures: each answer kind, its upstream's chunk count (None: JSON).
+RECORD_KINDS = (("json", None), ("sse40", 40), ("sse100", 100))
+KIND_NAMES = {"json": "plain JSON", "sse": "SSE, 100 chunks", "sse40": "SSE, 40 chunks",
+              "sse100": "SSE, 100 chunks"}  # fmt: skip
+
+
+def count_cassettes(folder: Path) -> int:
+    return sum(1 for _ in folder.rglob("*.json")) if folder.exists() else 0
+
+
+def section_record(b: Bench, ups: dict[int, Proc], out: dict[str, Any]) -> None:
+    """Recording against the very same proxy in passthrough mode (`cassette-proxy run`,
+    i.e. ``python -m cassette_proxy.lean``, with ``cassette_mode=passthrough``), side by
+    side: each kind of answer at 1, 16 and 64 connections, every request a new body
+    (so each recording writes a new cassette)."""
     rows = []
-    for stream in (False, True):
-        kind = "sse" if stream else "json"
+    conns_list = [16] if b.smoke else [1, 16, 64]
+    for kind, chunks in RECORD_KINDS:
+        if b.smoke and kind == "sse100":
+            continue
+        up = ups[chunks or 100]
+        url = f"http://{HOST}:{up.port}/v1/chat/completions"
         hosts: list[tuple[str, Proc]] = []
         folders: dict[str, Path] = {}
-        for name, host in (
-            ("mitmdump plain forwarding", "mitmdump"),
-            ("mitmdump+recorder record", "mitmdump"),
-            ("lean plain forwarding", "lean"),
-            ("lean+recorder record", "lean-recorder"),
-        ):
-            if b.smoke and name not in ("mitmdump plain forwarding", "lean+recorder record"):
-                continue
-            folder = folders[name] = b.work / f"rec-{kind}-{len(folders)}"
-            rec = [f"cassette_dir={folder}", "cassette_mode=record"]
-            tag = f"rec-{kind}-{len(folders)}"
-            if name == "mitmdump plain forwarding":
-                p = b.proxy(tag, host, ["none"])
-            elif name == "mitmdump+recorder record":
-                p = b.proxy(tag, host, [RECORDER, *rec])
-            elif name == "lean plain forwarding":
-                p = b.proxy(tag, host, ["none"])
-            else:
-                p = b.proxy(tag, host, rec)
-            hosts.append((name, p))
-        trials = interleaved(b, hosts, 16, url, up, bodies=None, stream=stream)
-        for name, p in hosts:
+        variants = [("lean+recorder passthrough", "passthrough", {}),
+                    ("lean+recorder record", "record", {})]  # fmt: skip
+        if b.before:
+            variants.append(("before: lean+recorder record", "record", before_env(b)))
+        for name, mode, env in variants:
+            tag = f"rec-{kind}-{mode}-{len(folders)}"
+            folder = folders[name] = b.work / tag
+            sets = [f"cassette_dir={folder}", f"cassette_mode={mode}"]
+            hosts.append((name, b.proxy(tag, "lean-recorder", sets, env)))
+        for conns in conns_list:
+            before = {name: count_cassettes(folder) for name, folder in folders.items()}
+            trials = interleaved(b, hosts, conns, url, up, bodies=None, stream=kind != "json")
+            for name, _ in hosts:
+                written = count_cassettes(folders[name]) - before[name]
+                r = trials[name]
+                mode = name.rsplit(" ", 1)[1]
+                rows.append({"kind": kind, "conns": conns, "host": name, "mode": mode,
+                             "cassettes": written, **r})  # fmt: skip
+                show("record", kind, conns, name, r, f"  cassettes {written}")
+        for _, p in hosts:
             p.stop()
             b.procs.remove(p)
-            folder = folders[name]
-            written = len(list(folder.rglob("*.json"))) if folder.exists() else 0
-            r = trials[name]
-            rows.append({"kind": kind, "conns": 16, "host": name, "cassettes": written, **r})
-            show("record", kind, 16, name, r, f"  cassettes {written}")
     out["record"] = rows
+
+
+def before_env(b: Bench) -> dict[str, str]:
+    """The environment that makes a proxy import the package of the --before checkout."""
+    return {"PYTHONPATH": os.pathsep.join([b.before, os.environ.get("PYTHONPATH", "")])}
+
+
+def fetch_big(port: int, url: str, body: str, folder: Path, timeout: float = 600.0) -> dict:
+    """One big POST through the proxy, read to the end; for a stream, whether its own
+    cassette (a new file in folder holding this request's body) was in place the moment
+    ``data: [DONE]`` arrived."""
+    from urllib.parse import urlsplit
+
+    data = body.encode()
+    request = (
+        f"POST {url} HTTP/1.1\r\nHost: {urlsplit(url).netloc}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(data)}\r\n"
+        "connection: close\r\n\r\n"
+    ).encode() + data
+    received = bytearray()
+    at_done = None
+    known = set(folder.rglob("*.json")) if folder.exists() else set()
+    marker = json.loads(body)["messages"][0]["content"].encode()
+    t = time.monotonic()
+    length = None  # the body's end: content-length, or the last chunk of a chunked body
+    with socket.create_connection((HOST, port), timeout=timeout) as s:
+        s.sendall(request)
+        while True:
+            buf = s.recv(1 << 20)
+            if not buf:
+                break
+            received += buf
+            if at_done is None and b"data: [DONE]" in received[-(len(buf) + 16) :]:
+                new = set(folder.rglob("*.json")) - known
+                at_done = any(marker in f.read_bytes()[:8192] for f in new)
+            if length is None and b"\r\n\r\n" in received:
+                head, _, _ = bytes(received[:65536]).partition(b"\r\n\r\n")
+                m = re.search(rb"content-length:\s*(\d+)", head.lower())
+                length = len(head) + 4 + int(m.group(1)) if m else -1
+            if length is not None and length >= 0 and len(received) >= length:
+                break
+            if length == -1 and received.endswith(b"\r\n0\r\n\r\n"):
+                break
+    status = int(bytes(received[:16]).split(b" ", 2)[1]) if received else 0
+    return {"status": status, "bytes": len(received), "seconds": time.monotonic() - t,
+            "cassette_in_place_at_done": at_done}  # fmt: skip
+
+
+def replay_latencies(port: int, url: str, bodies: list[str], stop: Any, min_s: float) -> list:
+    """Sequential replays on one keep-alive connection until ``stop`` is set (and at
+    least ``min_s`` seconds); each one's latency in ms."""
+    import http.client
+
+    conn = http.client.HTTPConnection(HOST, port, timeout=60)
+    headers = {"content-type": "application/json"}
+    out: list[float] = []
+    t0 = time.monotonic()
+    i = 0
+    while not stop.is_set() or time.monotonic() - t0 < min_s:
+        t = time.monotonic()
+        conn.request("POST", url, bodies[i % len(bodies)], headers)
+        resp = conn.getresponse()
+        resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"replay during the stall test got {resp.status}")
+        out.append((time.monotonic() - t) * 1000)
+        i += 1
+    conn.close()
+    return out
+
+
+def section_stall(
+    b: Bench, cassettes: Path, out: dict[str, Any], label: str = "stall", env: Any = None
+) -> None:
+    """Another client's replay latency while one huge stream and one huge answer are
+    recorded, against the same client's latency with nothing being recorded (rounds
+    interleaved: idle, busy, idle, busy, ...). One proxy in record-if-missing mode: the
+    client's requests are hits, the big ones are recorded."""
+    import threading
+
+    chunks, mb = (2000, 1.0) if b.smoke else (60000, 25.0)
+    up = start_upstream(b, "big-upstream", "--big-chunks", str(chunks), "--big-json-mb", str(mb))
+    url = f"http://{HOST}:{up.port}/v1/chat/completions"
+    folder = b.work / f"{label}-cassettes"
+    shutil.copytree(cassettes, folder)
+    p = b.proxy(label, "lean-recorder", [f"cassette_dir={folder}",
+                                         "cassette_mode=record-if-missing"], env)  # fmt: skip
+    bodies = [chat_body(f"Question {i}: what is {i} plus {i}?", False)
+              for i in range(4 if b.smoke else N_DISTINCT)]  # fmt: skip
+    never = threading.Event()
+    never.set()
+    replay_latencies(p.port, url, bodies, never, 1.0)  # warm: every request is a hit after
+    # The upstream makes its big answers once: not inside a measured round.
+    for body in (chat_body("BIG-STREAM warm-up", True), chat_body("BIG-JSON warm-up", False)):
+        fetch_big(up.port, "/v1/chat/completions", body, folder)
+    rounds = 1 if b.smoke else 3
+    idle: list[dict[str, Any]] = []
+    busy: list[dict[str, Any]] = []
+    for i in range(rounds):
+        lat = replay_latencies(p.port, url, bodies, never, 3.0 if not b.smoke else 1.0)
+        idle.append({"n": len(lat), "p50_ms": _pct(lat, 0.5), "p99_ms": _pct(lat, 0.99),
+                     "max_ms": max(lat)})  # fmt: skip
+        stop = threading.Event()
+        results: dict[str, dict[str, Any]] = {}
+
+        def big(what: str, body: str, results: dict[str, Any] = results) -> None:
+            results[what] = fetch_big(p.port, url, body, folder)
+
+        tag = f"{i} {time.monotonic_ns()}"
+        threads = [
+            threading.Thread(target=big, args=("stream", chat_body(f"BIG-STREAM {tag}", True))),
+            threading.Thread(target=big, args=("json", chat_body(f"BIG-JSON {tag}", False))),
+        ]
+        before = count_cassettes(folder)
+        lat_box: list[list[float]] = []
+
+        def measure(box: list[list[float]] = lat_box, stop: Any = stop) -> None:
+            box.append(replay_latencies(p.port, url, bodies, stop, 0.5))
+
+        client = threading.Thread(target=measure)
+        t = time.monotonic()
+        client.start()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        window = time.monotonic() - t
+        stop.set()
+        client.join()
+        lat = lat_box[0]
+        written = count_cassettes(folder) - before
+        row = {"n": len(lat), "p50_ms": _pct(lat, 0.5), "p99_ms": _pct(lat, 0.99),
+               "max_ms": max(lat), "window_s": window, "cassettes": written,
+               "stream": results.get("stream"), "json": results.get("json")}  # fmt: skip
+        busy.append(row)
+        print(
+            f"  {label} round {i}: idle p50 {idle[-1]['p50_ms']:.2f} p99 {idle[-1]['p99_ms']:.2f}"
+            f" max {idle[-1]['max_ms']:.1f} ms; recording p50 {row['p50_ms']:.2f} p99 "
+            f"{row['p99_ms']:.2f} max {row['max_ms']:.1f} ms over {window:.1f} s, "
+            f"{written} cassettes; stream {results['stream']['seconds']:.1f} s "
+            f"(its cassette in place at [DONE]: "
+            f"{results['stream']['cassette_in_place_at_done']}), json "
+            f"{results['json']['seconds']:.1f} s",
+            flush=True,
+        )
+    p.stop()
+    b.procs.remove(p)
+    up.stop()
+    b.procs.remove(up)
+
+    def median(rows: list[dict[str, Any]], k: str) -> float:
+        return sorted(r[k] for r in rows)[len(rows) // 2]
+
+    out[label] = {
+        "chunks": chunks, "json_mb": mb, "idle": idle, "busy": busy,
+        "idle_p99_ms": median(idle, "p99_ms"), "busy_p99_ms": median(busy, "p99_ms"),
+        "idle_p50_ms": median(idle, "p50_ms"), "busy_p50_ms": median(busy, "p50_ms"),
+    }  # fmt: skip
+
+
+def section_record_soak(b: Bench, up: Proc, out: dict[str, Any]) -> None:
+    """10,000 recordings (plain and streamed, 256 distinct requests recorded over and
+    over, 16 connections) through one recording proxy; its RSS along the way."""
+    url = f"http://{HOST}:{up.port}/v1/chat/completions"
+    bodies = [chat_body(f"Soak {i}: say {i}.", i % 2 == 1) for i in range(256)]
+    folder = b.work / "soak-record"
+    p = b.proxy("record-soak", "lean-recorder", [f"cassette_dir={folder}",
+                                                 "cassette_mode=record"])  # fmt: skip
+    target = 300 if b.smoke else 10000
+    seconds = 1 if b.smoke else 3
+    warm = load(b, p.port, url, f"{HOST}:{up.port}", 16, seconds, bodies)
+    before = p.rss_mb()
+    done, errors, t = 0, 0, time.monotonic()
+    samples = [before]
+    while done < target:
+        r = load(b, p.port, url, f"{HOST}:{up.port}", 16, seconds, bodies)
+        done += r["requests"]
+        errors += r["errors"]
+        samples.append(p.rss_mb())
+    after = p.rss_mb()
+    files = count_cassettes(folder)
+    p.stop()
+    b.procs.remove(p)
+    out["record_soak"] = {
+        "warmup_requests": warm["requests"], "recordings": done, "errors": errors,
+        "seconds": time.monotonic() - t, "cassettes": files, "rss_before_mb": before,
+        "rss_after_mb": after, "rss_samples_mb": samples, "growth_mb": after - before,
+    }  # fmt: skip
+    print(
+        f"  record soak {done} recordings ({files} cassette files): RSS {before:.1f} MB -> "
+        f"{after:.1f} MB ({after - before:+.1f} MB), errors {errors}",
+        flush=True,
+    )
 
 
 def section_ttft(b: Bench, out: dict[str, Any]) -> None:
@@ -698,6 +901,8 @@ def section_profile(b: Bench, up: Proc, cassettes: Path, out: dict[str, Any]) ->
          _lua(url, f"{HOST}:{up.port}", bodies, False)),
         ("record json c16", ["cassette_mode=record", f"cassette_dir={b.work / 'profile-rec'}"],
          _lua(url, f"{HOST}:{up.port}", None, True)),
+        ("record sse c16", ["cassette_mode=record", f"cassette_dir={b.work / 'profile-sse'}"],
+         _lua(url, f"{HOST}:{up.port}", None, True)),
     ):  # fmt: skip
         p = b.proxy("profile", "lean-recorder", sets)
         raw = b.work / "profile.txt"
@@ -706,7 +911,11 @@ def section_profile(b: Bench, up: Proc, cassettes: Path, out: dict[str, Any]) ->
         wrk = subprocess.Popen(
             ["wrk", "-t1", "-c16", "-d12s", "-s", str(lua), f"http://{HOST}:{p.port}/"],
             stdout=subprocess.DEVNULL,
-            env={**os.environ, "BENCH_RUN": "profile"},
+            env={
+                **os.environ,
+                "BENCH_RUN": "profile",
+                "BENCH_STREAM": "true" if "sse" in what else "false",
+            },  # fmt: skip
         )
         time.sleep(1.5)
         subprocess.run(
@@ -729,17 +938,31 @@ AREAS = [
         ("CassetteRecorder._plan",),
     ),
     ("cassette addon: lookup + cached answer + Response", ("CassetteRecorder._serve",)),
+    # Recording, most specific first (a stack is counted in the first area it matches).
     (
-        "cassette addon: write cassette (model, JSON indent=2, file)",
+        "record: cassette text (orjson + fix-ups, or json)",
+        ("dumps_indented", "Cassette.to_json", "_fix_small_floats", "_plain_json", "plain ("),
+    ),
+    ("record: store index of the new cassette", ("CassetteStore.add",)),
+    ("record: cassette model, redaction, file name", ("CassetteRecorder._new_cassette",)),
+    ("record: temp file, write, rename", ("write_cassette",)),
+    (
+        "record: stream chunks (framing, orjson per chunk)",
+        ("SSEChunkRecorder.", "NDJSONRecorder.", "RawLinesRecorder."),
+    ),
+    (
+        "record: the rest (answer parse, fsync thread, hooks)",
         (
-            "write_cassette",
             "CassetteRecorder._write",
             "CassetteRecorder._finish_stream",
-            "CassetteRecorder._new_cassette",
             "CassetteRecorder._recorded",
+            "CassetteRecorder.response",
+            "CassetteRecorder._sync",
+            "sync_cassette",
+            "_Tap.",
+            "CassetteWriter.",
         ),
     ),
-    ("cassette addon: stream tap (SSE framing, JSON per event)", ("_Tap.",)),
     ("cassette addon: other hooks + probe", ("CassetteRecorder.", "UpstreamProbe")),
     ("hook dispatch (lean _HookTable)", ("_HookTable.",)),
     ("mitmproxy HTTP/1 layers + connection handling", ("mitmproxy/proxy/",)),
@@ -836,17 +1059,25 @@ def ratios(out: dict[str, Any]) -> dict[str, Any]:
                 rep, host="lean+recorder", **m
             ) / rps(rep, host="mitmdump+recorder", **m)
     rec = out.get("record", [])
-    for kind in ("json", "sse"):
-        res[f"record {kind} c16: mitmdump+recorder / mitmdump plain forwarding"] = rps(
-            rec, kind=kind, host="mitmdump+recorder record"
-        ) / rps(rec, kind=kind, host="mitmdump plain forwarding")
-        res[f"record {kind} c16: lean+recorder / lean plain forwarding"] = rps(
-            rec, kind=kind, host="lean+recorder record"
-        ) / rps(rec, kind=kind, host="lean plain forwarding")
-        res[f"record {kind} c16: lean+recorder / mitmdump plain forwarding"] = rps(
-            rec, kind=kind, host="lean+recorder record"
-        ) / rps(rec, kind=kind, host="mitmdump plain forwarding")
-    return {k: round(v, 3) for k, v in res.items()}
+    for kind in ("json", "sse40", "sse100"):
+        for conns in sorted({r["conns"] for r in rec}):
+            m = {"kind": kind, "conns": conns}
+            res[f"record {kind} c{conns}: record / passthrough (same lean proxy)"] = rps(
+                rec, host="lean+recorder record", **m
+            ) / rps(rec, host="lean+recorder passthrough", **m)
+    for label in ("stall", "stall_before"):
+        if label in out:
+            st = out[label]
+            res[f"{label}: replay p99 while recording big / idle p99"] = (
+                st["busy_p99_ms"] / st["idle_p99_ms"]
+            )
+    for kind in ("json", "sse40", "sse100"):
+        for conns in sorted({r["conns"] for r in rec}):
+            m = {"kind": kind, "conns": conns}
+            res[f"record {kind} c{conns}: before: record / passthrough (same lean proxy)"] = rps(
+                rec, host="before: lean+recorder record", **m
+            ) / rps(rec, host="lean+recorder passthrough", **m)
+    return {k: round(v, 3) for k, v in res.items() if v == v}  # NaN: not measured
 
 
 def main() -> int:
@@ -855,10 +1086,16 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "bench-results" / "latest.json"))
     ap.add_argument(
         "--only",
-        default="replay,record,ttft,cold,soak,profile,pacing",
+        default="replay,record,stall,ttft,cold,soak,profile,pacing",
         help="comma-separated sections",
     )
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument(
+        "--before",
+        default="",
+        help="also measure recording with the addons/ folder of an older checkout "
+        "(git archive REV addons | tar -x -C DIR; pass DIR/addons)",
+    )
     args = ap.parse_args()
     only = set(args.only.split(","))
 
@@ -867,7 +1104,9 @@ def main() -> int:
     from mitmproxy.certs import CertStore
 
     CertStore.from_store(confdir, "mitmproxy", 2048)  # the CA once, before any proxy
-    b = Bench(work, args.smoke, confdir)
+    b = Bench(
+        work, args.smoke, confdir, before=str(Path(args.before).resolve()) if args.before else ""
+    )
     b.env["CASSETTE_PROXY_CACHE_DIR"] = str(work / "index-cache")  # never the user's cache
     out: dict[str, Any] = {"smoke": args.smoke, "machine": machine(), "started": time.time()}
     t0 = time.monotonic()
@@ -887,13 +1126,21 @@ def main() -> int:
             else:
                 record_replay_set(b, up, cassettes)
         if "record" in only:
-            section_record(b, up, out)
+            ups = {100: up, 40: start_upstream(b, "upstream-40", "--chunks", "40")}
+            section_record(b, ups, out)
+        if "stall" in only:
+            if not cassettes.exists():
+                record_replay_set(b, up, cassettes)
+            section_stall(b, cassettes, out)
+            if b.before:
+                section_stall(b, cassettes, out, "stall_before", before_env(b))
         if "ttft" in only:
             section_ttft(b, out)
         if "cold" in only:
             section_cold(b, out)
         if "soak" in only:
             section_soak(b, up, cassettes, out)
+            section_record_soak(b, up, out)
         if "profile" in only and not args.smoke and shutil.which("wrk"):
             section_profile(b, up, cassettes, out)
         if "pacing" in only:

@@ -82,33 +82,85 @@ def render(d: dict[str, Any]) -> str:
             "",
         ]
     if "record" in d:
-        rows = [
-            [
-                "plain JSON" if r["kind"] == "json" else "SSE, 100 chunks",
-                r["host"],
-                f"{r['rps']:,.0f}",
-                f"{r['p50_ms']:.2f}",
-                f"{r['p99_ms']:.2f}",
-                str(r["cassettes"]),
-                "/".join(f"{x:,.0f}" for x in r.get("trials_rps", [])),
-            ]
+        names = {"json": "plain JSON", "sse": "SSE, 100 chunks", "sse40": "SSE, 40 chunks",
+                 "sse100": "SSE, 100 chunks"}  # fmt: skip
+        passthrough = {
+            (r["kind"], r["conns"]): r["rps"]
             for r in d["record"]
-        ]
+            if r["host"] == "lean+recorder passthrough"
+        }
+        rows = []
+        for r in d["record"]:
+            base = passthrough.get((r["kind"], r["conns"]))
+            ratio = f"{r['rps'] / base:.2f}x" if base and r.get("mode") == "record" else ""
+            rows.append(
+                [
+                    names.get(r["kind"], r["kind"]),
+                    str(r.get("conns", 16)),
+                    r["host"],
+                    f"{r['rps']:,.0f}",
+                    f"{r['p50_ms']:.2f}",
+                    f"{r['p99_ms']:.2f}",
+                    ratio,
+                    str(r["cassettes"]),
+                    "/".join(f"{x:,.0f}" for x in r.get("trials_rps", [])),
+                ]
+            )
         out += [
-            "### Record (16 connections, every request a new cassette)",
+            "### Record (every request a new cassette) against passthrough, same proxy",
             "",
             table(
                 [
                     "answer",
+                    "conns",
                     "host",
                     "req/s",
                     "p50 ms",
                     "p99 ms",
+                    "record / passthrough",
                     "cassettes written",
                     "trials req/s",
                 ],
                 rows,
             ),  # fmt: skip
+            "",
+        ]
+    for label, title in (("stall", "this code"), ("stall_before", "before (--before)")):
+        if label not in d:
+            continue
+        st = d[label]
+        rows = []
+        for i, (idle, busy) in enumerate(zip(st["idle"], st["busy"], strict=True)):
+            rows.append(
+                [str(i), f"{idle['n']}", f"{idle['p50_ms']:.2f}", f"{idle['p99_ms']:.2f}",
+                 f"{idle['max_ms']:.1f}", f"{busy['n']}", f"{busy['p50_ms']:.2f}",
+                 f"{busy['p99_ms']:.2f}", f"{busy['max_ms']:.1f}", f"{busy['window_s']:.1f}",
+                 str(busy["stream"].get("cassette_in_place_at_done"))]
+            )  # fmt: skip
+        ratio = st["busy_p99_ms"] / st["idle_p99_ms"]
+        out += [
+            f"### No stall ({title}): replay latency while a {st['chunks']:,}-chunk stream "
+            f"and a {st['json_mb']:.0f} MB answer are recorded",
+            "",
+            table(
+                [
+                    "round",
+                    "idle n",
+                    "idle p50 ms",
+                    "idle p99 ms",
+                    "idle max ms",
+                    "busy n",
+                    "busy p50 ms",
+                    "busy p99 ms",
+                    "busy max ms",
+                    "window s",
+                    "stream's cassette in place at [DONE]",
+                ],
+                rows,
+            ),  # fmt: skip
+            "",
+            f"Median p99: idle {st['idle_p99_ms']:.2f} ms, while recording "
+            f"{st['busy_p99_ms']:.2f} ms ({ratio:.1f}x).",
             "",
         ]
     if "ttft" in d:
@@ -169,6 +221,20 @@ def render(d: dict[str, Any]) -> str:
             f"{s['replays']:,} replays (plain and streamed, 128 cassettes, 16 connections) "
             f"in {s['seconds']:.0f} s, {s['errors']} errors: RSS {s['rss_before_mb']:.1f} MB "
             f"before, {s['rss_after_mb']:.1f} MB after ({s['growth_mb']:+.1f} MB); samples "
+            + ", ".join(f"{x:.1f}" for x in s["rss_samples_mb"])
+            + " MB.",
+            "",
+        ]
+    if "record_soak" in d:
+        s = d["record_soak"]
+        out += [
+            "### Record soak",
+            "",
+            f"{s['recordings']:,} recordings (256 distinct requests, plain and streamed, "
+            f"recorded over and over; 16 connections) in {s['seconds']:.0f} s, "
+            f"{s['errors']} errors, {s['cassettes']} cassette files: RSS "
+            f"{s['rss_before_mb']:.1f} MB before, {s['rss_after_mb']:.1f} MB after "
+            f"({s['growth_mb']:+.1f} MB); samples "
             + ", ".join(f"{x:.1f}" for x in s["rss_samples_mb"])
             + " MB.",
             "",

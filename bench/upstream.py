@@ -4,7 +4,10 @@ Run as its own process (``python bench/upstream.py --port 0``; it prints its por
 does not share a GIL with the load generator or the proxy. ``POST .../chat/completions``
 answers a fixed chat completion; with ``"stream": true`` in the body, a 100-chunk SSE
 stream (``--chunks``), the first event after ``--first-ms`` and then one every
-``--every-ms`` (both 0 by default: the whole stream in one write). Anything else: 404.
+``--every-ms`` (both 0 by default: the whole stream in one write). A body that names
+``BIG-STREAM`` gets a stream of ``--big-chunks`` chunks, one that names ``BIG-JSON`` a
+chat completion of about ``--big-json-mb`` MB (a long content, and logprobs for 20,000
+tokens: small objects and floats); both made once, on first use. Anything else: 404.
 """
 
 from __future__ import annotations
@@ -50,6 +53,18 @@ def chunk_event(i: int, n: int) -> bytes:
     return b"data: " + json.dumps(data).encode() + b"\n\n"
 
 
+def big_json(mb: float) -> bytes:
+    """A chat completion of about ``mb`` MB: a long answer with per-token logprobs (its
+    cassette, indented, stays under the 32 MiB a cassette may hold)."""
+    token = {"token": "tok", "logprob": -0.0123456, "bytes": [116, 111, 107], "top_logprobs": []}
+    n = min(20000, int(mb * 1e6 / 10 / len(json.dumps(token))))
+    doc = json.loads(json.dumps(CHAT))
+    doc["choices"][0]["logprobs"] = {"content": [dict(token, logprob=-i / n) for i in range(n)]}
+    rest = int(mb * 1e6) - len(json.dumps(doc))
+    doc["choices"][0]["message"]["content"] = ("The quick brown fox. " * (rest // 21 + 1))[:rest]
+    return json.dumps(doc).encode()
+
+
 def http_chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
@@ -68,6 +83,7 @@ class Upstream(asyncio.Protocol):
         )
         self.sse_whole = self.sse_head + b"".join(http_chunk(e) for e in events) + b"0\r\n\r\n"
         self.buf = b""
+        self.big: dict[str, bytes] = BIG
         self.transport: asyncio.Transport | None = None
         self.busy = False
 
@@ -106,6 +122,22 @@ class Upstream(asyncio.Protocol):
                 b"content-length: %d\r\n\r\n%s" % (len(msg), msg)
             )
             return
+        if b"BIG-STREAM" in body:
+            if "stream" not in self.big:
+                n = self.args.big_chunks
+                events = b"".join(http_chunk(chunk_event(i, n)) for i in range(n))
+                self.big["stream"] = events + http_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
+            self.transport.write(self.sse_head + self.big["stream"])
+            return
+        if b"BIG-JSON" in body:
+            if "json" not in self.big:
+                self.big["json"] = big_json(self.args.big_json_mb)
+            big = self.big["json"]
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\n\r\n%s" % (len(big), big)
+            )
+            return
         if b'"stream": true' not in body and b'"stream":true' not in body:
             self.transport.write(self.json_response)
             return
@@ -130,12 +162,17 @@ class Upstream(asyncio.Protocol):
         self._serve()
 
 
+BIG: dict[str, bytes] = {}  # the big answers, shared by all connections
+
+
 async def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--chunks", type=int, default=100)
     p.add_argument("--first-ms", type=float, default=0.0)
     p.add_argument("--every-ms", type=float, default=0.0)
+    p.add_argument("--big-chunks", type=int, default=60000)
+    p.add_argument("--big-json-mb", type=float, default=25.0)
     args = p.parse_args()
     n = args.chunks
     events = [chunk_event(i, n) for i in range(n)] + [b"data: [DONE]\n\n"]

@@ -35,12 +35,26 @@ def test_bench_smoke_runs_every_section(tmp_path):
     for row in replay:
         assert row["requests"] > 0 and row["errors"] == 0, row
 
+    assert {r["host"] for r in result["record"]} == {
+        "lean+recorder passthrough", "lean+recorder record"
+    }  # fmt: skip
     for row in result["record"]:
         assert row["requests"] > 0 and row["errors"] == 0, row
-        if "recorder" in row["host"]:
+        if row["mode"] == "record":
             assert row["cassettes"] > 0, row  # it really recorded
         else:
             assert row["cassettes"] == 0, row
+
+    stall = result["stall"]
+    for busy in stall["busy"]:
+        assert busy["n"] > 0 and busy["cassettes"] == 2, busy  # the big stream and answer
+        assert busy["stream"]["status"] == 200 and busy["json"]["status"] == 200, busy
+        # The stream's cassette was in place when its end marker reached the client.
+        assert busy["stream"]["cassette_in_place_at_done"] is True, busy
+    assert all(r["n"] > 0 for r in stall["idle"])
+    record_soak = result["record_soak"]
+    assert record_soak["recordings"] >= 300 and record_soak["errors"] == 0
+    assert record_soak["cassettes"] > 0
 
     ttft = {r["target"]: r for r in result["ttft"]["rows"]}
     assert set(ttft) == {"direct", "lean+recorder record", "mitmdump+recorder record"}

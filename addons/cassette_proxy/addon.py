@@ -21,7 +21,6 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,6 @@ from .cassette import (
     Cassette,
     CassetteError,
     NotJSONError,
-    sync_cassette,
     write_cassette,
 )
 from .decoding import StreamDecoder, stream_decoder
@@ -68,6 +66,7 @@ from .stable import normalize_response
 from .store import CassetteStore, live_key
 from .upstream import BUSY, CONNECT_TIMEOUT_S, DOWN, UpstreamProbe
 from .usage import UsageLog
+from .writer import CassetteWriter
 
 log = logging.getLogger("cassette_proxy")
 
@@ -128,9 +127,9 @@ class CassetteRecorder:
         self._fallback_flows: dict[str, http.HTTPFlow] = {}
         self._refusals: dict[str, http.Response] = {}  # streamed bodies kept from upstream
         self._writes: set[asyncio.Task[None]] = set()
-        # fsyncs wait for the disk: one thread of their own, so they never hold up the
-        # threads (asyncio's default pool) that other work is queued on.
-        self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cassette-fsync")
+        # Big answers parsed and written off the loop; fsyncs batched on a thread of their
+        # own, so they never hold up the threads other work is queued on.
+        self.writer = CassetteWriter()
         self.counts = {"hit": 0, "miss": 0, "recorded": 0, "fallback": 0}
         # Encoded answers by cassette file: a hit re-sends bytes, no model_dump/encode.
         # Valid while the store still holds the same Cassette object for that file.
@@ -264,6 +263,7 @@ class CassetteRecorder:
         self.fallback.close()
         self.probe.close()
         self.usage.close()
+        self.writer.close()
         if not self.log_summary:
             return
         log.info(
@@ -877,7 +877,7 @@ class CassetteRecorder:
             return  # a stream we chose not to record
         status = flow.response.status_code
         try:
-            data = json.loads(flow.response.get_content(strict=False) or b"")
+            data = await self.writer.loads(flow.response.get_content(strict=False) or b"")
         except (ValueError, UnicodeDecodeError):
             self._not_recorded(flow, plan, "answer is not JSON")
             return
@@ -994,8 +994,10 @@ class CassetteRecorder:
         """
         plan.recorded = True
         path, cassette = self._new_cassette(flow, plan, response)
+        size = len(flow.response.raw_content or b"") if flow.response is not None else 0
         try:
-            write_cassette(path, cassette, durable=False)  # ~0.15 ms; a thread hop costs more
+            # Small: on the loop (a thread hop costs more); big: on the writer thread.
+            await self.writer.write(path, cassette, size)
         except NotJSONError as e:  # the client still gets its answer, as it came
             self._not_recorded(flow, plan, f"not valid JSON: {e}", warn=True)
             return
@@ -1007,7 +1009,7 @@ class CassetteRecorder:
 
     async def _sync_file(self, path: Path) -> None:
         try:
-            await asyncio.get_running_loop().run_in_executor(self._syncer, sync_cassette, path)
+            await self.writer.sync(path)  # batched with the others waiting
         except OSError as e:
             log.error("FAILED to flush cassette %s to disk: %s", path, e)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import tempfile
 import time
@@ -75,18 +76,141 @@ class Cassette(BaseModel):
     response: RecordedResponse
 
     def to_json(self) -> str:
-        """The file text: the format's key order, fields a file did not have left out.
+        """The file text: the format's key order, fields a file did not have left out."""
+        return self.to_json_bytes().decode("ascii")
+
+    def to_json_bytes(self) -> bytes:
+        """``to_json()`` as the file's bytes (ASCII), without a copy of the text.
 
         Raises NotJSONError for a value JSON cannot hold: an upstream's ``-1e400`` is
         read as -inf, which json.dumps would write as ``-Infinity``.
         """
         try:
-            text = json.dumps(self.model_dump(exclude_unset=True), indent=2, allow_nan=False)
-            return text + "\n"
+            return dumps_indented_bytes(plain(self), newline=True, allow_nan=False)
         except ValueError as e:
             raise NotJSONError(
                 "it holds a number JSON cannot represent (NaN or infinite, such as 1e400)"
             ) from e
+
+
+def plain(model: BaseModel) -> Any:
+    """What ``model.model_dump(exclude_unset=True)`` gives for a cassette, without copying
+    the JSON values inside it (the bodies are plain JSON already; model_dump walks and
+    copies all of them, 0.13 ms for a 100-chunk stream).
+
+    Set fields in the model's order, then extra fields in their order, as pydantic does.
+    A value that is not plain JSON is left to pydantic's dump.
+    """
+    out: dict[str, Any] = {}
+    fields_set = model.model_fields_set
+    for name in type(model).model_fields:
+        if name in fields_set:
+            value = getattr(model, name)
+            out[name] = plain(value) if isinstance(value, BaseModel) else value
+    for name, value in (model.__pydantic_extra__ or {}).items():
+        if isinstance(value, BaseModel):
+            return model.model_dump(exclude_unset=True)
+        out[name] = value
+    return out
+
+
+# orjson writes what json.dumps(indent=2) writes but for: characters from U+007F up
+# (json escapes them as \uXXXX, surrogate pairs above U+FFFF), and floats below 1e-4
+# (json: repr, "1e-05"; orjson "0.00001" or "1e-7"). Both are fixed up below. What orjson
+# refuses (integers beyond 64 bits, non-string keys, lone surrogates) goes to json; so does
+# anything but plain JSON types, and NaN or infinity, which orjson would write as null
+# (``_plain_json`` looks; reading the whole text back to compare took longer than the
+# rest together).
+_NOT_ASCII = re.compile("[\x7f-\U0010ffff]")
+# A float orjson writes differently, as the value of its own line (JSON strings cannot
+# span lines, so a string's content never matches a whole line). Found by two searches
+# with a literal prefix (fast), then checked line by line.
+_EXPONENT = re.compile(rb"e-\d")
+_FOUR_ZEROS = re.compile(rb"0\.0000")
+_SMALL_FLOAT_LINE = re.compile(
+    rb'( *(?:"(?:[^"\\\n]|\\.)*": )?)(-?(?:0\.0000\d*|\d+(?:\.\d+)?e-\d+))(,?)'
+)
+
+
+def _escape(match: re.Match[str]) -> str:
+    n = ord(match.group())
+    if n < 0x10000:
+        return f"\\u{n:04x}"
+    n -= 0x10000
+    return f"\\u{0xD800 | (n >> 10):04x}\\u{0xDC00 | (n & 0x3FF):04x}"
+
+
+def _fix_small_floats(out: bytes) -> bytes:
+    """orjson's text with each float below 1e-4 written as json writes it (repr)."""
+    lines = set()
+    for pattern in (_EXPONENT, _FOUR_ZEROS):
+        for m in pattern.finditer(out):
+            lines.add(out.rfind(b"\n", 0, m.start()) + 1)
+    if not lines:
+        return out
+    pieces, done = [], 0
+    for start in sorted(lines):
+        end = out.find(b"\n", start)
+        end = len(out) if end < 0 else end
+        m = _SMALL_FLOAT_LINE.fullmatch(out, start, end)
+        if m is not None:
+            number = repr(float(m.group(2))).encode()
+            pieces += [out[done:start], m.group(1), number, m.group(3)]
+            done = end
+    pieces.append(out[done:])
+    return b"".join(pieces)
+
+
+class FiniteList(list):  # type: ignore[type-arg]
+    """A list of values read by orjson, which reads no NaN, no infinity and only plain
+    JSON types: ``dumps_indented`` need not look inside (a stream's chunks)."""
+
+    __slots__ = ()
+
+
+_SCALARS = frozenset({str, int, bool, type(None)})
+
+
+def _plain_json(obj: Any) -> bool:
+    """Whether obj holds only dicts, lists, strings, numbers, booleans and None, and no
+    NaN or infinity: then orjson writes it as json does (but for the fix-ups)."""
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind is dict:
+            stack.extend(item.values())
+        elif kind is list:
+            stack.extend(item)
+        elif kind is float:
+            if item - item != 0:  # NaN or infinity: json writes NaN, orjson null
+                return False
+        elif kind not in _SCALARS and kind is not FiniteList:
+            return False
+    return True
+
+
+def dumps_indented(obj: Any) -> str:
+    """Exactly ``json.dumps(obj, indent=2)``, about 20 times faster where orjson can."""
+    return dumps_indented_bytes(obj).decode("ascii")
+
+
+def dumps_indented_bytes(obj: Any, newline: bool = False, allow_nan: bool = True) -> bytes:
+    """``json.dumps(obj, indent=2)`` (plus "\\n" if ``newline``) as ASCII bytes.
+
+    ``allow_nan=False``: a NaN or infinity raises ValueError, as in json.dumps."""
+    end = "\n" if newline else ""
+    if orjson is None or not _plain_json(obj):
+        return (json.dumps(obj, indent=2, allow_nan=allow_nan) + end).encode("ascii")
+    try:
+        option = orjson.OPT_INDENT_2 | (orjson.OPT_APPEND_NEWLINE if newline else 0)
+        out = orjson.dumps(obj, option=option)
+    except TypeError:  # orjson.JSONEncodeError is one
+        return (json.dumps(obj, indent=2, allow_nan=allow_nan) + end).encode("ascii")
+    out = _fix_small_floats(out)
+    if not out.isascii() or b"\x7f" in out:
+        out = _NOT_ASCII.sub(_escape, out.decode()).encode("ascii")
+    return out
 
 
 def typed(type_name: str, data: Any) -> dict[str, Any]:
@@ -234,18 +358,18 @@ def write_cassette(path: Path, cassette: Cassette, durable: bool = True) -> None
     Raises CassetteError for a cassette larger than MAX_CASSETTE_BYTES, OSError when
     the disk refuses; nothing is left behind either way.
     """
-    text = cassette.to_json()
-    if len(text) > MAX_CASSETTE_BYTES:
+    data = cassette.to_json_bytes()
+    if len(data) > MAX_CASSETTE_BYTES:
         raise CassetteError(
-            f"{path}: the cassette would be {len(text) / 2**20:.1f} MiB, over the "
+            f"{path}: the cassette would be {len(data) / 2**20:.1f} MiB, over the "
             f"{MAX_CASSETTE_BYTES // 2**20} MiB a cassette may hold"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(), suffix=".partial", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="ascii") as f:
+        with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), FILE_MODE)
-            f.write(text)
+            f.write(data)
             f.flush()
             if durable:
                 os.fsync(f.fileno())
@@ -276,3 +400,27 @@ def _fsync_folder(folder: Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def sync_cassettes(paths: list[Path]) -> list[OSError | None]:
+    """``sync_cassette`` for many cassettes: each file, then each folder once; the error
+    (or None) of each path, in order."""
+    errors: list[OSError | None] = []
+    folders: dict[Path, OSError | None] = {}
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            errors.append(None)
+        except OSError as e:
+            errors.append(e)
+        folders.setdefault(path.parent, None)
+    for folder in folders:
+        try:
+            _fsync_folder(folder)
+        except OSError as e:
+            folders[folder] = e
+    return [error or folders[path.parent] for path, error in zip(paths, errors, strict=True)]

@@ -7,6 +7,13 @@ several; a framer keeps the tail and returns only whole events.
 from __future__ import annotations
 
 import codecs
+import json
+from typing import Any
+
+try:
+    import orjson
+except ImportError:  # pragma: no cover - a dependency; json alone works, slower
+    orjson = None  # type: ignore[assignment]
 
 
 class _Text:
@@ -69,3 +76,86 @@ class LineFramer:
     @property
     def tail(self) -> str:
         return self._buffer
+
+
+class _Bytes:
+    """CRLF made LF in raw reads, also when a read ends between CR and LF (no decoding:
+    a newline byte is never part of a multi-byte UTF-8 character)."""
+
+    def __init__(self) -> None:
+        self._cr = False
+
+    def normalize(self, data: bytes) -> bytes:
+        if self._cr:
+            data, self._cr = b"\r" + data, False
+        if data.endswith(b"\r"):
+            data, self._cr = data[:-1], True
+        return data.replace(b"\r\n", b"\n") if b"\r" in data else data
+
+
+class SSEBytesFramer:
+    """SSEFramer's events, as bytes: the recorder's hot path decodes only what it must."""
+
+    def __init__(self) -> None:
+        self._lines = _Bytes()
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buffer = self._buffer + self._lines.normalize(data)
+        if b"\n\n" not in buffer:
+            self._buffer = buffer
+            return []
+        *events, self._buffer = buffer.split(b"\n\n")
+        return [e for e in events if e.strip()]
+
+
+class LineBytesFramer:
+    """LineFramer's lines, as bytes; ``tail`` is the unfinished last line."""
+
+    def __init__(self) -> None:
+        self._lines = _Bytes()
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buffer = self._buffer + self._lines.normalize(data)
+        if b"\n" not in buffer:
+            self._buffer = buffer
+            return []
+        *lines, self._buffer = buffer.split(b"\n")
+        return lines
+
+    @property
+    def tail(self) -> bytes:
+        return self._buffer
+
+
+def sse_payload(event: bytes) -> tuple[str | None, bytes | str | None]:
+    """``sse_data`` of a bytes event: the common one-line ``data: ...`` event without
+    decoding it; any other as ``sse_data`` reads its decoded text."""
+    if event.startswith(b"data: ") and b"\n" not in event:
+        return None, event[6:]
+    return sse_data(event.decode("utf-8", "replace"))
+
+
+# A run of 19+ digits (an integer orjson would read as a float) is left to json.
+_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_LONG_DIGITS = b"0" * 19
+
+
+def json_payload(payload: bytes | str) -> tuple[Any, bool]:
+    """``json.loads`` of one event's data or one line, as decoded text (bad UTF-8 bytes
+    replaced), through orjson where it reads the same value (about 5 times faster); and
+    whether orjson read it (then it holds no NaN or infinity: see cassette.FiniteList).
+
+    orjson refuses what it would read differently (NaN, bad UTF-8, lone surrogates,
+    deep nesting): json then decides, so the value and the error are json's.
+    Raises json.JSONDecodeError (a ValueError).
+    """
+    if isinstance(payload, bytes):
+        if orjson is not None and payload.translate(_DIGITS_AS_ZERO).find(_LONG_DIGITS) < 0:
+            try:
+                return orjson.loads(payload), True
+            except orjson.JSONDecodeError:
+                pass
+        payload = payload.decode("utf-8", "replace")
+    return json.loads(payload), False

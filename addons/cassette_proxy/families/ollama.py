@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..cassette import typed
-from ..streams import LineFramer
+from ..cassette import FiniteList, typed
+from ..streams import LineBytesFramer, json_payload
 from .base import NotRecordable, Wire, is_typed, json_wire
 
 PREFIX = "ollama._types."
@@ -77,24 +77,29 @@ def endpoint_of(path: str) -> str | None:
 
 
 class NDJSONRecorder:
-    """Types each line of an Ollama stream; complete once the last object ends it."""
+    """Types each line of an Ollama stream; complete once the last object ends it.
+
+    Works on the raw bytes and reads each line with orjson (see SSEChunkRecorder).
+    """
 
     def __init__(self, type_name: str, is_end: Any) -> None:
         self.type_name = type_name
         self.is_end = is_end
         self.complete = False
-        self._framer = LineFramer()
+        self._framer = LineBytesFramer()
         self._objects: list[dict[str, Any]] = []
+        self._finite = True  # every line read by orjson (see cassette.FiniteList)
 
     def feed(self, data: bytes) -> None:
         for line in self._framer.feed(data):
             self._take(line)
 
-    def _take(self, line: str) -> None:
-        if not line.strip():
+    def _take(self, line: bytes) -> None:
+        if not line.strip() and not line.decode("utf-8", "replace").strip():
             return
         try:
-            obj = json.loads(line)
+            obj, finite = json_payload(line)
+            self._finite = self._finite and finite
         except json.JSONDecodeError as e:
             raise NotRecordable(f"NDJSON line is not JSON: {e}") from e
         if not isinstance(obj, dict):
@@ -112,7 +117,8 @@ class NDJSONRecorder:
             self._take(tail)
         if not self.complete:
             raise NotRecordable("stream ended before its last object said it was done")
-        return {"body": self._objects, "is_streaming": True}
+        body = FiniteList(self._objects) if self._finite else self._objects
+        return {"body": body, "is_streaming": True}
 
 
 def _whole_object(line: str) -> bool:

@@ -8,12 +8,13 @@ any base path (``/v1``, ``/openai/v1``, ``/v1beta/openai``) works.
 from __future__ import annotations
 
 import base64
+import gc
 import json
 import struct
 from typing import Any
 
-from ..cassette import typed
-from ..streams import SSEFramer, sse_data
+from ..cassette import FiniteList, typed
+from ..streams import SSEBytesFramer, json_payload, sse_payload
 from .base import NotRecordable, Wire, is_typed, json_wire
 
 CHAT = "openai.types.chat.chat_completion.ChatCompletion"
@@ -21,6 +22,7 @@ CHAT_CHUNK = "openai.types.chat.chat_completion_chunk.ChatCompletionChunk"
 COMPLETION = "openai.types.completion.Completion"
 EMBEDDINGS = "openai.types.create_embedding_response.CreateEmbeddingResponse"
 MODEL = "openai.types.model.Model"
+BIG_STREAM = 5000  # chunks: above this, the collector waits while they are read
 
 
 def endpoint_kind(path: str) -> str | None:
@@ -79,36 +81,59 @@ def without_usage(chunks: list[Any]) -> list[Any]:
 
 
 class SSEChunkRecorder:
-    """Types each ``data:`` event of an OpenAI stream; complete once ``[DONE]`` is seen."""
+    """Types each ``data:`` event of an OpenAI stream; complete once ``[DONE]`` is seen.
+
+    While the stream passes, only frames it (raw bytes, decoding only unusual events) and
+    keeps each event's data; the chunks are read (orjson) once, at its end. Chunks read
+    as they came kept a growing heap of objects alive during a long stream, which the
+    garbage collector walked again and again (issue 12: the stall while a 60,000-chunk
+    stream was recorded).
+    """
 
     def __init__(self, chunk_type: str) -> None:
         self.chunk_type = chunk_type
         self.complete = False
-        self._framer = SSEFramer()
-        self._chunks: list[dict[str, Any]] = []
+        self._framer = SSEBytesFramer()
+        self._payloads: list[bytes | str] = []
 
     def feed(self, data: bytes) -> None:
         for event in self._framer.feed(data):
-            name, payload = sse_data(event)
+            name, payload = sse_payload(event)
             if payload is None:
                 continue  # a comment or keep-alive
-            if payload.strip() == "[DONE]":
-                self.complete = True
-                continue
+            if payload[:1] not in (b"{", "{"):  # a chunk is an object: only then look
+                text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else payload
+                if text.strip() == "[DONE]":
+                    self.complete = True
+                    continue
             if name not in (None, "message"):
                 raise NotRecordable(f"named SSE event {name!r} does not fit a typed chunk list")
-            try:
-                chunk = json.loads(payload)
-            except json.JSONDecodeError as e:
-                raise NotRecordable(f"SSE data is not JSON: {e}") from e
-            if isinstance(chunk, dict) and "error" in chunk and "choices" not in chunk:
-                raise NotRecordable("the upstream sent an error inside the stream")
-            self._chunks.append(typed(self.chunk_type, chunk))
+            self._payloads.append(payload)
 
     def response(self, clean_end: bool) -> dict[str, Any]:
         if not self.complete:
             raise NotRecordable("stream ended without data: [DONE]")
-        return {"body": self._chunks, "is_streaming": True}
+        chunk_type = self.chunk_type
+        chunks: list[dict[str, Any]] = []
+        finite = True  # every chunk read by orjson (see cassette.FiniteList)
+        # Reading many chunks in one go: no collection in the middle of it.
+        pause = len(self._payloads) > BIG_STREAM and gc.isenabled()
+        if pause:
+            gc.disable()
+        try:
+            for payload in self._payloads:
+                try:
+                    chunk, by_orjson = json_payload(payload)
+                except json.JSONDecodeError as e:
+                    raise NotRecordable(f"SSE data is not JSON: {e}") from e
+                if isinstance(chunk, dict) and "error" in chunk and "choices" not in chunk:
+                    raise NotRecordable("the upstream sent an error inside the stream")
+                chunks.append({"__type__": chunk_type, "__data__": chunk})  # typed()
+                finite = finite and by_orjson
+        finally:
+            if pause:
+                gc.enable()
+        return {"body": FiniteList(chunks) if finite else chunks, "is_streaming": True}
 
 
 class OpenAIFamily:
