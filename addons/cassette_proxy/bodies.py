@@ -78,7 +78,9 @@ def parse_body(content_type: str, content: bytes) -> RequestBody:
         return RequestBody("form", _form(content))
     try:
         return RequestBody("json", json.loads(content))
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+    except RecursionError:
+        raise NotKeyable("JSON nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:
         raise NotKeyable(f"body is not JSON ({kind or 'no content-type'})") from e
 
 

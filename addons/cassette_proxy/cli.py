@@ -477,13 +477,14 @@ def verify_command(paths: tuple[Path, ...], cassette_dir: Path, strict: bool, qu
     """
     items = read_roots(paths, cassette_dir, "verifying")
     errors = warnings = 0
-    seen: dict[tuple[str, str | None], str] = {}
+    seen: dict[tuple[str, str | None, int], str] = {}
     lines: list[str] = []  # printed after the progress bar, not through it
     with progress(items, "checking") as bar:
         for item in bar:
             found = catalog.verify_item(item)
             if item.cassette is not None and not found.errors:
-                key = (_key(item), item.cassette.test_id)
+                # Later answers of one request (<hash>.<n>.json) share its key by design.
+                key = (_key(item), item.cassette.test_id, sequence.position_of(item.path))
                 if key in seen:
                     found.warnings.append(f"answers the same request as {seen[key]}")
                 else:
