@@ -572,3 +572,49 @@ def test_after_the_upstream_goes_down_the_sequence_goes_on(proxy_factory, upstre
         later = [poll(client, upstream.url) for _ in range(2)]
     assert [text for text, _ in later] == ["[B]", "[B]"]
     assert all(file.endswith(".2.json") for _, file in later)
+
+
+def test_repeats_of_a_request_with_a_query_are_kept_in_order(proxy_factory, upstream, tmp_path):
+    """The n-th answer's file is named after the same first file the recording uses
+    (the query is part of the name), so Azure-style ``?api-version=`` calls keep every
+    answer instead of overwriting the first."""
+    proxy = proxy_factory(mode="record")
+    with http_client(proxy) as client:
+        for tag in ["A", "B"]:
+            upstream.configure(tag=tag)
+            got = client.post(upstream.url + "/v1/chat/completions?api-version=2024-10-21",
+                              json=chat("versioned"), headers={"X-Cassette-Test-Id": TEST_ID})
+            assert got.status_code == 200
+    proxy.stop()
+    names = sorted(p.name for p in cassette_files(tmp_path / "cassettes"))
+    assert len(names) == 2 and names[0].count(".") == 2  # <hash>.2.json sorts first
+
+    replay = proxy_factory(mode="replay")
+    with http_client(replay) as client:
+        texts = []
+        for _ in range(3):
+            got = client.post(OFFLINE + "/v1/chat/completions?api-version=2024-10-21",
+                              json=chat("versioned"), headers={"X-Cassette-Test-Id": TEST_ID})
+            assert got.status_code == 200, got.text
+            texts.append(got.json()["choices"][0]["message"]["content"].split("]")[0] + "]")
+    assert texts == ["[A]", "[B]", "[B]"]
+
+
+def test_a_rescan_keeps_later_answers_out_of_the_index(proxy_factory, upstream, tmp_path):
+    """A later answer copied into a running proxy's folder (or one whose first answer is
+    not there) never reorders the index nor breaks a lookup."""
+    from cassette_proxy.store import CassetteStore
+
+    record_polls(proxy_factory, upstream, ["A", "B"])
+    folder = next(p.parent for p in cassette_files(tmp_path / "cassettes"))
+    first, second = sorted(cassette_files(folder), key=position_of)
+    store = CassetteStore(tmp_path / "cassettes")
+    store.load()
+    orphan = folder / ("f" * 64 + ".2.json")
+    shutil.copy(second, orphan)  # a later answer without its first
+    second.unlink()
+    store._scanned_at = 0.0  # the rescan is rate-limited; let this one through
+    assert store.refresh()
+    entries = [e for es in store._index.values() for e in es]
+    assert [e.path.name for e in entries] == [first.name]
+    assert store.sequences.length(first) == 1  # the deleted later answer is forgotten

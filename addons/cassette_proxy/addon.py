@@ -111,6 +111,7 @@ class Plan:
     upstream: str | None = None  # host:port the request is for (host affinity)
     rule: str | None = None  # the matching rule of a hit: exact, or the loose rules
     position: int | None = None  # n-th identical request of this run (sequence.py)
+    file: Path | None = None  # its first answer's file (first_answer_path)
 
 
 
@@ -735,7 +736,7 @@ class CassetteRecorder:
             how,
         )
         flow.comment = f"cassette: {plan.served_from or 'miss'} (upstream did not answer)"
-        flow.marked = ":tape:" if plan.served_from else ":x:"
+        flow.marked = ":vhs:" if plan.served_from else ":x:"
 
     def tls_start_server(self, tls_start: TlsData) -> None:
         """Our own stand-in has a throwaway certificate: do not verify it."""
@@ -810,11 +811,21 @@ class CassetteRecorder:
             return
         if not (200 <= status < 300 or status in self.record_errors):
             return
-        query = matching.recorded_query(redact_url(flow.request.pretty_url))
-        body = with_stream_default(plan.path, plan.body)  # the body as new_recording writes it
-        path = recording_path(self.store.root, plan.method, plan.path, body, plan.test_id, query)
+        path = self.first_answer_path(flow, plan)
         flow.marked = ":red_circle:"
         flow.comment = f"cassette: recording {self.store.relative(path)}"
+
+    def first_answer_path(self, flow: http.HTTPFlow, plan: Plan) -> Path:
+        """The file of the request's first answer, as ``new_recording`` names it (the
+        URL's query, the Ollama stream default); worked out once per request."""
+        assert self.store is not None
+        if plan.file is None:
+            query = matching.recorded_query(redact_url(flow.request.pretty_url))
+            body = with_stream_default(plan.path, plan.body)  # as new_recording writes it
+            plan.file = recording_path(
+                self.store.root, plan.method, plan.path, body, plan.test_id, query
+            )
+        return plan.file
 
     def _not_recorded(
         self, flow: http.HTTPFlow, plan: Plan, reason: str, warn: bool = False
@@ -1057,12 +1068,13 @@ class CassetteRecorder:
             headers=scrub(headers, secrets),
             response=redact_answer(response, secrets),
         )
-        path = self.sequencer.recording_path(self.store, flow, path)  # <hash>.<n>.json
+        path = self.sequencer.recording_path(flow, path)  # <hash>.<n>.json
         return path, cassette
 
     def _recorded(self, flow: http.HTTPFlow, plan: Plan, path: Path, cassette: Cassette) -> None:
         """Index a cassette that is on disk, count it, log it, mark the flow."""
         assert self.store is not None
+        self.sequencer.committed(self.store, flow, path)
         self.store.add(path, cassette)
         self.counts["recorded"] += 1
         relative = self.store.relative(path)

@@ -20,7 +20,7 @@ from mitmproxy.io import FlowReader
 
 from .addon import FILE_HEADER, MISS_HEADER, STREAM_TYPES, TEST_ID_HEADER
 from .bodies import NotKeyable, keyed_parts, written_secrets
-from .cassette import Cassette, NotJSONError, write_cassette
+from .cassette import Cassette, CassetteError, NotJSONError, write_cassette
 from .families import NotRecordable, classify
 from .recording import new_recording, whole_response
 from .redact import recordable_headers, redact_answer, redact_url, scrub
@@ -77,6 +77,9 @@ def import_flows(
             continue
         except NotJSONError as e:  # never a file that is not JSON
             result.skipped[f"not valid JSON: {e}"] += 1
+            continue
+        except CassetteError as e:  # over the size a cassette may hold
+            result.failed.append(str(e))
             continue
         result.written.append(path)
     return result

@@ -85,6 +85,13 @@ class SequenceIndex:
         path: Path = entry.path
         self._later.setdefault(_canonical(first_path(path)), {})[position_of(path)] = entry
 
+    def remove(self, path: Path) -> None:
+        """Forget one later answer (its file is gone or changed); the sequence then ends
+        before it (``length``), so the last answer that is still there repeats."""
+        later = self._later.get(_canonical(first_path(path)))
+        if later is not None:
+            later.pop(position_of(path), None)
+
     def drop(self, first: Path) -> None:
         self._later.pop(_canonical(first), None)
 
@@ -167,10 +174,18 @@ class Sequencer:
         plan.position = self.replays.next(plan.key, plan.test_id)
         self._arrivals[flow] = self.positions.arrived(first)
 
-    def recording_path(self, store: Any, flow: Any, first: Path) -> Path:
-        """The file this flow's answer is recorded in; the first answer of a request in
-        this run removes the later answers an older run left."""
+    def recording_path(self, flow: Any, first: Path) -> Path:
+        """The file this flow's answer is to be recorded in (nothing changes yet: the
+        write may still fail; ``committed`` settles it once the file is in place)."""
+        position = self._arrivals.get(flow, 1)
+        return sibling_path(first, position)
+
+    def committed(self, store: Any, flow: Any, path: Path) -> None:
+        """This flow's answer is on disk at ``path``: it takes its position, and the
+        first answer of a request in this run removes the later answers an older run
+        left (only now, so a failed write never cuts an older sequence short)."""
         position = self._arrivals.pop(flow, 1)
+        first = first_path(path)
         if position == 1 and not self.positions.started(first):
             for stale in store.sequences.files(first):
                 try:
@@ -182,7 +197,6 @@ class Sequencer:
                     log.warning("could not remove stale answer %s: %s", stale, e)
             store.sequences.drop(first)
         self.positions.recorded(first, position)
-        return sibling_path(first, position)
 
 
 def position_in(path: Path) -> tuple[int, int]:

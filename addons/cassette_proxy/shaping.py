@@ -44,7 +44,6 @@ from .pacing import (
     whole_timing,
     with_timing,
 )
-from .recording import recording_path
 from .sequence import position_of
 
 if TYPE_CHECKING:
@@ -206,7 +205,7 @@ class ReplayShaper:
             log.info("%s fault %r not applied to %s %s: cut-after applies to replayed answers, "
                      "this one is forwarded live", ctx.options.cassette_mode, fault.spec,
                      plan.method, plan.path)  # fmt: skip
-        first = recording_path(store.root, plan.method, plan.path, plan.body, plan.test_id)
+        first = self.recorder.first_answer_path(flow, plan)
         self.recorder.sequencer.arrived(flow, plan, first)
 
     def _timing(self, plan: Any) -> dict[str, Any] | None:

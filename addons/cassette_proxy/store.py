@@ -13,6 +13,7 @@ per file) so that a file rewritten or deleted in place is reread or dropped.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -337,7 +338,8 @@ class CassetteStore:
             name = type(e).__name__
             log.warning("cassette skipped: %s: cannot be indexed: %s: %s", path, name, e)
             return False
-        self._first(entry)  # the newest file wins, as at a start
+        if position_of(path) == 1:  # later answers live in self.sequences, not the index
+            self._first(entry)  # the newest file wins, as at a start
         return True
 
     def _forget(self, path: Path) -> None:
@@ -347,6 +349,8 @@ class CassetteStore:
         entry = self._entry_of.get(path)
         if entry is not None:
             self._remove(entry)
+        if position_of(path) > 1:
+            self.sequences.remove(path)  # a later answer: no longer served
 
     def _remove(self, entry: Entry) -> None:
         self._index[entry.key].remove(entry)
@@ -396,6 +400,8 @@ class CassetteStore:
         if position_of(path) > 1:
             entry = self._add(path, cassette)  # into self.sequences
             self._remember(path, cassette)
+            with contextlib.suppress(OSError):  # so that a rescan sees the file as known
+                self._files[str(path)] = _signature(path.stat())
             return entry
         key, _ = key_of(cassette)
         old = [e for e in self._index.get(key, []) if e.test_id == cassette.test_id]
