@@ -618,3 +618,16 @@ def test_a_rescan_keeps_later_answers_out_of_the_index(proxy_factory, upstream, 
     entries = [e for es in store._index.values() for e in es]
     assert [e.path.name for e in entries] == [first.name]
     assert store.sequences.length(first) == 1  # the deleted later answer is forgotten
+
+
+def test_a_later_answer_deleted_while_the_proxy_runs_gives_the_last_one_left(
+    proxy_factory, upstream, tmp_path
+):
+    record_polls(proxy_factory, upstream, ["A", "B", "C"])
+    files = sorted(cassette_files(tmp_path / "cassettes"), key=position_of)
+    proxy = proxy_factory(mode="replay")
+    files[2].unlink()  # <hash>.3.json, after the proxy indexed it
+    with http_client(proxy) as client:
+        got = [poll(client, OFFLINE)[0] for _ in range(4)]
+    assert got == ["[A]", "[B]", "[B]", "[B]"]
+    proxy.wait_for_log("is no longer served")

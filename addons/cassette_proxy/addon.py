@@ -486,10 +486,20 @@ class CassetteRecorder:
         if match is None:
             self.counts["miss"] += 1
             return self._miss(plan)
-        entry, plan.rule = match.entry, match.rule
-        entry = self.sequencer.answer(self.store, entry, plan)  # the n-th of a sequence
+        first, plan.rule = match.entry, match.rule
+        entry = self.sequencer.answer(self.store, first, plan)  # the n-th of a sequence
         try:
-            wire, plan.served_from, fields = self._wire(entry, plan)
+            try:
+                wire, plan.served_from, fields = self._wire(entry, plan)
+            except (OSError, CassetteError):
+                if entry is first:
+                    raise
+                # A later answer deleted or broken since it was indexed: the sequence
+                # now ends before it, and the last answer still there repeats.
+                log.warning("later answer %s cannot be read; it is no longer served", entry.path)
+                self.store.sequences.remove(entry.path)
+                entry = self.store.sequences.at(first, plan.position or 1)
+                wire, plan.served_from, fields = self._wire(entry, plan)
         except (OSError, ValueError, NotRecordable, CassetteError) as e:
             log.warning("cassette %s cannot be replayed: %s", entry.path, e)
             self.counts["miss"] += 1
