@@ -64,6 +64,7 @@ from .sequence import Sequencer
 from .shaping import ReplayShaper
 from .stable import normalize_response
 from .store import CassetteStore, live_key
+from .streams import STREAM_TYPES
 from .upstream import BUSY, CONNECT_TIMEOUT_S, DOWN, UpstreamProbe
 from .usage import UsageLog
 from .writer import CassetteWriter
@@ -80,7 +81,6 @@ MISS_STATUS = 404
 # Under the openai SDK's own 600 s; above most non-streamed generations.
 DEFAULT_RESPONSE_TIMEOUT_MS = 120_000
 MITMPROXY_CONNECT_TIMEOUT_S = 3 * CONNECT_TIMEOUT_S
-STREAM_TYPES = ("text/event-stream", "application/x-ndjson", "application/jsonl")
 # Request bytes -> key, for requests sent again (at most this many, bodies up to 64 KiB).
 KEY_MEMO_SIZE = 512
 KEY_MEMO_MAX_BODY = 64 * 1024
@@ -112,6 +112,7 @@ class Plan:
     rule: str | None = None  # the matching rule of a hit: exact, or the loose rules
     position: int | None = None  # n-th identical request of this run (sequence.py)
     file: Path | None = None  # its first answer's file (first_answer_path)
+    served_entry: Any = None  # the store entry replayed (pacing reads its timing)
 
 
 
@@ -504,6 +505,7 @@ class CassetteRecorder:
             log.warning("cassette %s cannot be replayed: %s", entry.path, e)
             self.counts["miss"] += 1
             return self._miss(plan, broken=f"{self.store.relative(entry.path)}: {e}")
+        plan.served_entry = entry
         self.counts["hit"] += 1
         self.usage.note("fallback" if why else "hit", plan.served_from)
         if log.isEnabledFor(logging.INFO):  # a quiet proxy skips building the line

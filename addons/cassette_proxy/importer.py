@@ -18,12 +18,13 @@ from typing import Any
 from mitmproxy import exceptions, http
 from mitmproxy.io import FlowReader
 
-from .addon import FILE_HEADER, MISS_HEADER, STREAM_TYPES, TEST_ID_HEADER
+from .addon import FILE_HEADER, MISS_HEADER, TEST_ID_HEADER
 from .bodies import NotKeyable, keyed_parts, written_secrets
 from .cassette import Cassette, CassetteError, NotJSONError, write_cassette
 from .families import NotRecordable, classify
 from .recording import new_recording, whole_response
 from .redact import recordable_headers, redact_answer, redact_url, scrub
+from .streams import STREAM_TYPES
 
 
 def read_flows(source: Path) -> list[http.HTTPFlow]:

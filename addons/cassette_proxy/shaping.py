@@ -19,7 +19,6 @@ import hashlib
 import logging
 import time
 import weakref
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mitmproxy import ctx, exceptions, http
@@ -44,14 +43,13 @@ from .pacing import (
     whole_timing,
     with_timing,
 )
-from .sequence import position_of
+from .streams import STREAM_TYPES
 
 if TYPE_CHECKING:
     from .addon import CassetteRecorder
 
 log = logging.getLogger("cassette_proxy")
 
-STREAM_TYPES = ("text/event-stream", "application/x-ndjson", "application/jsonl")
 
 
 class TimedTap:
@@ -212,12 +210,9 @@ class ReplayShaper:
         store = self.recorder.store
         if store is None:
             return None
-        match = self.recorder._lookup(plan)
-        if match is None:
+        entry = plan.served_entry  # set by the replay (a later answer of a sequence too)
+        if entry is None:
             return None
-        entry = match.entry
-        # The answer served may be a later one of a sequence (<hash>.<n>.json).
-        entry = store.sequences.at(entry, position_of(Path(plan.served_from or "")))
         try:
             return recorded_timing(store.read(entry).response)
         except Exception:  # noqa: BLE001 - it was just read for the answer; no pacing then

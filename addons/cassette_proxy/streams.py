@@ -10,6 +10,9 @@ import codecs
 import json
 from typing import Any
 
+# Content types of answers that are streams: passed on as they arrive, never buffered.
+STREAM_TYPES = ("text/event-stream", "application/x-ndjson", "application/jsonl")
+
 try:
     import orjson
 except ImportError:  # pragma: no cover - a dependency; json alone works, slower
