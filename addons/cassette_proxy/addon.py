@@ -112,6 +112,11 @@ class Plan:
     rule: str | None = None  # the matching rule of a hit: exact, or the loose rules
     position: int | None = None  # n-th identical request of this run (sequence.py)
     file: Path | None = None  # its first answer's file (first_answer_path)
+    url: str | None = None  # the URL as recorded: redacted (recorded_url)
+    # The request's credential values and body marker (bodies.written_secrets), when
+    # the key was worked out from its bytes (not memoised).
+    secrets: frozenset[str] | None = None
+    marker: str | None = None
     served_entry: Any = None  # the store entry replayed (pacing reads its timing)
 
 
@@ -128,7 +133,6 @@ class CassetteRecorder:
         self.response_timeout_ms = DEFAULT_RESPONSE_TIMEOUT_MS
         self._fallback_flows: dict[str, http.HTTPFlow] = {}
         self._refusals: dict[str, http.Response] = {}  # streamed bodies kept from upstream
-        self._writes: set[asyncio.Task[None]] = set()
         # Big answers parsed and written off the loop; fsyncs batched on a thread of their
         # own, so they never hold up the threads other work is queued on.
         self.writer = CassetteWriter()
@@ -144,6 +148,11 @@ class CassetteRecorder:
         self.plans: weakref.WeakKeyDictionary[http.HTTPFlow, Plan] = weakref.WeakKeyDictionary()
         self.log_summary = True  # `cassette-proxy run` prints the summary itself
         self.record_errors = DEFAULT_RECORDED_ERRORS  # option cassette_record_errors
+        # Options read on every request, kept here by configure: mitmproxy deep-copies
+        # an option's value on each read (a tenth of a millisecond a recording).
+        self.mode = "auto"
+        self.normalize = False
+        self.record_headers: list[str] = []
         self.stopping = False  # set when the proxy shuts down
         # Faults on demand and recorded pacing; a child addon: its hooks run after ours.
         self.shaper = ReplayShaper(self)
@@ -205,6 +214,9 @@ class CassetteRecorder:
             raise exceptions.OptionsError(
                 f"cassette_mode must be one of {', '.join(MODES)}, not {opts.cassette_mode!r}"
             )
+        self.mode = opts.cassette_mode
+        self.normalize = opts.cassette_normalize
+        self.record_headers = list(opts.cassette_record_headers)
         if updated & {"cassette_probe_timeout_ms", "cassette_probe_ttl_ms"}:
             if opts.cassette_probe_timeout_ms <= 0 or opts.cassette_probe_ttl_ms < 0:
                 raise exceptions.OptionsError(
@@ -260,8 +272,6 @@ class CassetteRecorder:
 
     async def done(self) -> None:
         self.stopping = True  # streams cut from here on were cut by us, not by a client
-        if self._writes:
-            await asyncio.gather(*self._writes, return_exceptions=True)
         self.fallback.close()
         self.probe.close()
         self.usage.close()
@@ -279,7 +289,7 @@ class CassetteRecorder:
     # ---- request: classify, key, look up or forward --------------------------------
 
     async def request(self, flow: http.HTTPFlow) -> None:
-        mode = ctx.options.cassette_mode
+        mode = self.mode
         test_id = flow.request.headers.pop(TEST_ID_HEADER, "").strip() or None
         if flow.response is None and await self.shaper.take_fault(flow, test_id):
             return  # X-Cassette-Fault: an error answer, or a bad header
@@ -338,7 +348,7 @@ class CassetteRecorder:
         """A streamed request body (stream_large_bodies) goes upstream before the request
         hook runs: where nothing may be forwarded, it goes to the local stand-in instead,
         which answers the error saying why."""
-        mode = ctx.options.cassette_mode
+        mode = self.mode
         if not flow.request.stream or flow.response is not None or mode not in ("replay", "auto"):
             return
         where = await self._no_forwarding(flow, mode)
@@ -433,6 +443,7 @@ class CassetteRecorder:
             plan = self._plan_for(request.method, key, path, body, query, test_id, host)
         except RecursionError:
             raise NotKeyable("JSON nested too deeply") from None
+        plan.secrets, plan.marker = parts.secrets, parts.marker
         # A request whose header credential was scrubbed out of its body is not memoised:
         # the memo is keyed by the body's bytes, not the headers.
         if len(request.raw_content or b"") <= KEY_MEMO_MAX_BODY and not parts.scrubbed:
@@ -511,7 +522,7 @@ class CassetteRecorder:
         if log.isEnabledFor(logging.INFO):  # a quiet proxy skips building the line
             log.info(
                 "%s hit %s %s key %s -> %s%s (%s)",
-                ctx.options.cassette_mode,
+                self.mode,
                 plan.method,
                 plan.path,
                 plan.key[:12],
@@ -591,7 +602,7 @@ class CassetteRecorder:
             label = "other test ids" if plan.test_id else "test ids"
             message += f"; {others} {label} recorded for this path: {', '.join(shown)}{more}"
         error["message"] = message
-        mode = ctx.options.cassette_mode
+        mode = self.mode
         log.warning("%s miss %s", mode, message.removeprefix("cassette-proxy: "))
         body = b"" if plan.method == "HEAD" else json.dumps({"error": error})  # HEAD: no body
         return http.Response.make(
@@ -832,12 +843,19 @@ class CassetteRecorder:
         URL's query, the Ollama stream default); worked out once per request."""
         assert self.store is not None
         if plan.file is None:
-            query = matching.recorded_query(redact_url(flow.request.pretty_url))
+            url = self.recorded_url(flow, plan)
+            query = matching.recorded_query(url) if "?" in url else []
             body = with_stream_default(plan.path, plan.body)  # as new_recording writes it
             plan.file = recording_path(
                 self.store.root, plan.method, plan.path, body, plan.test_id, query
             )
         return plan.file
+
+    def recorded_url(self, flow: http.HTTPFlow, plan: Plan) -> str:
+        """The request's URL as a cassette records it (credentials out); worked out once."""
+        if plan.url is None:
+            plan.url = redact_url(flow.request.pretty_url)
+        return plan.url
 
     def _not_recorded(
         self, flow: http.HTTPFlow, plan: Plan, reason: str, warn: bool = False
@@ -845,7 +863,7 @@ class CassetteRecorder:
         """One log line for a forwarded answer that leaves no cassette; unmark the flow."""
         (log.warning if warn else log.info)(
             "%s not recorded %s %s key %s: %s",
-            ctx.options.cassette_mode,
+            self.mode,
             plan.method,
             plan.path,
             plan.key,  # the full key: grep the log for the request_key a miss names
@@ -856,7 +874,7 @@ class CassetteRecorder:
             flow.comment = f"cassette: not recorded ({reason})"
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if ctx.options.cassette_mode == "passthrough" or flow.response is None:
+        if self.mode == "passthrough" or flow.response is None:
             return
         if TOKEN_HEADER in flow.request.headers:
             # The stand-in closes its own socket; the client's connection stays as it was.
@@ -938,7 +956,7 @@ class CassetteRecorder:
         except (OSError, CassetteError):
             return False
         where = self.store.relative(entry.path)
-        mode = ctx.options.cassette_mode
+        mode = self.mode
         if mode == "record":
             log.warning(
                 "record: upstream answered %s for %s %s key %s: this error replaces the "
@@ -994,20 +1012,18 @@ class CassetteRecorder:
         plan.recorded = True
         path, cassette = self._new_cassette(flow, plan, response)
         try:
-            write_cassette(path, cassette, durable=False)
+            stat = write_cassette(path, cassette, durable=False)
         except NotJSONError as e:
             self._not_recorded(flow, plan, f"not valid JSON: {e}", warn=True)
             return
         except Exception as e:  # noqa: BLE001 - a failed write must not break the stream
             self._write_failed(flow, plan, path, e)
             return
-        self._recorded(flow, plan, path, cassette)
+        self._recorded(flow, plan, path, cassette, stat)
         self._sync_later(path)
 
     def _sync_later(self, path: Path) -> None:
-        task = asyncio.get_running_loop().create_task(self._sync_file(path))
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
+        self.writer.sync_later(path, _flush_failed)
 
     async def _write(self, flow: http.HTTPFlow, plan: Plan, response: dict[str, Any]) -> None:
         """Record a whole answer: written and renamed, indexed, then fsynced off the loop.
@@ -1020,21 +1036,15 @@ class CassetteRecorder:
         size = len(flow.response.raw_content or b"") if flow.response is not None else 0
         try:
             # Small: on the loop (a thread hop costs more); big: on the writer thread.
-            await self.writer.write(path, cassette, size)
+            stat = await self.writer.write(path, cassette, size)
         except NotJSONError as e:  # the client still gets its answer, as it came
             self._not_recorded(flow, plan, f"not valid JSON: {e}", warn=True)
             return
         except Exception as e:  # noqa: BLE001 - the client still gets its answer
             self._write_failed(flow, plan, path, e)
             return
-        self._recorded(flow, plan, path, cassette)
+        self._recorded(flow, plan, path, cassette, stat)
         self._sync_later(path)
-
-    async def _sync_file(self, path: Path) -> None:
-        try:
-            await self.writer.sync(path)  # batched with the others waiting
-        except OSError as e:
-            log.error("FAILED to flush cassette %s to disk: %s", path, e)
 
     def _write_failed(self, flow: http.HTTPFlow, plan: Plan, path: Path, error: Exception) -> None:
         """Loud: the user believes this interaction is recorded, and it is not."""
@@ -1056,46 +1066,85 @@ class CassetteRecorder:
     ) -> tuple[Path, Cassette]:
         assert self.store is not None
         request = flow.request
-        if ctx.options.cassette_normalize:
+        if self.normalize:
             digest = keys.recording_hash(plan.method, plan.path, plan.body, plan.test_id)
             response = normalize_response(response, digest)
         response = self.shaper.timed(flow, response)  # response.timing, if recorded
         # Every credential value the request carried, out of all that is written.
-        secrets, marker = written_secrets(
-            request.headers.items(multi=True),
-            request.query.items(multi=True),
-            request.headers.get("content-type", ""),
-            (request.get_content(strict=False) or b"") if request.raw_content else b"",
-        )
-        headers = recordable_headers(request.headers, ctx.options.cassette_record_headers)
+        if plan.secrets is not None:
+            secrets, marker = plan.secrets, plan.marker  # found when it was keyed
+        else:
+            secrets, marker = written_secrets(
+                request.headers.items(multi=True),
+                request.query.items(multi=True),
+                request.headers.get("content-type", ""),
+                (request.get_content(strict=False) or b"") if request.raw_content else b"",
+            )
+        headers = recordable_headers(request.headers, self.record_headers)
         if marker:
             headers["content-type"] = marker  # what the body was parsed from (bodies.py)
+        url = self.recorded_url(flow, plan)
+        written = scrub(plan.path, secrets), scrub(plan.body, secrets), scrub(url, secrets)
+        # Nothing scrubbed: the file is the one named when the answer began.
+        unchanged = written[0] is plan.path and written[1] is plan.body and written[2] is url
         path, cassette = new_recording(
             self.store.root,
             method=plan.method,
-            path=scrub(plan.path, secrets),
-            body=scrub(plan.body, secrets),
+            path=written[0],
+            body=written[1],
             test_id=plan.test_id,
-            url=scrub(redact_url(request.pretty_url), secrets),
+            url=written[2],
             headers=scrub(headers, secrets),
             response=redact_answer(response, secrets),
+            file=self.first_answer_path(flow, plan) if unchanged else None,
         )
         path = self.sequencer.recording_path(flow, path)  # <hash>.<n>.json
         return path, cassette
 
-    def _recorded(self, flow: http.HTTPFlow, plan: Plan, path: Path, cassette: Cassette) -> None:
-        """Index a cassette that is on disk, count it, log it, mark the flow."""
+    def _recorded(
+        self,
+        flow: http.HTTPFlow,
+        plan: Plan,
+        path: Path,
+        cassette: Cassette,
+        stat: os.stat_result | None = None,
+    ) -> None:
+        """A cassette is on disk: count it and mark the flow now; index and log it as
+        soon as the answer has gone out.
+
+        The index waits for the loop's next pass (``call_soon``), which comes before any
+        request that arrives after this answer: the client is not kept waiting for the
+        index (a fifth of a small recording's time), and nothing can miss the entry.
+        """
         assert self.store is not None
-        self.sequencer.committed(self.store, flow, path)
-        self.store.add(path, cassette)
         self.counts["recorded"] += 1
         relative = self.store.relative(path)
-        self.usage.note("recorded", relative)
         flow.comment = f"cassette: recorded {relative}"
         flow.marked = ":red_circle:"
+        asyncio.get_running_loop().call_soon(
+            self._index_recorded, flow, plan, path, cassette, stat, relative
+        )
+
+    def _index_recorded(
+        self,
+        flow: http.HTTPFlow,
+        plan: Plan,
+        path: Path,
+        cassette: Cassette,
+        stat: os.stat_result | None,
+        relative: str,
+    ) -> None:
+        assert self.store is not None
+        try:
+            self.sequencer.committed(self.store, flow, path)
+            self.store.add(path, cassette, stat)
+        except Exception as e:  # noqa: BLE001 - the file is there; a restart indexes it
+            log.error("recorded %s but could not index it: %s", relative, e)
+            return
+        self.usage.note("recorded", relative)
         log.info(
             "%s recorded %s %s key %s -> %s",
-            ctx.options.cassette_mode,
+            self.mode,
             plan.method,
             plan.path,
             plan.key[:12],
@@ -1104,6 +1153,10 @@ class CassetteRecorder:
 
 
 HeaderFields = tuple[tuple[bytes, bytes], ...]
+
+
+def _flush_failed(path: Path, error: OSError) -> None:
+    log.error("FAILED to flush cassette %s to disk: %s", path, error)
 
 
 def _header_fields(wire: Wire, served_from: str) -> HeaderFields | None:

@@ -164,6 +164,7 @@ class KeyedParts:
 
     ``scrubbed``: a credential value the request carried (in a header, say) was found
     and replaced elsewhere in it; such a request is not memoised by its bytes alone.
+    ``secrets`` and ``marker``: what ``written_secrets`` gives for the same request.
     """
 
     body: Any
@@ -171,6 +172,8 @@ class KeyedParts:
     query: list[tuple[str, str]]
     kind: str
     scrubbed: bool
+    secrets: frozenset[str] = frozenset()
+    marker: str | None = None
 
 
 def keyed_parts(
@@ -195,7 +198,7 @@ def keyed_parts(
         secrets = redact.request_secrets(headers, pairs, parsed.value, form=form)
         body = redact.redact_form(parsed.value) if form else parsed.value
         if not secrets:
-            return KeyedParts(body, path, pairs, parsed.kind, False)
+            return KeyedParts(body, path, pairs, parsed.kind, False, secrets, parsed.marker)
         new_body = redact.scrub(body, secrets)
     except RecursionError as e:
         raise NotKeyable("JSON nested too deeply") from e
@@ -210,7 +213,9 @@ def keyed_parts(
         or redact.scrub(path, header_secrets) != path
         or any(redact.scrub(v, header_secrets) != v for _, v in pairs)
     )
-    return KeyedParts(new_body, new_path, new_pairs, parsed.kind, scrubbed)
+    return KeyedParts(
+        new_body, new_path, new_pairs, parsed.kind, scrubbed, secrets, parsed.marker
+    )
 
 
 def written_secrets(

@@ -107,6 +107,7 @@ def new_recording(
     url: str,
     headers: dict[str, str],
     response: dict[str, Any],
+    file: Path | None = None,
 ) -> tuple[Path, Cassette]:
     """The cassette for one interaction and the file it belongs in below ``root``.
 
@@ -115,7 +116,8 @@ def new_recording(
     is the documented request hash (with the URL's query, if it has one: ``matching.
     file_stem``); a test's cassettes go in a folder of their own. An Ollama request
     without ``stream`` is written with the server's default made explicit
-    (``families.ollama.with_stream_default``).
+    (``families.ollama.with_stream_default``). ``file``: that name, when the caller
+    has worked it out already for this very request (the proxy, when the answer began).
     """
     body, path = with_stream_default(path, redact_body(body)), redact_path(path)
     model = body.get("model") if isinstance(body, dict) else None
@@ -129,6 +131,8 @@ def new_recording(
         model=model if isinstance(model, str) else None,
         response=response,
     )
+    if file is not None:
+        return file, cassette
     query = matching.recorded_query(url)
     return recording_path(root, method, path, body, test_id, query), cassette
 

@@ -93,10 +93,13 @@ class SequenceIndex:
             later.pop(position_of(path), None)
 
     def drop(self, first: Path) -> None:
-        self._later.pop(_canonical(first), None)
+        if self._later:  # most folders hold no sequence: no path work then
+            self._later.pop(_canonical(first), None)
 
     def files(self, first: Path) -> list[Path]:
         """The files of the later answers indexed for a first answer's file."""
+        if not self._later:
+            return []
         later = self._later.get(_canonical(first)) or {}
         return [later[n].path for n in sorted(later)]
 

@@ -13,7 +13,6 @@ per file) so that a file rewritten or deleted in place is reread or dropped.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -369,19 +368,22 @@ class CassetteStore:
 
     def _real(self, path: Path) -> Path:
         """A path built on ``root`` as the walk of the folder spells it (root resolved)."""
-        if self._real_root != self.root and path.is_relative_to(self.root):
-            return self._real_root / path.relative_to(self.root)
-        return path
+        if self._real_root == self.root:
+            return path
+        below = _below(path, self.root)
+        return path if below is None else self._real_root / below
 
     def _add(self, path: Path, cassette: Cassette) -> Entry:
+        return self._insert(self._entry(path, cassette))
+
+    def _entry(self, path: Path, cassette: Cassette) -> Entry:
         request = matching.recorded_request(cassette)
         key, loose, rules = matching.recording_keys(request)
         merge = eras.model_list_field(cassette)
-        entry = Entry(
+        return Entry(
             key, path, cassette.test_id, request.method, request.path, loose, merge, rules,
             matching.upstream_of(cassette.request.url), matching.model_of(request.body),
         )  # fmt: skip
-        return self._insert(entry)
 
     def _insert(self, entry: Entry) -> Entry:
         if position_of(entry.path) > 1:
@@ -394,28 +396,29 @@ class CassetteStore:
             self._loose.setdefault(k, []).append(entry)
         return entry
 
-    def add(self, path: Path, cassette: Cassette) -> Entry:
-        """Index a cassette just recorded; it replaces older entries for its key and test id."""
+    def add(
+        self, path: Path, cassette: Cassette, stat: os.stat_result | None = None
+    ) -> Entry:
+        """Index a cassette just recorded; it replaces older entries for its key and test id.
+
+        ``stat`` is the written file's (``write_cassette`` returns it): a recording then
+        costs no stat call of its own.
+        """
         path = self._real(path)
-        if position_of(path) > 1:
-            entry = self._add(path, cassette)  # into self.sequences
-            self._remember(path, cassette)
-            with contextlib.suppress(OSError):  # so that a rescan sees the file as known
-                self._files[str(path)] = _signature(path.stat())
-            return entry
-        key, _ = key_of(cassette)
-        old = [e for e in self._index.get(key, []) if e.test_id == cassette.test_id]
-        same_file = self._entry_of.get(path)
-        if same_file is not None and same_file not in old:
-            old.append(same_file)
-        for e in old:
-            self._remove(e)
-        entry = self._add(path, cassette)
-        self._first(entry)
+        entry = self._entry(path, cassette)  # the key, worked out once
+        if position_of(path) == 1:
+            old = [e for e in self._index.get(entry.key, []) if e.test_id == cassette.test_id]
+            same_file = self._entry_of.get(path)
+            if same_file is not None and same_file not in old:
+                old.append(same_file)
+            for e in old:
+                self._remove(e)
+        self._insert(entry)
+        if position_of(path) == 1:
+            self._first(entry)
         self._remember(path, cassette)
         try:  # so that a rescan sees the file as known, not as new
-            stat = path.stat()
-            self._files[str(path)] = _signature(stat)
+            self._files[str(path)] = _signature(stat if stat is not None else path.stat())
         except OSError:
             pass
         return entry
@@ -492,13 +495,28 @@ class CassetteStore:
             self._cache.popitem(last=False)
 
     def relative(self, path: Path) -> str:
-        if ".." not in path.parts and path.is_relative_to(self.root):
-            # A path the proxy built under root: no realpath() syscalls on every recording.
-            return str(path.relative_to(self.root))
+        for root in (self.root, self._real_root):
+            # A path the proxy built under root: no realpath() syscalls on every recording
+            # (and string work: pathlib's relative_to cost 0.1 ms a call).
+            below = _below(path, root)
+            if below is not None:
+                return below
         try:
             return str(path.resolve().relative_to(self.root.resolve()))
         except ValueError:
             return str(path)
+
+
+def _below(path: Path, root: Path) -> str | None:
+    """``path`` relative to ``root`` as a string, if it is plainly below it (no ``..``)."""
+    text, top = str(path), str(root)
+    prefix = top if top.endswith(os.sep) else top + os.sep
+    if not text.startswith(prefix):
+        return None
+    rest = text[len(prefix) :]
+    if not rest or ".." in rest.split(os.sep):
+        return None
+    return rest
 
 
 def _signature(stat: os.stat_result) -> tuple[int, int, int]:

@@ -8,14 +8,17 @@ place. Small answers stay on the loop: a thread hop costs more than their work (
 holds the loop for its duration, but no longer for the sum of them all.
 
 The fsyncs that follow every write (off the answer's path) run on a second thread, in
-batches: each file, then each folder once.
+batches: each file, then each folder once; a batch at most every SYNC_WINDOW_S.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,6 +28,8 @@ from .cassette import Cassette, sync_cassettes, write_cassette
 
 # Answers with a body above this size are handled on the writer thread.
 OFFLOAD_BYTES = 256 * 1024
+# Batches of fsyncs start at most this often (sync_later).
+SYNC_WINDOW_S = 0.05
 
 T = TypeVar("T")
 
@@ -38,7 +43,7 @@ class CassetteWriter:
         # fsyncs wait for the disk: a thread of their own, batched (see sync).
         self._sync_pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
-        self._to_sync: list[tuple[Path, asyncio.Future[None]]] = []
+        self._to_sync: list[tuple[Path, Callable[[Path, OSError], None], Any]] = []
         self._syncing = False
 
     def big(self, size: int) -> bool:
@@ -56,47 +61,55 @@ class CassetteWriter:
             return json.loads(content)
         return await self.run(json.loads, content)
 
-    async def write(self, path: Path, cassette: Cassette, size: int) -> None:
+    async def write(self, path: Path, cassette: Cassette, size: int) -> os.stat_result:
         """``write_cassette(path, cassette, durable=False)``, off the loop when ``size``
-        (the answer's body) is big. Raises what write_cassette raises."""
+        (the answer's body) is big. Returns and raises what write_cassette does."""
         if not self.big(size):
-            write_cassette(path, cassette, durable=False)
-        else:
-            await self.run(write_cassette, path, cassette, False)
+            return write_cassette(path, cassette, durable=False)
+        return await self.run(write_cassette, path, cassette, False)
 
-    async def sync(self, path: Path) -> None:
-        """fsync a cassette written with ``durable=False`` and its folder entry, batched
-        with the others waiting: under load one folder fsync serves many cassettes (an
-        fsync pair took ~6 ms on the shared machine: one by one, the thread fell behind).
-        Raises OSError."""
+    def sync_later(self, path: Path, failed: Callable[[Path, OSError], None]) -> None:
+        """fsync a cassette written with ``durable=False`` and its folder entry soon, on
+        the sync thread; returns at once. ``failed(path, error)`` is called on the event
+        loop if the disk refuses.
+
+        Batched: while one batch is synced the next gathers, and batches start at most
+        every SYNC_WINDOW_S. Each fsync commits the file system's journal, and creating a
+        file waits for a commit in progress: one commit per recording held the loop's
+        next file creation up by a third of a millisecond (docs/benchmarks.md).
+        """
         loop = asyncio.get_running_loop()
-        done = loop.create_future()
         with self._lock:
-            self._to_sync.append((path, done))
+            self._to_sync.append((path, failed, loop))
             start, self._syncing = not self._syncing, True
         if start:
             if self._sync_pool is None:
                 self._sync_pool = ThreadPoolExecutor(1, thread_name_prefix="cassette-fsync")
-            loop.run_in_executor(self._sync_pool, self._sync_batches, loop)
-        await done
+            self._sync_pool.submit(self._sync_batches)
 
-    def _sync_batches(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _sync_batches(self) -> None:
         """On the sync thread: fsync what is waiting, batch after batch, until none is."""
         while True:
+            started = time.monotonic()
             with self._lock:
                 batch, self._to_sync = self._to_sync, []
                 if not batch:
                     self._syncing = False
                     return
             try:
-                errors = sync_cassettes([path for path, _ in batch])
+                errors = sync_cassettes([path for path, _, _ in batch])
             except Exception as e:  # noqa: BLE001 - every waiter must hear of it
                 errors = [OSError(f"fsync failed: {e}")] * len(batch)
-            for (_, done), error in zip(batch, errors, strict=True):
+            for (path, failed, loop), error in zip(batch, errors, strict=True):
+                if error is None:
+                    continue
                 try:
-                    loop.call_soon_threadsafe(_settle, done, error)
-                except RuntimeError:  # the loop is closed: nobody waits any more
-                    pass
+                    loop.call_soon_threadsafe(failed, path, error)
+                except RuntimeError:  # the loop is closed: nobody to tell but stderr
+                    print(f"FAILED to flush cassette {path} to disk: {error}", file=sys.stderr)
+            pause = SYNC_WINDOW_S - (time.monotonic() - started)
+            if pause > 0:
+                time.sleep(pause)  # let the next batch gather
 
     def close(self) -> None:
         for pool in (self._pool, self._sync_pool):
@@ -105,10 +118,3 @@ class CassetteWriter:
         self._pool = self._sync_pool = None
 
 
-def _settle(done: asyncio.Future[None], error: OSError | None) -> None:
-    if done.done():
-        return
-    if error is None:
-        done.set_result(None)
-    else:
-        done.set_exception(error)
