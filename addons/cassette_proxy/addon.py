@@ -21,6 +21,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,7 @@ from .shaping import ReplayShaper
 from .stable import normalize_response
 from .store import CassetteStore, live_key
 from .streams import STREAM_TYPES
+from .tempfiles import Temp, TempFiles, opened, ready
 from .upstream import BUSY, CONNECT_TIMEOUT_S, DOWN, UpstreamProbe
 from .usage import UsageLog
 from .writer import CassetteWriter
@@ -117,6 +119,7 @@ class Plan:
     # the key was worked out from its bytes (not memoised).
     secrets: frozenset[str] | None = None
     marker: str | None = None
+    temp: Future[Temp] | None = None  # its cassette's temp file, opening (tempfiles.py)
     served_entry: Any = None  # the store entry replayed (pacing reads its timing)
 
 
@@ -136,6 +139,7 @@ class CassetteRecorder:
         # Big answers parsed and written off the loop; fsyncs batched on a thread of their
         # own, so they never hold up the threads other work is queued on.
         self.writer = CassetteWriter()
+        self.temps = TempFiles()  # opened while requests are upstream
         self.counts = {"hit": 0, "miss": 0, "recorded": 0, "fallback": 0}
         # Encoded answers by cassette file: a hit re-sends bytes, no model_dump/encode.
         # Valid while the store still holds the same Cassette object for that file.
@@ -276,6 +280,7 @@ class CassetteRecorder:
         self.probe.close()
         self.usage.close()
         self.writer.close()
+        self.temps.close()
         if not self.log_summary:
             return
         log.info(
@@ -343,6 +348,8 @@ class CassetteRecorder:
         if flow.response is None:
             # Decoded bodies stream through the tap as they are recorded.
             flow.request.headers["accept-encoding"] = "identity"
+            if self.store is not None:  # forwarded: its answer may be recorded
+                plan.temp = self.temps.soon(self.first_answer_path(flow, plan).parent)
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         """A streamed request body (stream_large_bodies) goes upstream before the request
@@ -813,7 +820,8 @@ class CassetteRecorder:
         plan: Plan | None = self.plans.get(flow)
         if plan is None or plan.served_from is not None or flow.response is None:
             return None
-        if flow.response.headers.get(MISS_HEADER) or TOKEN_HEADER in flow.request.headers:
+        # Our own answers (a miss, a refusal) and the stand-in's are not recorded.
+        if _has_header(flow.response, _MISS_NAME) or _has_header(flow.request, _TOKEN_NAME):
             return None
         return plan
 
@@ -905,6 +913,19 @@ class CassetteRecorder:
         self._mark_pending(flow)
 
     async def response(self, flow: http.HTTPFlow) -> None:
+        try:
+            await self._record_response(flow)
+        finally:
+            self._release_temp(flow)
+
+    def _release_temp(self, flow: http.HTTPFlow) -> None:
+        """The flow is over: a temp file opened for an answer not recorded goes back."""
+        plan = self.plans.get(flow)
+        if plan is not None and plan.temp is not None:
+            self.temps.discard(plan.temp)
+            plan.temp = None
+
+    async def _record_response(self, flow: http.HTTPFlow) -> None:
         plan = self._recording(flow)
         if plan is None or plan.recorded:
             return
@@ -976,6 +997,12 @@ class CassetteRecorder:
         return True
 
     def error(self, flow: http.HTTPFlow) -> None:
+        try:
+            self._record_error(flow)
+        finally:
+            self._release_temp(flow)
+
+    def _record_error(self, flow: http.HTTPFlow) -> None:
         plan = self._recording(flow) if flow.response is not None else None
         if plan is None or plan.recorded:
             return
@@ -1011,8 +1038,11 @@ class CassetteRecorder:
             return
         plan.recorded = True
         path, cassette = self._new_cassette(flow, plan, response)
+        temp = ready(plan.temp)  # the tap cannot wait for it: if not open yet, open now
+        if temp is not None:
+            plan.temp = None
         try:
-            stat = write_cassette(path, cassette, durable=False)
+            stat = write_cassette(path, cassette, durable=False, temp=temp)
         except NotJSONError as e:
             self._not_recorded(flow, plan, f"not valid JSON: {e}", warn=True)
             return
@@ -1034,9 +1064,10 @@ class CassetteRecorder:
         plan.recorded = True
         path, cassette = self._new_cassette(flow, plan, response)
         size = len(flow.response.raw_content or b"") if flow.response is not None else 0
+        temp, plan.temp = await opened(plan.temp), None
         try:
             # Small: on the loop (a thread hop costs more); big: on the writer thread.
-            stat = await self.writer.write(path, cassette, size)
+            stat = await self.writer.write(path, cassette, size, temp)
         except NotJSONError as e:  # the client still gets its answer, as it came
             self._not_recorded(flow, plan, f"not valid JSON: {e}", warn=True)
             return
@@ -1097,6 +1128,7 @@ class CassetteRecorder:
             headers=scrub(headers, secrets),
             response=redact_answer(response, secrets),
             file=self.first_answer_path(flow, plan) if unchanged else None,
+            body_redacted=True,  # plan.body is as the key saw it (matching.live_request)
         )
         path = self.sequencer.recording_path(flow, path)  # <hash>.<n>.json
         return path, cassette
@@ -1153,6 +1185,15 @@ class CassetteRecorder:
 
 
 HeaderFields = tuple[tuple[bytes, bytes], ...]
+
+
+_MISS_NAME, _TOKEN_NAME = MISS_HEADER.encode(), TOKEN_HEADER.lower().encode()
+
+
+def _has_header(message: http.Message, name: bytes) -> bool:
+    """``name in message.headers`` for a lower-case name, from the raw fields (mitmproxy's
+    lookups cost more than the rest of ``_recording``, which runs on every hook)."""
+    return any(k.lower() == name for k, _ in message.headers.fields)
 
 
 def _flush_failed(path: Path, error: OSError) -> None:

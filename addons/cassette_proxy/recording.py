@@ -108,6 +108,7 @@ def new_recording(
     headers: dict[str, str],
     response: dict[str, Any],
     file: Path | None = None,
+    body_redacted: bool = False,
 ) -> tuple[Path, Cassette]:
     """The cassette for one interaction and the file it belongs in below ``root``.
 
@@ -118,8 +119,10 @@ def new_recording(
     without ``stream`` is written with the server's default made explicit
     (``families.ollama.with_stream_default``). ``file``: that name, when the caller
     has worked it out already for this very request (the proxy, when the answer began).
+    ``body_redacted``: the body went through ``redact_body`` already (the proxy's key).
     """
-    body, path = with_stream_default(path, redact_body(body)), redact_path(path)
+    body = with_stream_default(path, body if body_redacted else redact_body(body))
+    path = redact_path(path)
     model = body.get("model") if isinstance(body, dict) else None
     cassette = make_cassette(
         test_id=test_id,

@@ -169,6 +169,8 @@ def redact_text(text: str) -> str:
 
 def redact_path(path: str) -> str:
     """A URL path with keys redacted segment by segment: a token never eats a ``/``."""
+    if _SECRET_IN_TEXT.search(path) is None:
+        return path  # no segment can hold one either (the common case: one C call)
     return "/".join(redact_text(segment) for segment in path.split("/"))
 
 

@@ -61,12 +61,14 @@ class CassetteWriter:
             return json.loads(content)
         return await self.run(json.loads, content)
 
-    async def write(self, path: Path, cassette: Cassette, size: int) -> os.stat_result:
-        """``write_cassette(path, cassette, durable=False)``, off the loop when ``size``
-        (the answer's body) is big. Returns and raises what write_cassette does."""
+    async def write(
+        self, path: Path, cassette: Cassette, size: int, temp: tuple[int, str] | None = None
+    ) -> os.stat_result:
+        """``write_cassette(path, cassette, durable=False, temp)``, off the loop when
+        ``size`` (the answer's body) is big. Returns and raises what write_cassette does."""
         if not self.big(size):
-            return write_cassette(path, cassette, durable=False)
-        return await self.run(write_cassette, path, cassette, False)
+            return write_cassette(path, cassette, False, temp)
+        return await self.run(write_cassette, path, cassette, False, temp)
 
     def sync_later(self, path: Path, failed: Callable[[Path, OSError], None]) -> None:
         """fsync a cassette written with ``durable=False`` and its folder entry soon, on
