@@ -379,7 +379,26 @@ def write_cassette(
         if temp is not None:
             discard_temp(temp)
         raise
-    fd, tmp = temp if temp is not None else open_temp(path.parent)
+    try:
+        first = temp if temp is not None else open_temp(path.parent)
+        stat = _write_renamed(data, path, first, durable)
+    except FileNotFoundError:
+        if temp is None:
+            raise
+        # The temp file opened while the request was upstream is gone: another proxy
+        # starting on this folder took it for a crash's (a request upstream for over
+        # STALE_TEMP_SECONDS). The bytes are still here: once more, with a new one.
+        stat = _write_renamed(data, path, open_temp(path.parent), durable)
+    if durable:
+        _fsync_folder(path.parent)
+    return stat
+
+
+def _write_renamed(
+    data: bytes, path: Path, temp: tuple[int, str], durable: bool
+) -> os.stat_result:
+    """Write ``data`` into the open temp file, fsync it if ``durable``, rename it."""
+    fd, tmp = temp
     try:
         try:
             view = memoryview(data)
@@ -397,8 +416,6 @@ def write_cassette(
         except OSError:
             pass
         raise
-    if durable:
-        _fsync_folder(path.parent)
     return stat
 
 
@@ -467,7 +484,7 @@ def sync_cassettes(paths: list[Path]) -> list[OSError | None]:
     the recordings, and each commit held up the next file's creation.
     """
     if len(paths) > 1 and _syncfs is not None:
-        if _sync_file_system(paths[0].parent) is None:
+        if all(_sync_file_system(folder) is None for folder in _one_per_device(paths)):
             return [None] * len(paths)
     errors: list[OSError | None] = []
     folders: dict[Path, OSError | None] = {}
@@ -488,6 +505,18 @@ def sync_cassettes(paths: list[Path]) -> list[OSError | None]:
         except OSError as e:
             folders[folder] = e
     return [error or folders[path.parent] for path, error in zip(paths, errors, strict=True)]
+
+
+def _one_per_device(paths: list[Path]) -> list[Path]:
+    """A folder of ``paths`` on each file system they are on (a test's folder may be a
+    link to another disk)."""
+    folders: dict[int, Path] = {}
+    for folder in dict.fromkeys(path.parent for path in paths):
+        try:
+            folders.setdefault(os.stat(folder).st_dev, folder)
+        except OSError:
+            folders.setdefault(-len(folders) - 1, folder)  # its syncfs says what is wrong
+    return list(folders.values())
 
 
 def _load_syncfs() -> Any:

@@ -1,0 +1,156 @@
+"""The recording path of issue 12: a cassette's temp file is opened while its request is
+upstream, the index follows the answer, fsyncs go in batches. What must still hold: no
+temp file outlives its request, a recording lands even if its temp file is taken away,
+and what was just recorded is found by the very next request."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from cassette_proxy.cassette import (
+    TEMP_PREFIX,
+    make_cassette,
+    open_temp,
+    read_cassette,
+    sync_cassettes,
+    write_cassette,
+)
+from conftest import cassette_files, openai_client
+
+CHAT_PATH = "/v1/chat/completions"
+
+
+def chat(text: str, **extra: Any) -> dict[str, Any]:
+    return {"model": "gpt-test", "messages": [{"role": "user", "content": text}], **extra}
+
+
+def temp_files(folder: Path) -> list[Path]:
+    return sorted(folder.rglob(f"{TEMP_PREFIX}*"))
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 15.0, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            assert value, f"timed out waiting for {what}"
+            return value
+        time.sleep(0.05)
+
+
+def a_cassette(text: str) -> Any:
+    return make_cassette(
+        test_id=None, method="POST", url="http://h" + CHAT_PATH, headers={},
+        body=chat(text), endpoint=CHAT_PATH, model="gpt-test",
+        response={"body": {"answer": text}, "is_streaming": False},
+    )  # fmt: skip
+
+
+def test_answers_not_recorded_give_their_temp_files_back(proxy_factory, upstream):
+    """Every forwarded request gets a temp file while upstream; a 503, a 429, a cut
+    stream and a kept success leave none behind, and no cassette but the success."""
+    proxy = proxy_factory(mode="auto")
+    folder = proxy.cassette_dir
+    with httpx.Client(proxy=proxy.url, trust_env=False, timeout=30) as http:
+        assert http.post(upstream.url + CHAT_PATH, json=chat("kept")).status_code == 200
+        wait_until(lambda: len(cassette_files(folder)) == 1, what="the first cassette")
+        for status in (503, 429, 401):  # not recorded, not recorded, kept (a success is)
+            upstream.configure(fail_mode="status", fail_status=status)
+            prompt = "kept" if status == 401 else f"status {status}"
+            assert http.post(upstream.url + CHAT_PATH, json=chat(prompt)).status_code == status
+        upstream.configure(fail_mode="cut", cut_after=2, n_chunks=6)
+        with pytest.raises(openai.APIError):
+            client = openai_client(proxy, upstream)
+            for _ in client.chat.completions.create(**chat("cut"), stream=True):
+                pass
+    proxy.wait_for_log("stream cut short")
+    wait_until(lambda: not temp_files(folder), what="the temp files to be given back")
+    assert [read_cassette(f).request.body["messages"][0]["content"]
+            for f in cassette_files(folder)] == ["kept"]  # fmt: skip
+    assert "upstream answered 503" in proxy.log_text()
+
+
+def test_a_recording_lands_though_its_temp_file_was_taken_away_meanwhile(
+    proxy_factory, upstream
+):
+    """Another proxy starting on the folder removes temp files older than ten minutes;
+    a request upstream that long loses its temp file. Its answer is recorded all the
+    same, with a new one, and replays."""
+    proxy = proxy_factory(mode="record")
+    folder = proxy.cassette_dir
+    upstream.configure(response_delay=2.0)
+    result: dict[str, Any] = {}
+
+    def ask() -> None:
+        with httpx.Client(proxy=proxy.url, trust_env=False, timeout=60) as http:
+            result["answer"] = http.post(upstream.url + CHAT_PATH, json=chat("slow one"))
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    taken = wait_until(lambda: temp_files(folder), what="the request's temp file")
+    for temp in taken:
+        temp.unlink()  # as a starting proxy does with a stale one
+    asker.join(60)
+    assert result["answer"].status_code == 200
+    files = wait_until(lambda: cassette_files(folder), what="the cassette")
+    assert len(files) == 1
+    assert read_cassette(files[0]).request.body == chat("slow one")
+    assert not temp_files(folder)
+    proxy.stop()
+
+    upstream.stop()
+    replay = proxy_factory(mode="replay")
+    with httpx.Client(proxy=replay.url, trust_env=False, timeout=30) as http:
+        again = http.post(upstream.url + CHAT_PATH, json=chat("slow one"))
+    assert again.status_code == 200
+    assert again.json() == result["answer"].json()
+
+
+def test_what_was_just_recorded_answers_the_next_request(proxy_factory, upstream):
+    """The index is updated after the answer has gone out, before the next request:
+    record-if-missing asks the upstream once per request, however fast they come."""
+    proxy = proxy_factory(mode="record-if-missing")
+    with httpx.Client(proxy=proxy.url, trust_env=False, timeout=30) as http:
+        for i in range(20):
+            first = http.post(upstream.url + CHAT_PATH, json=chat(f"q{i}"))
+            second = http.post(upstream.url + CHAT_PATH, json=chat(f"q{i}"))
+            assert first.status_code == second.status_code == 200
+            assert "x-cassette-file" in second.headers
+            assert second.json() == first.json()
+    asked = [r for r in upstream.requests if r.path == CHAT_PATH]
+    assert len(asked) == 20
+
+
+def test_a_temp_file_opened_beforehand_is_used_or_replaced(tmp_path):
+    """write_cassette with a temp file from open_temp: used when it is there, a new one
+    when it was removed; nothing left behind either way."""
+    path = tmp_path / "a.json"
+    write_cassette(path, a_cassette("one"), durable=False, temp=open_temp(tmp_path))
+    assert read_cassette(path).response.body == {"answer": "one"}
+    temp = open_temp(tmp_path)
+    os.unlink(temp[1])
+    write_cassette(path, a_cassette("two"), durable=False, temp=temp)
+    assert read_cassette(path).response.body == {"answer": "two"}
+    assert not temp_files(tmp_path)
+
+
+def test_many_cassettes_are_flushed_together(tmp_path):
+    """sync_cassettes of several files (one syncfs per file system on Linux) reports
+    success for each; one file (fsync file by file) too."""
+    paths = []
+    for i in range(5):
+        (tmp_path / f"f{i}").mkdir()
+        paths.append(tmp_path / f"f{i}" / "c.json")
+        write_cassette(paths[-1], a_cassette(str(i)), durable=False)
+    assert sync_cassettes(paths) == [None] * 5
+    assert sync_cassettes(paths[:1]) == [None]
+    missing = tmp_path / "gone" / "c.json"
+    assert isinstance(sync_cassettes([missing])[0], OSError)
