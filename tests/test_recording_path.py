@@ -154,3 +154,17 @@ def test_many_cassettes_are_flushed_together(tmp_path):
     assert sync_cassettes(paths[:1]) == [None]
     missing = tmp_path / "gone" / "c.json"
     assert isinstance(sync_cassettes([missing])[0], OSError)
+
+
+def test_a_test_whose_answers_are_not_recorded_leaves_no_folder(proxy_factory, upstream):
+    """A test's folder is made by its first cassette, not by its first request."""
+    proxy = proxy_factory(mode="record")
+    upstream.configure(fail_mode="status", fail_status=503)
+    headers = {"x-cassette-test-id": "tests/test_x.py::test_unlucky"}
+    with httpx.Client(proxy=proxy.url, trust_env=False, timeout=30) as http:
+        for i in range(3):
+            answer = http.post(upstream.url + CHAT_PATH, json=chat(f"n{i}"), headers=headers)
+            assert answer.status_code == 503
+    wait_until(lambda: proxy.log_text().count("not recorded") >= 3, what="3 log lines")
+    wait_until(lambda: not temp_files(proxy.cassette_dir), what="no temp file")
+    assert [p.name for p in proxy.cassette_dir.iterdir()] == []

@@ -422,8 +422,9 @@ def _write_renamed(
 _temp_names = itertools.count()
 
 
-def open_temp(folder: Path) -> tuple[int, str]:
-    """A new temp file in ``folder`` (made if missing), created exclusively.
+def open_temp(folder: Path, make: bool = True) -> tuple[int, str]:
+    """A new temp file in ``folder`` (made if missing, unless not ``make``), created
+    exclusively.
 
     Named by host, pid and a counter (``stale_temp`` reads the first two); a name left
     by an older process with the same pid is skipped. Cheaper than ``tempfile.mkstemp``
@@ -438,7 +439,7 @@ def open_temp(folder: Path) -> tuple[int, str]:
         except FileExistsError:
             continue
         except FileNotFoundError:
-            if made:
+            if made or not make:
                 raise
             folder.mkdir(parents=True, exist_ok=True)
             made = True

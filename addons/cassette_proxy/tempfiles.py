@@ -12,6 +12,7 @@ stale, and the next start removes it (``store``).
 from __future__ import annotations
 
 import asyncio
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,12 +24,20 @@ Temp = tuple[int, str]  # (file descriptor, path), from cassette.open_temp
 class TempFiles:
     def __init__(self) -> None:
         self._pool: ThreadPoolExecutor | None = None
+        self._folders: set[str] = set()  # seen to exist (a removed one: the open fails)
 
-    def soon(self, folder: Path) -> Future[Temp]:
-        """Start opening a temp file in ``folder`` (made if missing) on the thread."""
+    def soon(self, folder: Path) -> Future[Temp] | None:
+        """Start opening a temp file in ``folder`` on the thread; None when the folder is
+        not there yet (a test's first recording): the writer makes it, only if it writes,
+        so an answer that is not recorded leaves no empty folder behind."""
+        where = str(folder)
+        if where not in self._folders:
+            if not os.path.isdir(where):
+                return None
+            self._folders.add(where)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="cassette-temp")
-        return self._pool.submit(open_temp, folder)
+        return self._pool.submit(open_temp, folder, False)
 
     def discard(self, opening: Future[Temp]) -> None:
         """Give back a temp file that will not be used, once it is open (on the thread)."""
