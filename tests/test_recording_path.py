@@ -168,3 +168,23 @@ def test_a_test_whose_answers_are_not_recorded_leaves_no_folder(proxy_factory, u
     wait_until(lambda: proxy.log_text().count("not recorded") >= 3, what="3 log lines")
     wait_until(lambda: not temp_files(proxy.cassette_dir), what="no temp file")
     assert [p.name for p in proxy.cassette_dir.iterdir()] == []
+
+
+def test_the_same_bytes_as_json_are_not_the_form_request(proxy_factory, upstream):
+    """The key's memo of request bytes knows the content type: form bytes sent as JSON
+    are not the recorded form (they cannot be keyed at all), even right after it."""
+    sent = b"grant_type=client_credentials&scope=models"
+    form_type = {"content-type": "application/x-www-form-urlencoded"}
+    json_type = {"content-type": "application/json"}
+    recorder = proxy_factory(mode="record")
+    with httpx.Client(proxy=recorder.url, trust_env=False, timeout=30) as http:
+        recorded = http.post(upstream.url + CHAT_PATH, content=sent, headers=form_type)
+    wait_until(lambda: cassette_files(recorder.cassette_dir), what="the cassette")
+    recorder.stop()
+    replay = proxy_factory(mode="replay")
+    with httpx.Client(proxy=replay.url, trust_env=False, timeout=30) as http:
+        hit = http.post(upstream.url + CHAT_PATH, content=sent, headers=form_type)
+        as_json = http.post(upstream.url + CHAT_PATH, content=sent, headers=json_type)
+    assert hit.status_code == recorded.status_code and "x-cassette-file" in hit.headers
+    assert as_json.status_code == 404
+    assert as_json.headers.get("x-cassette-miss") == "unkeyable"

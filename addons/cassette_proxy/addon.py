@@ -424,8 +424,10 @@ class CassetteRecorder:
         # The same request bytes always give the same key: a test suite re-sends the
         # same requests, and the key's work (parse, redact, normal form, hash) was the
         # biggest part of the addon's time per hit (docs/benchmarks.md).
-        memo_key = (request.method, request.path, request.headers.get("content-encoding"),
-                    request.raw_content)  # fmt: skip
+        # The content type too: the same bytes as JSON and as a form are other bodies.
+        headers = request.headers
+        memo_key = (request.method, request.path, headers.get("content-encoding"),
+                    headers.get("content-type"), request.raw_content)  # fmt: skip
         memo = self._keys.get(memo_key)
         if memo is not None:
             self._keys.move_to_end(memo_key)
