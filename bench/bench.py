@@ -71,6 +71,14 @@ class Proc:
                 return int(line.split()[1]) / 1024
         return 0.0
 
+    def cpu_s(self) -> float:
+        """CPU seconds the process has used so far (all its threads, user and system)."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -454,15 +462,22 @@ def interleaved(
             authority = f"{HOST}:{up.port}"
             if i == 0 and not b.smoke:  # warm up: connections, caches, code paths
                 load(b, p.port, path, authority, conns, 1, bodies, counter, stream)
-            trials[name].append(
-                load(b, p.port, path, authority, conns, seconds, bodies, counter, stream)
-            )
+            cpu = p.cpu_s()
+            trial = load(b, p.port, path, authority, conns, seconds, bodies, counter, stream)
+            # The process's CPU per request: steadier than req/s on a shared machine.
+            used = p.cpu_s() - cpu
+            trial["cpu_us_per_req"] = round(used / trial["requests"] * 1e6) if trial[
+                "requests"
+            ] else float("nan")
+            trials[name].append(trial)
     result = {}
     for name, rs in trials.items():
         ordered = sorted(rs, key=lambda r: r["rps"])
         mid = ordered[len(ordered) // 2]
         total = {"requests": sum(r["requests"] for r in rs), "errors": sum(r["errors"] for r in rs)}
-        result[name] = {**mid, **total, "trials_rps": [round(r["rps"], 1) for r in rs]}
+        cpu = sorted(r["cpu_us_per_req"] for r in rs)[len(rs) // 2]  # the median trial's
+        result[name] = {**mid, **total, "trials_rps": [round(r["rps"], 1) for r in rs],
+                        "cpu_us_per_req": cpu}  # fmt: skip
     return result
 
 
@@ -470,10 +485,11 @@ def show(
     section: str, kind: str, conns: int, name: str, r: dict[str, Any], extra: str = ""
 ) -> None:
     trials = "/".join(f"{x:.0f}" for x in r.get("trials_rps", []))
+    cpu = r.get("cpu_us_per_req")
     print(
         f"  {section} {kind:4} c={conns:<3} {name:26} {r['rps']:8.0f} req/s  "
         f"p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  err {r['errors']}"
-        f"  [{trials}]{extra}",
+        f"  cpu {cpu} us/req  [{trials}]{extra}",
         flush=True,
     )
 
@@ -1045,6 +1061,12 @@ def ratios(out: dict[str, Any]) -> dict[str, Any]:
                 return float(r["rps"]) or float("nan")
         return float("nan")
 
+    def cpu(rows: list[dict[str, Any]], **match: Any) -> float:
+        for r in rows:
+            if all(r.get(k) == v for k, v in match.items()):
+                return float(r.get("cpu_us_per_req") or "nan")
+        return float("nan")
+
     rep = out.get("replay", [])
     for kind in ("json", "sse"):
         for conns in sorted({r["conns"] for r in rep}):
@@ -1065,6 +1087,9 @@ def ratios(out: dict[str, Any]) -> dict[str, Any]:
             res[f"record {kind} c{conns}: record / passthrough (same lean proxy)"] = rps(
                 rec, host="lean+recorder record", **m
             ) / rps(rec, host="lean+recorder passthrough", **m)
+            res[f"record {kind} c{conns}: proxy CPU per request, passthrough / record"] = cpu(
+                rec, host="lean+recorder passthrough", **m
+            ) / cpu(rec, host="lean+recorder record", **m)
     for label in ("stall", "stall_before"):
         if label in out:
             st = out[label]

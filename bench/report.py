@@ -102,6 +102,7 @@ def render(d: dict[str, Any]) -> str:
                     f"{r['p50_ms']:.2f}",
                     f"{r['p99_ms']:.2f}",
                     ratio,
+                    str(r.get("cpu_us_per_req", "")),
                     str(r["cassettes"]),
                     "/".join(f"{x:,.0f}" for x in r.get("trials_rps", [])),
                 ]
@@ -118,6 +119,7 @@ def render(d: dict[str, Any]) -> str:
                     "p50 ms",
                     "p99 ms",
                     "record / passthrough",
+                    "proxy CPU us/request",
                     "cassettes written",
                     "trials req/s",
                 ],
