@@ -188,3 +188,17 @@ def test_the_same_bytes_as_json_are_not_the_form_request(proxy_factory, upstream
     assert hit.status_code == recorded.status_code and "x-cassette-file" in hit.headers
     assert as_json.status_code == 404
     assert as_json.headers.get("x-cassette-miss") == "unkeyable"
+
+
+def test_a_streamed_request_body_never_takes_our_headers_upstream(proxy_factory, upstream):
+    """With stream_large_bodies, mitmproxy sends the headers before the request hook:
+    X-Cassette-Test-Id and X-Cassette-Fault come off in requestheaders."""
+    proxy = proxy_factory(mode="record", options={"stream_large_bodies": "1k"})
+    body = chat("x" * 4096)
+    ours = {"x-cassette-test-id": "tests/test_big.py::test_it", "x-cassette-fault": "delay-ms=10"}
+    with httpx.Client(proxy=proxy.url, trust_env=False, timeout=60) as http:
+        answer = http.post(upstream.url + CHAT_PATH, json=body, headers=ours)
+    assert answer.status_code == 200
+    [seen] = [r for r in upstream.requests if r.path == CHAT_PATH]
+    assert {k.lower() for k in seen.headers} & set(ours) == set()
+    assert len(seen.body) > 4096  # the body itself went through whole

@@ -45,6 +45,7 @@ from .decoding import StreamDecoder, stream_decoder
 from .fallback import TOKEN_HEADER, FallbackServer, answer_in_flight, certificate_pems
 from .families import Family, NotRecordable, StreamRecorder, Wire, classify, encode
 from .families.ollama import with_stream_default
+from .faults import FAULT_HEADER
 from .recording import (
     DEFAULT_RECORDED_ERRORS,
     is_error,
@@ -136,6 +137,8 @@ class CassetteRecorder:
         self.response_timeout_ms = DEFAULT_RESPONSE_TIMEOUT_MS
         self._fallback_flows: dict[str, http.HTTPFlow] = {}
         self._refusals: dict[str, http.Response] = {}  # streamed bodies kept from upstream
+        # X-Cassette-Test-Id / -Fault of streamed requests, by flow id (requestheaders).
+        self._control_headers: dict[str, tuple[tuple[bytes, bytes], ...]] = {}
         # Big answers parsed and written off the loop; fsyncs batched on a thread of their
         # own, so they never hold up the threads other work is queued on.
         self.writer = CassetteWriter()
@@ -295,6 +298,9 @@ class CassetteRecorder:
 
     async def request(self, flow: http.HTTPFlow) -> None:
         mode = self.mode
+        early = self._control_headers.pop(flow.id, None)
+        if early:  # taken off a streamed request before its headers went out
+            flow.request.headers.fields += early
         test_id = flow.request.headers.pop(TEST_ID_HEADER, "").strip() or None
         if flow.response is None and await self.shaper.take_fault(flow, test_id):
             return  # X-Cassette-Fault: an error answer, or a bad header
@@ -356,6 +362,14 @@ class CassetteRecorder:
         hook runs: where nothing may be forwarded, it goes to the local stand-in instead,
         which answers the error saying why."""
         mode = self.mode
+        if flow.request.stream:
+            # mitmproxy sends a streamed request's headers before the request hook runs:
+            # our own headers come off now, for the request hook to read.
+            fields = flow.request.headers.fields
+            ours = tuple(f for f in fields if f[0].lower() in _CONTROL_NAMES)
+            if ours:
+                self._control_headers[flow.id] = ours
+                flow.request.headers.fields = tuple(f for f in fields if f not in ours)
         if not flow.request.stream or flow.response is not None or mode not in ("replay", "auto"):
             return
         where = await self._no_forwarding(flow, mode)
@@ -999,6 +1013,7 @@ class CassetteRecorder:
         return True
 
     def error(self, flow: http.HTTPFlow) -> None:
+        self._control_headers.pop(flow.id, None)  # a streamed request cut before its hook
         try:
             self._record_error(flow)
         finally:
@@ -1190,6 +1205,7 @@ HeaderFields = tuple[tuple[bytes, bytes], ...]
 
 
 _MISS_NAME, _TOKEN_NAME = MISS_HEADER.encode(), TOKEN_HEADER.lower().encode()
+_CONTROL_NAMES = frozenset({TEST_ID_HEADER.encode(), FAULT_HEADER.encode()})  # never forwarded
 
 
 def _has_header(message: http.Message, name: bytes) -> bool:
