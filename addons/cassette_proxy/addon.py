@@ -44,6 +44,8 @@ from .decoding import StreamDecoder, stream_decoder
 from .fallback import TOKEN_HEADER, FallbackServer, answer_in_flight, certificate_pems
 from .families import Family, NotRecordable, StreamRecorder, Wire, classify, encode
 from .families.ollama import with_stream_default
+from .families.openai import SSEChunkRecorder
+from .pacing import with_timing
 from .recording import (
     DEFAULT_RECORDED_ERRORS,
     is_error,
@@ -53,15 +55,18 @@ from .recording import (
     whole_response,
 )
 from .redact import (
+    SplitSecretWatch,
     guard_flow_lines,
     recordable_headers,
     redact_answer,
+    redact_body,
     redact_path,
     redact_url,
     scrub,
 )
 from .sequence import Sequencer
 from .shaping import ReplayShaper
+from .spool import PLACEHOLDER, SPOOL_BYTES, SpoolError, StreamSpool, split_around
 from .stable import normalize_response
 from .store import CassetteStore, live_key
 from .streams import STREAM_TYPES
@@ -113,6 +118,7 @@ class Plan:
     position: int | None = None  # n-th identical request of this run (sequence.py)
     file: Path | None = None  # its first answer's file (first_answer_path)
     served_entry: Any = None  # the store entry replayed (pacing reads its timing)
+    spool: StreamSpool | None = None  # a big stream's cassette, written as it passes
 
 
 
@@ -851,6 +857,9 @@ class CassetteRecorder:
             plan.key,  # the full key: grep the log for the request_key a miss names
             reason,
         )
+        if plan.spool is not None:  # a stream written as it passed: its temp file goes
+            plan.spool.discard()
+            plan.spool = None
         if flow.comment.startswith("cassette: recording"):
             flow.marked = ""
             flow.comment = f"cassette: not recorded ({reason})"
@@ -982,17 +991,26 @@ class CassetteRecorder:
         passed on: a client that saw the end of a stream can count on its cassette being
         in place (renamed; fsynced in a thread right after), even if the proxy is killed.
         """
-        recorder = plan.recorder
+        recorder, spool = plan.recorder, plan.spool
         if recorder is None or plan.recorded:
             return
-        plan.recorder = None  # settled, whatever happens below
+        plan.recorder = plan.spool = None  # settled, whatever happens below
+        timing = None
+        if spool is not None:
+            done, timing = self._finish_spool(flow, plan, recorder, spool)
+            if done:
+                return
         try:
             response = recorder.response(clean_end)
         except NotRecordable as e:
             self._not_recorded(flow, plan, str(e), warn=True)
             return
         plan.recorded = True
-        path, cassette = self._new_cassette(flow, plan, response)
+        if timing is not None:  # taken by _finish_spool already
+            response = with_timing(response, timing)
+            path, cassette = self._new_cassette(flow, plan, response, timed=False)
+        else:
+            path, cassette = self._new_cassette(flow, plan, response)
         try:
             write_cassette(path, cassette, durable=False)
         except NotJSONError as e:
@@ -1003,6 +1021,78 @@ class CassetteRecorder:
             return
         self._recorded(flow, plan, path, cassette)
         self._sync_later(path)
+
+    # ---- a big stream, written as it passes (spool.py) ------------------------------
+
+    def _start_spool(self, flow: http.HTTPFlow, plan: Plan) -> StreamSpool:
+        """The temp file of a stream's cassette, its text up to the chunks written: that
+        of the cassette ``_new_cassette`` makes (response.timing comes after the chunks)."""
+        placeholder = {"body": [PLACEHOLDER], "is_streaming": True}
+        path, cassette = self._new_cassette(flow, plan, placeholder, timed=False)
+        head, indent, _ = split_around(cassette.to_json_bytes())
+        spool = StreamSpool(path.parent, head, indent)
+        request = flow.request
+        spool.secrets, _ = written_secrets(  # as _new_cassette scrubs them
+            request.headers.items(multi=True),
+            request.query.items(multi=True),
+            request.headers.get("content-type", ""),
+            (request.get_content(strict=False) or b"") if request.raw_content else b"",
+        )
+        spool.watch = SplitSecretWatch(spool.secrets)
+        if ctx.options.cassette_normalize:
+            spool.digest = keys.recording_hash(plan.method, plan.path, plan.body, plan.test_id)
+        return spool
+
+    def _spool_more(self, recorder: SSEChunkRecorder, spool: StreamSpool) -> None:
+        """Write the chunks that came since the last batch, each as ``_new_cassette``
+        would write it. Raises (SpoolError, NotRecordable, OSError, ...) to give up."""
+        read = recorder.read
+        chunks = []
+        for payload in recorder.payloads[spool.count :]:
+            chunk, by_orjson = read(payload)
+            if not by_orjson:  # it may hold a NaN, or a number orjson would not write
+                raise SpoolError("a chunk orjson does not read")
+            chunks.append(chunk)
+        if not chunks:
+            return
+        if spool.digest is not None:
+            chunks = normalize_response({"body": chunks}, spool.digest)["body"]
+        chunks = scrub(redact_body(chunks), spool.secrets)  # redact_answer, chunk by chunk
+        spool.watch.add(chunks)
+        if spool.watch.found:  # scrub_stream would change the stream: its way, at the end
+            raise SpoolError("a secret in the stream")
+        spool.add(chunks)
+
+    def _finish_spool(
+        self, flow: http.HTTPFlow, plan: Plan, recorder: Any, spool: StreamSpool
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """Finish a stream written as it passed: its last lines, the rename, the index.
+        Whether that was done, and response.timing (taken here either way); when not,
+        the temp file is gone and the stream is to be recorded the ordinary way."""
+        placeholder = self.shaper.timed(flow, {"body": [PLACEHOLDER], "is_streaming": True})
+        timing = placeholder.get("timing")
+        if not recorder.complete:
+            spool.discard()
+            return False, timing
+        try:
+            self._spool_more(recorder, spool)
+            if ctx.options.cassette_normalize != (spool.digest is not None):
+                raise SpoolError("cassette_normalize changed while the stream passed")
+            path, cassette = self._new_cassette(flow, plan, placeholder, timed=False)
+            head, indent, tail = split_around(cassette.to_json_bytes())
+            if (head, indent, path.parent) != (spool.head, spool.indent, spool.folder):
+                raise SpoolError("the cassette's text before the chunks changed")
+            spool.finish(tail, path)
+        except Exception as e:  # noqa: BLE001 - the ordinary way says what is wrong
+            spool.discard()
+            log.debug("stream not written as it passed (%s): written at its end", e)
+            return False, timing
+        assert self.store is not None
+        plan.recorded = True
+        self._recorded(flow, plan, path, cassette)
+        self.store.uncache(path)  # indexed from the placeholder: replays read the file
+        self._sync_later(path)
+        return True, timing
 
     def _sync_later(self, path: Path) -> None:
         task = asyncio.get_running_loop().create_task(self._sync_file(path))
@@ -1052,14 +1142,15 @@ class CassetteRecorder:
         flow.comment = f"cassette: NOT recorded, write failed ({error})"
 
     def _new_cassette(
-        self, flow: http.HTTPFlow, plan: Plan, response: dict[str, Any]
+        self, flow: http.HTTPFlow, plan: Plan, response: dict[str, Any], timed: bool = True
     ) -> tuple[Path, Cassette]:
         assert self.store is not None
         request = flow.request
         if ctx.options.cassette_normalize:
             digest = keys.recording_hash(plan.method, plan.path, plan.body, plan.test_id)
             response = normalize_response(response, digest)
-        response = self.shaper.timed(flow, response)  # response.timing, if recorded
+        if timed:  # else the caller has (or will have) added response.timing itself
+            response = self.shaper.timed(flow, response)  # response.timing, if recorded
         # Every credential value the request carried, out of all that is written.
         secrets, marker = written_secrets(
             request.headers.items(multi=True),
@@ -1269,6 +1360,8 @@ class _Tap:
         self.plan = plan
         self.decoder = decoder
         self.close_delimited = _close_delimited(flow)
+        # OpenAI SSE streams are written as they pass once they are big (spool.py).
+        self.spooling = isinstance(plan.recorder, SSEChunkRecorder)
 
     def __call__(self, data: bytes) -> bytes:
         recorder = self.plan.recorder
@@ -1277,14 +1370,35 @@ class _Tap:
         try:
             if data:
                 recorder.feed(self.decoder.feed(data) if self.decoder else data)
+                if self.spooling:
+                    self._spool(recorder)
                 if recorder.complete:
                     self.addon._finish_stream(self.flow, self.plan, clean_end=False)
             else:  # b"": the body ended (by a close, when close-delimited)
                 if self.decoder:
                     recorder.feed(self.decoder.flush())
+                if self.spooling:
+                    self._spool(recorder)
                 clean = not self.close_delimited
                 self.addon._finish_stream(self.flow, self.plan, clean_end=clean)
         except Exception as e:  # noqa: BLE001 - an exception here would hang the client
             self.plan.recorder = None
             self.addon._not_recorded(self.flow, self.plan, f"stream not recordable: {e}")
         return data
+
+    def _spool(self, recorder: SSEChunkRecorder) -> None:
+        """Write the new chunks of a big stream; on any trouble stop, leaving the stream
+        to be recorded at its end (which then says what was wrong, as before)."""
+        plan = self.plan
+        try:
+            if plan.spool is None:
+                if recorder.size <= SPOOL_BYTES:
+                    return
+                plan.spool = self.addon._start_spool(self.flow, plan)
+            self.addon._spool_more(recorder, plan.spool)
+        except Exception as e:  # noqa: BLE001 - the stream goes on, recorded the old way
+            self.spooling = False
+            if plan.spool is not None:
+                plan.spool.discard()
+                plan.spool = None
+            log.debug("stream no longer written as it passes: %s", e)

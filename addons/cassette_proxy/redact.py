@@ -467,6 +467,39 @@ def scrub_stream(chunks: list[Any], secrets: frozenset[str]) -> list[Any]:
     return chunks if all(a is b for a, b in zip(out, chunks, strict=True)) else out
 
 
+class SplitSecretWatch:
+    """Whether ``scrub_stream`` would change a stream, seen a batch of chunks at a time.
+
+    For a stream written as it passes (``spool.py``), whose chunks are not kept: the
+    strings at each place in every chunk, read as one text (as ``scrub_stream`` reads
+    them), are searched for the secrets; only the last characters of each text are kept
+    between batches, as many as a secret split across batches could start with.
+    ``found`` is set on any occurrence (then the stream is scrubbed the ordinary way).
+    """
+
+    def __init__(self, secrets: frozenset[str]) -> None:
+        self.needles = _variants(secrets) if secrets else []
+        self._keep = max((len(n) for n in self.needles), default=1) - 1
+        self._tails: dict[tuple[Any, ...], str] = {}
+        self.found = False
+
+    def add(self, chunks: list[Any]) -> None:
+        if not self.needles or self.found:
+            return
+        texts: dict[tuple[Any, ...], list[str]] = {}
+        for chunk in chunks:
+            found: list[tuple[tuple[Any, ...], str]] = []
+            _strings_in(chunk, (), found)
+            for path, text in found:
+                texts.setdefault(path, []).append(text)
+        for path, pieces in texts.items():
+            joined = self._tails.get(path, "") + "".join(pieces)
+            if any(needle in joined for needle in self.needles):
+                self.found = True
+                return
+            self._tails[path] = joined[len(joined) - self._keep :] if self._keep else ""
+
+
 def scrub_lines(lines: list[str], secrets: frozenset[str]) -> list[str]:
     """``scrub_stream`` for a raw stream kept as its SSE lines (``data: {...}``): the JSON
     of the data lines is read as the chunks, and a changed line is written back in the

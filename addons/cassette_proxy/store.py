@@ -485,6 +485,11 @@ class CassetteStore:
         self._remember(entry.path, cassette)
         return cassette
 
+    def uncache(self, path: Path) -> None:
+        """Forget the parsed cassette kept for ``path``: the next read is from its file
+        (a stream written as it passed is indexed from a stand-in without its chunks)."""
+        self._cache.pop(self._real(path), None)
+
     def _remember(self, path: Path, cassette: Cassette) -> None:
         self._cache[path] = cassette
         self._cache.move_to_end(path)
