@@ -203,3 +203,136 @@ def test_a_proxy_killed_mid_stream_leaves_a_temp_file_the_next_start_removes(
     again = proxy_factory(mode="record")
     again.wait_for_log("removed 1 unfinished temp file(s)")
     assert temp_files(folder) == []
+
+
+# ---- a big whole answer: recorded in the worker process (writer.py) -------------------
+
+
+def padded(obj: dict[str, Any]) -> dict[str, Any]:
+    """An answer over writer.OFFLOAD_BYTES (256 KiB): non-ASCII text, small floats, and
+    the request's key echoed (it must not reach the cassette)."""
+    rows = [{"i": i, "t": "caf\u00e9 \U0001f600 tok", "f": -i * 1e-7} for i in range(8000)]
+    return {**obj, "system_fingerprint": f"fp {SECRET} fp", "padding": rows}
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (the worker, multiprocessing's tracker)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def worker_pids(proxy: Any) -> list[int]:
+    pids = []
+    for pid in children(proxy.proc.pid):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"multiprocessing" in cmdline and b"resource_tracker" not in cmdline:
+            pids.append(pid)
+    return pids
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_until(check: Any, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.1)
+    return check()
+
+
+def big_answer(client: Any, prompt: str) -> Any:
+    return client.chat.completions.create(
+        model="fake-model", messages=[{"role": "user", "content": prompt}]
+    )
+
+
+def test_a_big_json_answer_is_recorded_in_the_worker_byte_exact_and_replays(
+    proxy_factory, upstream_factory, tmp_path
+):
+    up = upstream_factory("A", reshape=padded)
+    folder = tmp_path / "cassettes"
+    proxy = proxy_factory(mode="record", options={"cassette_normalize": True})
+    live = big_answer(openai_client(proxy, up, api_key=SECRET), "big one")
+    assert live.system_fingerprint == f"fp {SECRET} fp"  # the client got it as it came
+    assert worker_pids(proxy)  # recorded in the worker process
+    path = only_cassette(folder)
+    raw = path.read_text()
+    assert SECRET not in raw
+    assert_whole_writer_text(path, tmp_path)
+    response = read_cassette(path).response.model_dump()
+    data = response["body"]["__data__"]
+    assert response["body"]["__type__"] == "openai.types.chat.chat_completion.ChatCompletion"
+    assert data["system_fingerprint"] == "fp REDACTED fp"
+    assert data["id"].startswith("rec-") and data["created"] == 0  # cassette_normalize
+    assert data["padding"] == padded({})["padding"]
+    assert data["choices"] == [c.model_dump(exclude_unset=True) for c in live.choices]
+    assert temp_files(folder) == []
+    assert "FAILED" not in proxy.log_text()
+    proxy.stop()
+
+    replay = proxy_factory(mode="replay")
+    again = big_answer(openai_client(replay, up, api_key=SECRET), "big one")
+    assert again.choices == live.choices
+    assert again.model_dump()["padding"] == padded({})["padding"]
+    assert again.system_fingerprint == "fp REDACTED fp"
+
+
+def test_a_big_json_answer_reaches_the_client_when_the_worker_dies(
+    proxy_factory, upstream_factory, tmp_path
+):
+    up = upstream_factory("A", reshape=padded)
+    folder = tmp_path / "cassettes"
+    proxy = proxy_factory(mode="record")
+    client = openai_client(proxy, up)
+    big_answer(client, "first")
+    assert len(cassette_files(folder)) == 1
+    workers = worker_pids(proxy)
+    assert len(workers) == 1
+    import os
+    import signal
+
+    os.kill(workers[0], signal.SIGKILL)  # the OOM killer, say
+    assert wait_until(lambda: not alive(workers[0]))
+    second = big_answer(client, "second")
+    assert second.model_dump()["padding"] == padded({})["padding"]  # the whole answer
+    proxy.wait_for_log("FAILED to record")
+    assert "the recording worker process died" in proxy.log_text()
+    assert len(cassette_files(folder)) == 1  # none for the second
+    assert temp_files(folder) == []
+    big_answer(client, "third")  # a new worker
+    assert len(cassette_files(folder)) == 2
+    assert temp_files(folder) == []
+
+
+def test_the_worker_process_ends_with_the_proxy(proxy_factory, upstream_factory, tmp_path):
+    up = upstream_factory("A", reshape=padded)
+    proxy = proxy_factory(mode="record")
+    big_answer(openai_client(proxy, up), "stopped")
+    workers = worker_pids(proxy)
+    assert workers
+    proxy.stop()
+    assert wait_until(lambda: not any(alive(p) for p in workers))
+
+    killed = proxy_factory(mode="record")
+    big_answer(openai_client(killed, up), "killed")
+    workers = worker_pids(killed)
+    assert workers
+    killed.kill9()
+    assert wait_until(lambda: not any(alive(p) for p in workers))  # no orphan left

@@ -14,6 +14,7 @@ The way of a request:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -38,6 +39,8 @@ from .cassette import (
     Cassette,
     CassetteError,
     NotJSONError,
+    RecordedResponse,
+    plain,
     write_cassette,
 )
 from .decoding import StreamDecoder, stream_decoder
@@ -72,7 +75,7 @@ from .store import CassetteStore, live_key
 from .streams import STREAM_TYPES
 from .upstream import BUSY, CONNECT_TIMEOUT_S, DOWN, UpstreamProbe
 from .usage import UsageLog
-from .writer import CassetteWriter
+from .writer import CassetteWriter, WholeAnswer
 
 log = logging.getLogger("cassette_proxy")
 
@@ -873,6 +876,7 @@ class CassetteRecorder:
         content_type = flow.response.headers.get("content-type", "").lower()
         if not content_type.startswith(STREAM_TYPES):
             self._mark_pending(flow)
+            self._warm_worker(flow)
             return
         flow.response.stream = True  # never buffer a stream, recorded or not
         plan = self._recording(flow)
@@ -895,6 +899,16 @@ class CassetteRecorder:
         flow.response.stream = _Tap(self, flow, plan, decoder)
         self._mark_pending(flow)
 
+    def _warm_worker(self, flow: http.HTTPFlow) -> None:
+        """A big answer to record is on its way: start the worker process while it comes."""
+        assert flow.response is not None
+        length = flow.response.headers.get("content-length", "")
+        if length.isdigit() and self.writer.big(int(length)) and self._recording(flow):
+            try:
+                self.writer.warm()
+            except Exception as e:  # noqa: BLE001 - record_whole says so when it matters
+                log.debug("recording worker not started: %s", e)
+
     async def response(self, flow: http.HTTPFlow) -> None:
         plan = self._recording(flow)
         if plan is None or plan.recorded:
@@ -908,8 +922,11 @@ class CassetteRecorder:
                 self._not_recorded(flow, plan, "the stream could not be recorded")
             return  # a stream we chose not to record
         status = flow.response.status_code
+        content = flow.response.get_content(strict=False) or b""
+        if self.writer.big(len(content)) and await self._record_big(flow, plan, content, status):
+            return  # recorded (or not, and said why) in the worker process
         try:
-            data = await self.writer.loads(flow.response.get_content(strict=False) or b"")
+            data = await self.writer.loads(content)
         except (ValueError, UnicodeDecodeError):
             self._not_recorded(flow, plan, "answer is not JSON")
             return
@@ -1031,13 +1048,7 @@ class CassetteRecorder:
         path, cassette = self._new_cassette(flow, plan, placeholder, timed=False)
         head, indent, _ = split_around(cassette.to_json_bytes())
         spool = StreamSpool(path.parent, head, indent)
-        request = flow.request
-        spool.secrets, _ = written_secrets(  # as _new_cassette scrubs them
-            request.headers.items(multi=True),
-            request.query.items(multi=True),
-            request.headers.get("content-type", ""),
-            (request.get_content(strict=False) or b"") if request.raw_content else b"",
-        )
+        spool.secrets = self._request_secrets(flow)  # as _new_cassette scrubs them
         spool.watch = SplitSecretWatch(spool.secrets)
         if ctx.options.cassette_normalize:
             spool.digest = keys.recording_hash(plan.method, plan.path, plan.body, plan.test_id)
@@ -1119,6 +1130,66 @@ class CassetteRecorder:
             return
         self._recorded(flow, plan, path, cassette)
         self._sync_later(path)
+
+    async def _record_big(
+        self, flow: http.HTTPFlow, plan: Plan, content: bytes, status: int
+    ) -> bool:
+        """Record a big whole answer in the worker process (writer.py): parsed, typed,
+        scrubbed and written there, renamed and indexed here; awaited, as ``_write`` is.
+        False: an answer to record the ordinary way (an error, a model list)."""
+        assert self.store is not None
+        timing = self.shaper.timed(flow, {"is_streaming": False}).get("timing")
+        stand_in = {"body": None, "is_streaming": False}
+        path, cassette = self._new_cassette(flow, plan, stand_in, timed=False)
+        digest = None
+        if ctx.options.cassette_normalize:
+            digest = keys.recording_hash(plan.method, plan.path, plan.body, plan.test_id)
+        job = WholeAnswer(
+            content, status, plan.method, plan.path, plan.body, self.record_errors,
+            plain(cassette), self._request_secrets(flow), digest, timing,
+        )  # fmt: skip
+        try:
+            result = await self.writer.record_whole(job, path.parent)
+        except Exception as e:  # noqa: BLE001 - the worker died, the disk refused: loud
+            plan.recorded = True
+            self._write_failed(flow, plan, path, e)
+            return True
+        if result.outcome == "ordinary":
+            return False
+        if result.outcome == "not_recorded":
+            self._not_recorded(flow, plan, result.reason)
+            return True
+        plan.recorded = True
+        if result.outcome == "not_json_value":
+            self._not_recorded(flow, plan, f"not valid JSON: {result.reason}", warn=True)
+            return True
+        if result.outcome == "too_big":
+            self._write_failed(flow, plan, path, CassetteError(f"{path}: {result.reason}"))
+            return True
+        try:
+            os.replace(result.temp, path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(result.temp)
+            self._write_failed(flow, plan, path, e)
+            return True
+        # Indexed by its request side; replays read the file (its body was never here).
+        head = RecordedResponse.model_validate(result.head)
+        self._recorded(flow, plan, path, cassette.model_copy(update={"response": head}))
+        self.store.uncache(path)
+        self._sync_later(path)
+        return True
+
+    def _request_secrets(self, flow: http.HTTPFlow) -> frozenset[str]:
+        """The request's credential values, which ``_new_cassette`` scrubs out."""
+        request = flow.request
+        secrets, _ = written_secrets(
+            request.headers.items(multi=True),
+            request.query.items(multi=True),
+            request.headers.get("content-type", ""),
+            (request.get_content(strict=False) or b"") if request.raw_content else b"",
+        )
+        return secrets
 
     async def _sync_file(self, path: Path) -> None:
         try:
