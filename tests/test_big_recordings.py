@@ -336,3 +336,52 @@ def test_the_worker_process_ends_with_the_proxy(proxy_factory, upstream_factory,
     assert workers
     killed.kill9()
     assert wait_until(lambda: not any(alive(p) for p in workers))  # no orphan left
+
+
+def test_the_worker_writes_what_the_proxy_writes_for_a_small_answer(tmp_path):
+    """writer.record_whole against the steps of the proxy's own path (``_new_cassette``,
+    ``write_cassette``), in-process: the same bytes, the same refusals."""
+    from cassette_proxy.cassette import plain
+    from cassette_proxy.families import classify
+    from cassette_proxy.pacing import with_timing
+    from cassette_proxy.recording import DEFAULT_RECORDED_ERRORS, new_recording, whole_response
+    from cassette_proxy.redact import redact_answer
+    from cassette_proxy.stable import normalize_response
+    from cassette_proxy.writer import WholeAnswer, record_whole
+
+    path = "/v1/chat/completions"
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    secrets = frozenset({SECRET})
+    answer = padded({"id": "chatcmpl-1", "object": "chat.completion", "created": 5,
+                     "model": "m", "choices": []})  # fmt: skip
+    content = json.dumps(answer).encode()
+    where = {"method": "POST", "path": path, "body": body, "test_id": "t",
+             "url": "http://h:1/v1/chat/completions", "headers": {}}  # fmt: skip
+
+    def job(content: bytes, status: int = 200, digest: str | None = None) -> WholeAnswer:
+        stand_in = redact_answer({"body": None, "is_streaming": False}, secrets)
+        _, frame = new_recording(tmp_path, **where, response=stand_in)
+        return WholeAnswer(content, status, "POST", path, body, DEFAULT_RECORDED_ERRORS,
+                           plain(frame), secrets, digest, {"total_ms": 1e-05},
+                           temp=str(tmp_path / "out.partial"))  # fmt: skip
+
+    for digest in (None, "ab" * 32):
+        response = whole_response(classify("POST", path), path, body, 200, answer)
+        if digest:
+            response = normalize_response(response, digest)
+        response = with_timing(response, {"total_ms": 1e-05})
+        _, want = new_recording(tmp_path, **where, response=redact_answer(response, secrets))
+        result = record_whole(job(content, digest=digest))
+        assert result.outcome == "done"
+        assert (tmp_path / "out.partial").read_bytes() == want.to_json_bytes()
+        assert result.head == {"is_streaming": False, "timing": {"total_ms": 1e-05}}
+
+    assert record_whole(job(b"<html>")).reason == "answer is not JSON"
+    assert record_whole(job(content, status=500)).reason == "upstream answered 500"
+    assert record_whole(job(b'{"error": {"message": "no"}}', 400)).outcome == "ordinary"
+    models = json.dumps({"object": "list", "data": [{"id": "m", "object": "model"}]})
+    models_job = job(models.encode())
+    models_job.path = "/v1/models"
+    models_job.method = "GET"
+    assert record_whole(models_job).outcome == "ordinary"  # merged with its siblings
+    assert record_whole(job(b'{"choices": [], "x": 1e400}')).outcome == "not_json_value"
