@@ -191,3 +191,33 @@ def test_split_secret_watch_sees_what_scrub_stream_would_change():
 def test_a_finite_list_of_chunks_skips_the_nan_walk_but_not_the_bytes():
     # chunk_block relies on FiniteList: the chunks were read by orjson (no NaN).
     assert chunk_block(FiniteList([{"x": 1e-7}]), b"  ") == b'  {\n    "x": 1e-07\n  }'
+
+
+KEYS = st.sampled_from(["id", "content", "api_key", "token", "prompt_tokens", "logprob",
+                        "Authorization", "x-api-key", "keywords", "pass", "caf\u00e9"])  # fmt: skip
+OBJECTS = st.recursive(
+    LEAVES,
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(KEYS | TEXT, kids, max_size=3),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(OBJECTS, st.booleans())
+def test_a_chunk_without_credential_names_is_left_alone_by_redact_body(obj, ascii_only):
+    from cassette_proxy.redact import names_credentials, redact_body
+
+    raw = json.dumps(obj, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+    if not names_credentials(raw):
+        assert redact_body(obj) is obj
+        assert redact_body([{"__type__": "t", "__data__": obj}])[0]["__data__"] is obj
+
+
+def test_names_credentials_sees_a_credential_key_however_it_is_written():
+    from cassette_proxy.redact import names_credentials
+
+    assert names_credentials(b'{"api_key": "x"}')
+    assert names_credentials(b'{"a": {"Authorization": "x"}}')
+    assert names_credentials(b'{"\\u0061pi_key": "x"}')  # escaped: read the slow way
+    assert not names_credentials(b'{"id": "x", "content": "my api_key\\": 1"}')
+    assert not names_credentials(b'{"usage": {"prompt_tokens": 1}}')  # plural: a count

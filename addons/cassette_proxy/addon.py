@@ -60,6 +60,7 @@ from .recording import (
 from .redact import (
     SplitSecretWatch,
     guard_flow_lines,
+    names_credentials,
     recordable_headers,
     redact_answer,
     redact_body,
@@ -69,7 +70,7 @@ from .redact import (
 )
 from .sequence import Sequencer
 from .shaping import ReplayShaper
-from .spool import PLACEHOLDER, SPOOL_BYTES, SpoolError, StreamSpool, split_around
+from .spool import PLACEHOLDER, SPOOL_BATCH, SPOOL_BYTES, SpoolError, StreamSpool, split_around
 from .stable import normalize_response
 from .store import CassetteStore, live_key
 from .streams import STREAM_TYPES
@@ -1059,16 +1060,20 @@ class CassetteRecorder:
         would write it. Raises (SpoolError, NotRecordable, OSError, ...) to give up."""
         read = recorder.read
         chunks = []
+        named = False  # a chunk with a key redact_body may act on
         for payload in recorder.payloads[spool.count :]:
             chunk, by_orjson = read(payload)
             if not by_orjson:  # it may hold a NaN, or a number orjson would not write
                 raise SpoolError("a chunk orjson does not read")
             chunks.append(chunk)
+            named = named or not isinstance(payload, bytes) or names_credentials(payload)
         if not chunks:
             return
         if spool.digest is not None:
             chunks = normalize_response({"body": chunks}, spool.digest)["body"]
-        chunks = scrub(redact_body(chunks), spool.secrets)  # redact_answer, chunk by chunk
+        if named:  # else redact_body would return them unchanged (names_credentials)
+            chunks = redact_body(chunks)
+        chunks = scrub(chunks, spool.secrets)  # redact_answer, chunk by chunk
         spool.watch.add(chunks)
         if spool.watch.found:  # scrub_stream would change the stream: its way, at the end
             raise SpoolError("a secret in the stream")
@@ -1466,6 +1471,8 @@ class _Tap:
                 if recorder.size <= SPOOL_BYTES:
                     return
                 plan.spool = self.addon._start_spool(self.flow, plan)
+            elif len(recorder.payloads) - plan.spool.count < SPOOL_BATCH:
+                return  # a few chunks at a time (the end marker's call takes the rest)
             self.addon._spool_more(recorder, plan.spool)
         except Exception as e:  # noqa: BLE001 - the stream goes on, recorded the old way
             self.spooling = False

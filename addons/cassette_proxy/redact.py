@@ -198,6 +198,41 @@ def redact_body(body: Any, extra: frozenset[str] = frozenset()) -> Any:
     return _redact(body, extra, inside=False, schema=False)
 
 
+# A JSON string followed by a colon: an object's key (JSON has no other place for one).
+# Tried at every quote, and a failed try consumes nothing, so no key is missed; a string
+# that only looks like a key makes redact_body run, nothing worse.
+_JSON_KEY = re.compile(rb'"([^"\\]*+(?:\\.[^"\\]*+)*+)"\s*:')
+# Every credential name holds one of these (CREDENTIAL_WORDS, compounds included), in
+# ASCII letters: a text without any (and without \u escapes, which could spell one) has
+# no credential name at all.
+_CREDENTIAL_HINTS = (b"key", b"token", b"secret", b"pass", b"sig", b"credential", b"auth",
+                     b"cookie")  # fmt: skip
+
+
+def names_credentials(raw: bytes) -> bool:
+    """Whether a JSON text has a key ``redact_body`` could act on (a credential field's
+    name). When not, ``redact_body`` of its value returns it unchanged: a stream's chunk
+    is checked on its bytes, not walked (issue 12)."""
+    if b"\\u" not in raw:
+        lower = raw.lower()
+        if not any(hint in lower for hint in _CREDENTIAL_HINTS):
+            return False
+    return _names_credentials(frozenset(_JSON_KEY.findall(raw)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _names_credentials(keys: frozenset[bytes]) -> bool:
+    for key in keys:
+        if b"\\" in key:  # an escaped name: read it the slow way
+            return True
+        try:
+            if is_credential_name(key.decode("utf-8")):
+                return True
+        except UnicodeDecodeError:
+            return True
+    return False
+
+
 _SCALARS = frozenset({int, float, bool, type(None)})
 
 

@@ -41,6 +41,8 @@ from .redact import SplitSecretWatch
 # A stream whose event data passes this many bytes is written as it passes; a smaller one
 # is written at its end, in one go (less work per chunk; its end takes well under 1 ms).
 SPOOL_BYTES = 128 * 1024
+# Chunks are read and written this many at a time (per call, the fixed costs dominate).
+SPOOL_BATCH = 32
 # The placeholder for the chunk list in the cassette the text around it is taken from.
 PLACEHOLDER = f"cassette-proxy-chunks-{_secrets.token_hex(12)}"
 _MARK = f'"{PLACEHOLDER}"'.encode()
