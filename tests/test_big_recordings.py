@@ -385,3 +385,27 @@ def test_the_worker_writes_what_the_proxy_writes_for_a_small_answer(tmp_path):
     models_job.method = "GET"
     assert record_whole(models_job).outcome == "ordinary"  # merged with its siblings
     assert record_whole(job(b'{"choices": [], "x": 1e400}')).outcome == "not_json_value"
+
+
+def test_cassette_proxy_run_records_a_big_answer_and_a_big_stream(upstream_factory, tmp_path):
+    """The CLI's own host (the lean master): its worker process starts and records."""
+    from cliproxy import start_cli_proxy
+
+    up = upstream_factory("A", n_chunks=N_CHUNKS)
+    folder = tmp_path / "cassettes"
+    proxy = start_cli_proxy(tmp_path, "-d", str(folder), "--mode", "record")
+    try:
+        client = openai_client(proxy.url, up)
+        text, _ = big_stream(client)
+        assert text == f"[A] echo: {PROMPT}"
+        up.configure(reshape=padded)
+        big_answer(client, "through the CLI")
+        files = cassette_files(folder)
+        assert len(files) == 2
+        for path in files:
+            assert_whole_writer_text(path, tmp_path)
+        assert worker_pids(proxy)
+        assert temp_files(folder) == []
+        assert "FAILED" not in proxy.output()
+    finally:
+        proxy.stop()
