@@ -14,6 +14,7 @@ The way of a request:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -39,13 +40,17 @@ from .cassette import (
     Cassette,
     CassetteError,
     NotJSONError,
+    RecordedResponse,
+    plain,
     write_cassette,
 )
 from .decoding import StreamDecoder, stream_decoder
 from .fallback import TOKEN_HEADER, FallbackServer, answer_in_flight, certificate_pems
 from .families import Family, NotRecordable, StreamRecorder, Wire, classify, encode
 from .families.ollama import with_stream_default
+from .families.openai import SSEChunkRecorder
 from .faults import FAULT_HEADER
+from .pacing import with_timing
 from .recording import (
     DEFAULT_RECORDED_ERRORS,
     is_error,
@@ -55,22 +60,26 @@ from .recording import (
     whole_response,
 )
 from .redact import (
+    SplitSecretWatch,
     guard_flow_lines,
+    names_credentials,
     recordable_headers,
     redact_answer,
+    redact_body,
     redact_path,
     redact_url,
     scrub,
 )
 from .sequence import Sequencer
 from .shaping import ReplayShaper
+from .spool import PLACEHOLDER, SPOOL_BATCH, SPOOL_BYTES, SpoolError, StreamSpool, split_around
 from .stable import normalize_response
 from .store import CassetteStore, live_key
 from .streams import STREAM_TYPES
 from .tempfiles import Temp, TempFiles, opened, ready
 from .upstream import BUSY, CONNECT_TIMEOUT_S, DOWN, UpstreamProbe
 from .usage import UsageLog
-from .writer import CassetteWriter
+from .writer import CassetteWriter, WholeAnswer
 
 log = logging.getLogger("cassette_proxy")
 
@@ -122,6 +131,7 @@ class Plan:
     marker: str | None = None
     temp: Future[Temp] | None = None  # its cassette's temp file, opening (tempfiles.py)
     served_entry: Any = None  # the store entry replayed (pacing reads its timing)
+    spool: StreamSpool | None = None  # a big stream's cassette, written as it passes
 
 
 
@@ -893,6 +903,9 @@ class CassetteRecorder:
             plan.key,  # the full key: grep the log for the request_key a miss names
             reason,
         )
+        if plan.spool is not None:  # a stream written as it passed: its temp file goes
+            plan.spool.discard()
+            plan.spool = None
         if flow.comment.startswith("cassette: recording"):
             flow.marked = ""
             flow.comment = f"cassette: not recorded ({reason})"
@@ -906,6 +919,7 @@ class CassetteRecorder:
         content_type = flow.response.headers.get("content-type", "").lower()
         if not content_type.startswith(STREAM_TYPES):
             self._mark_pending(flow)
+            self._warm_worker(flow)
             return
         flow.response.stream = True  # never buffer a stream, recorded or not
         plan = self._recording(flow)
@@ -927,6 +941,16 @@ class CassetteRecorder:
             return
         flow.response.stream = _Tap(self, flow, plan, decoder)
         self._mark_pending(flow)
+
+    def _warm_worker(self, flow: http.HTTPFlow) -> None:
+        """A big answer to record is on its way: start the worker process while it comes."""
+        assert flow.response is not None
+        length = flow.response.headers.get("content-length", "")
+        if length.isdigit() and self.writer.big(int(length)) and self._recording(flow):
+            try:
+                self.writer.warm()
+            except Exception as e:  # noqa: BLE001 - record_whole says so when it matters
+                log.debug("recording worker not started: %s", e)
 
     async def response(self, flow: http.HTTPFlow) -> None:
         try:
@@ -954,8 +978,11 @@ class CassetteRecorder:
                 self._not_recorded(flow, plan, "the stream could not be recorded")
             return  # a stream we chose not to record
         status = flow.response.status_code
+        content = flow.response.get_content(strict=False) or b""
+        if self.writer.big(len(content)) and await self._record_big(flow, plan, content, status):
+            return  # recorded (or not, and said why) in the worker process
         try:
-            data = await self.writer.loads(flow.response.get_content(strict=False) or b"")
+            data = await self.writer.loads(content)
         except (ValueError, UnicodeDecodeError):
             self._not_recorded(flow, plan, "answer is not JSON")
             return
@@ -1044,17 +1071,26 @@ class CassetteRecorder:
         passed on: a client that saw the end of a stream can count on its cassette being
         in place (renamed; fsynced in a thread right after), even if the proxy is killed.
         """
-        recorder = plan.recorder
+        recorder, spool = plan.recorder, plan.spool
         if recorder is None or plan.recorded:
             return
-        plan.recorder = None  # settled, whatever happens below
+        plan.recorder = plan.spool = None  # settled, whatever happens below
+        timing = None
+        if spool is not None:
+            done, timing = self._finish_spool(flow, plan, recorder, spool)
+            if done:
+                return
         try:
             response = recorder.response(clean_end)
         except NotRecordable as e:
             self._not_recorded(flow, plan, str(e), warn=True)
             return
         plan.recorded = True
-        path, cassette = self._new_cassette(flow, plan, response)
+        if timing is not None:  # taken by _finish_spool already
+            response = with_timing(response, timing)
+            path, cassette = self._new_cassette(flow, plan, response, timed=False)
+        else:
+            path, cassette = self._new_cassette(flow, plan, response)
         temp = ready(plan.temp)  # the tap cannot wait for it: if not open yet, open now
         if temp is not None:
             plan.temp = None
@@ -1068,6 +1104,76 @@ class CassetteRecorder:
             return
         self._recorded(flow, plan, path, cassette, stat)
         self._sync_later(path)
+
+    # ---- a big stream, written as it passes (spool.py) ------------------------------
+
+    def _start_spool(self, flow: http.HTTPFlow, plan: Plan) -> StreamSpool:
+        """The temp file of a stream's cassette, its text up to the chunks written: that
+        of the cassette ``_new_cassette`` makes (response.timing comes after the chunks)."""
+        placeholder = {"body": [PLACEHOLDER], "is_streaming": True}
+        path, cassette = self._new_cassette(flow, plan, placeholder, timed=False)
+        head, indent, _ = split_around(cassette.to_json_bytes())
+        spool = StreamSpool(path.parent, head, indent)
+        spool.secrets = self._request_secrets(flow)  # as _new_cassette scrubs them
+        spool.watch = SplitSecretWatch(spool.secrets)
+        if self.normalize:
+            spool.digest = keys.recording_hash(plan.method, plan.path, plan.body, plan.test_id)
+        return spool
+
+    def _spool_more(self, recorder: SSEChunkRecorder, spool: StreamSpool) -> None:
+        """Write the chunks that came since the last batch, each as ``_new_cassette``
+        would write it. Raises (SpoolError, NotRecordable, OSError, ...) to give up."""
+        read = recorder.read
+        chunks = []
+        named = False  # a chunk with a key redact_body may act on
+        for payload in recorder.payloads[spool.count :]:
+            chunk, by_orjson = read(payload)
+            if not by_orjson:  # it may hold a NaN, or a number orjson would not write
+                raise SpoolError("a chunk orjson does not read")
+            chunks.append(chunk)
+            named = named or not isinstance(payload, bytes) or names_credentials(payload)
+        if not chunks:
+            return
+        if spool.digest is not None:
+            chunks = normalize_response({"body": chunks}, spool.digest)["body"]
+        if named:  # else redact_body would return them unchanged (names_credentials)
+            chunks = redact_body(chunks)
+        chunks = scrub(chunks, spool.secrets)  # redact_answer, chunk by chunk
+        spool.watch.add(chunks)
+        if spool.watch.found:  # scrub_stream would change the stream: its way, at the end
+            raise SpoolError("a secret in the stream")
+        spool.add(chunks)
+
+    def _finish_spool(
+        self, flow: http.HTTPFlow, plan: Plan, recorder: Any, spool: StreamSpool
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """Finish a stream written as it passed: its last lines, the rename, the index.
+        Whether that was done, and response.timing (taken here either way); when not,
+        the temp file is gone and the stream is to be recorded the ordinary way."""
+        placeholder = self.shaper.timed(flow, {"body": [PLACEHOLDER], "is_streaming": True})
+        timing = placeholder.get("timing")
+        if not recorder.complete:
+            spool.discard()
+            return False, timing
+        try:
+            self._spool_more(recorder, spool)
+            if self.normalize != (spool.digest is not None):
+                raise SpoolError("cassette_normalize changed while the stream passed")
+            path, cassette = self._new_cassette(flow, plan, placeholder, timed=False)
+            head, indent, tail = split_around(cassette.to_json_bytes())
+            if (head, indent, path.parent) != (spool.head, spool.indent, spool.folder):
+                raise SpoolError("the cassette's text before the chunks changed")
+            spool.finish(tail, path)
+        except Exception as e:  # noqa: BLE001 - the ordinary way says what is wrong
+            spool.discard()
+            log.debug("stream not written as it passed (%s): written at its end", e)
+            return False, timing
+        assert self.store is not None
+        plan.recorded = True
+        # Indexed from the placeholder, not kept in memory: replays read the file.
+        self._recorded(flow, plan, path, cassette, remember=False)
+        self._sync_later(path)
+        return True, timing
 
     def _sync_later(self, path: Path) -> None:
         self.writer.sync_later(path, _flush_failed)
@@ -1094,6 +1200,68 @@ class CassetteRecorder:
         self._recorded(flow, plan, path, cassette, stat)
         self._sync_later(path)
 
+    async def _record_big(
+        self, flow: http.HTTPFlow, plan: Plan, content: bytes, status: int
+    ) -> bool:
+        """Record a big whole answer in the worker process (writer.py): parsed, typed,
+        scrubbed and written there, renamed and indexed here; awaited, as ``_write`` is.
+        False: an answer to record the ordinary way (an error, a model list)."""
+        assert self.store is not None
+        timing = self.shaper.timed(flow, {"is_streaming": False}).get("timing")
+        stand_in = {"body": None, "is_streaming": False}
+        path, cassette = self._new_cassette(flow, plan, stand_in, timed=False)
+        digest = None
+        if self.normalize:
+            digest = keys.recording_hash(plan.method, plan.path, plan.body, plan.test_id)
+        job = WholeAnswer(
+            content, status, plan.method, plan.path, plan.body, self.record_errors,
+            plain(cassette), self._request_secrets(flow, plan), digest, timing,
+        )  # fmt: skip
+        try:
+            result = await self.writer.record_whole(job, path.parent)
+        except Exception as e:  # noqa: BLE001 - the worker died, the disk refused: loud
+            plan.recorded = True
+            self._write_failed(flow, plan, path, e)
+            return True
+        if result.outcome == "ordinary":
+            return False
+        if result.outcome == "not_recorded":
+            self._not_recorded(flow, plan, result.reason)
+            return True
+        plan.recorded = True
+        if result.outcome == "not_json_value":
+            self._not_recorded(flow, plan, f"not valid JSON: {result.reason}", warn=True)
+            return True
+        if result.outcome == "too_big":
+            self._write_failed(flow, plan, path, CassetteError(f"{path}: {result.reason}"))
+            return True
+        try:
+            os.replace(result.temp, path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(result.temp)
+            self._write_failed(flow, plan, path, e)
+            return True
+        # Indexed by its request side; replays read the file (its body was never here).
+        head = RecordedResponse.model_validate(result.head)
+        stand_in = cassette.model_copy(update={"response": head})
+        self._recorded(flow, plan, path, stand_in, remember=False)
+        self._sync_later(path)
+        return True
+
+    def _request_secrets(self, flow: http.HTTPFlow, plan: Plan) -> frozenset[str]:
+        """The request's credential values, which ``_new_cassette`` scrubs out."""
+        if plan.secrets is not None:
+            return plan.secrets  # found when it was keyed
+        request = flow.request
+        secrets, _ = written_secrets(
+            request.headers.items(multi=True),
+            request.query.items(multi=True),
+            request.headers.get("content-type", ""),
+            (request.get_content(strict=False) or b"") if request.raw_content else b"",
+        )
+        return secrets
+
     def _write_failed(self, flow: http.HTTPFlow, plan: Plan, path: Path, error: Exception) -> None:
         """Loud: the user believes this interaction is recorded, and it is not."""
         assert self.store is not None
@@ -1110,14 +1278,15 @@ class CassetteRecorder:
         flow.comment = f"cassette: NOT recorded, write failed ({error})"
 
     def _new_cassette(
-        self, flow: http.HTTPFlow, plan: Plan, response: dict[str, Any]
+        self, flow: http.HTTPFlow, plan: Plan, response: dict[str, Any], timed: bool = True
     ) -> tuple[Path, Cassette]:
         assert self.store is not None
         request = flow.request
         if self.normalize:
             digest = keys.recording_hash(plan.method, plan.path, plan.body, plan.test_id)
             response = normalize_response(response, digest)
-        response = self.shaper.timed(flow, response)  # response.timing, if recorded
+        if timed:  # else the caller has (or will have) added response.timing itself
+            response = self.shaper.timed(flow, response)  # response.timing, if recorded
         # Every credential value the request carried, out of all that is written.
         if plan.secrets is not None:
             secrets, marker = plan.secrets, plan.marker  # found when it was keyed
@@ -1157,9 +1326,11 @@ class CassetteRecorder:
         path: Path,
         cassette: Cassette,
         stat: os.stat_result | None = None,
+        remember: bool = True,
     ) -> None:
         """A cassette is on disk: count it and mark the flow now; index and log it as
-        soon as the answer has gone out.
+        soon as the answer has gone out. ``remember=False``: ``cassette`` is a stand-in
+        without the answer's body (a big one): indexed, not kept for replays.
 
         The index waits for the loop's next pass (``call_soon``), which comes before any
         request that arrives after this answer: the client is not kept waiting for the
@@ -1171,7 +1342,7 @@ class CassetteRecorder:
         flow.comment = f"cassette: recorded {relative}"
         flow.marked = ":red_circle:"
         asyncio.get_running_loop().call_soon(
-            self._index_recorded, flow, plan, path, cassette, stat, relative
+            self._index_recorded, flow, plan, path, cassette, stat, relative, remember
         )
 
     def _index_recorded(
@@ -1182,11 +1353,12 @@ class CassetteRecorder:
         cassette: Cassette,
         stat: os.stat_result | None,
         relative: str,
+        remember: bool,
     ) -> None:
         assert self.store is not None
         try:
             self.sequencer.committed(self.store, flow, path)
-            self.store.add(path, cassette, stat)
+            self.store.add(path, cassette, stat, remember=remember)
         except Exception as e:  # noqa: BLE001 - the file is there; a restart indexes it
             log.error("recorded %s but could not index it: %s", relative, e)
             return
@@ -1381,6 +1553,8 @@ class _Tap:
         self.plan = plan
         self.decoder = decoder
         self.close_delimited = _close_delimited(flow)
+        # OpenAI SSE streams are written as they pass once they are big (spool.py).
+        self.spooling = isinstance(plan.recorder, SSEChunkRecorder)
 
     def __call__(self, data: bytes) -> bytes:
         recorder = self.plan.recorder
@@ -1389,14 +1563,37 @@ class _Tap:
         try:
             if data:
                 recorder.feed(self.decoder.feed(data) if self.decoder else data)
+                if self.spooling:
+                    self._spool(recorder)
                 if recorder.complete:
                     self.addon._finish_stream(self.flow, self.plan, clean_end=False)
             else:  # b"": the body ended (by a close, when close-delimited)
                 if self.decoder:
                     recorder.feed(self.decoder.flush())
+                if self.spooling:
+                    self._spool(recorder)
                 clean = not self.close_delimited
                 self.addon._finish_stream(self.flow, self.plan, clean_end=clean)
         except Exception as e:  # noqa: BLE001 - an exception here would hang the client
             self.plan.recorder = None
             self.addon._not_recorded(self.flow, self.plan, f"stream not recordable: {e}")
         return data
+
+    def _spool(self, recorder: SSEChunkRecorder) -> None:
+        """Write the new chunks of a big stream; on any trouble stop, leaving the stream
+        to be recorded at its end (which then says what was wrong, as before)."""
+        plan = self.plan
+        try:
+            if plan.spool is None:
+                if recorder.size <= SPOOL_BYTES:
+                    return
+                plan.spool = self.addon._start_spool(self.flow, plan)
+            elif len(recorder.payloads) - plan.spool.count < SPOOL_BATCH:
+                return  # a few chunks at a time (the end marker's call takes the rest)
+            self.addon._spool_more(recorder, plan.spool)
+        except Exception as e:  # noqa: BLE001 - the stream goes on, recorded the old way
+            self.spooling = False
+            if plan.spool is not None:
+                plan.spool.discard()
+                plan.spool = None
+            log.debug("stream no longer written as it passes: %s", e)

@@ -200,6 +200,41 @@ def redact_body(body: Any, extra: frozenset[str] = frozenset()) -> Any:
     return _redact(body, extra, inside=False, schema=False)
 
 
+# A JSON string followed by a colon: an object's key (JSON has no other place for one).
+# Tried at every quote, and a failed try consumes nothing, so no key is missed; a string
+# that only looks like a key makes redact_body run, nothing worse.
+_JSON_KEY = re.compile(rb'"([^"\\]*+(?:\\.[^"\\]*+)*+)"\s*:')
+# Every credential name holds one of these (CREDENTIAL_WORDS, compounds included), in
+# ASCII letters: a text without any (and without \u escapes, which could spell one) has
+# no credential name at all.
+_CREDENTIAL_HINTS = (b"key", b"token", b"secret", b"pass", b"sig", b"credential", b"auth",
+                     b"cookie")  # fmt: skip
+
+
+def names_credentials(raw: bytes) -> bool:
+    """Whether a JSON text has a key ``redact_body`` could act on (a credential field's
+    name). When not, ``redact_body`` of its value returns it unchanged: a stream's chunk
+    is checked on its bytes, not walked (issue 12)."""
+    if b"\\u" not in raw:
+        lower = raw.lower()
+        if not any(hint in lower for hint in _CREDENTIAL_HINTS):
+            return False
+    return _names_credentials(frozenset(_JSON_KEY.findall(raw)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _names_credentials(keys: frozenset[bytes]) -> bool:
+    for key in keys:
+        if b"\\" in key:  # an escaped name: read it the slow way
+            return True
+        try:
+            if is_credential_name(key.decode("utf-8")):
+                return True
+        except UnicodeDecodeError:
+            return True
+    return False
+
+
 _SCALARS = frozenset({int, float, bool, type(None)})
 
 
@@ -467,6 +502,39 @@ def scrub_stream(chunks: list[Any], secrets: frozenset[str]) -> list[Any]:
             if new != text:
                 out[i] = _replaced(out[i], path, new)
     return chunks if all(a is b for a, b in zip(out, chunks, strict=True)) else out
+
+
+class SplitSecretWatch:
+    """Whether ``scrub_stream`` would change a stream, seen a batch of chunks at a time.
+
+    For a stream written as it passes (``spool.py``), whose chunks are not kept: the
+    strings at each place in every chunk, read as one text (as ``scrub_stream`` reads
+    them), are searched for the secrets; only the last characters of each text are kept
+    between batches, as many as a secret split across batches could start with.
+    ``found`` is set on any occurrence (then the stream is scrubbed the ordinary way).
+    """
+
+    def __init__(self, secrets: frozenset[str]) -> None:
+        self.needles = _variants(secrets) if secrets else []
+        self._keep = max((len(n) for n in self.needles), default=1) - 1
+        self._tails: dict[tuple[Any, ...], str] = {}
+        self.found = False
+
+    def add(self, chunks: list[Any]) -> None:
+        if not self.needles or self.found:
+            return
+        texts: dict[tuple[Any, ...], list[str]] = {}
+        for chunk in chunks:
+            found: list[tuple[tuple[Any, ...], str]] = []
+            _strings_in(chunk, (), found)
+            for path, text in found:
+                texts.setdefault(path, []).append(text)
+        for path, pieces in texts.items():
+            joined = self._tails.get(path, "") + "".join(pieces)
+            if any(needle in joined for needle in self.needles):
+                self.found = True
+                return
+            self._tails[path] = joined[len(joined) - self._keep :] if self._keep else ""
 
 
 def scrub_lines(lines: list[str], secrets: frozenset[str]) -> list[str]:

@@ -397,12 +397,17 @@ class CassetteStore:
         return entry
 
     def add(
-        self, path: Path, cassette: Cassette, stat: os.stat_result | None = None
+        self,
+        path: Path,
+        cassette: Cassette,
+        stat: os.stat_result | None = None,
+        remember: bool = True,
     ) -> Entry:
         """Index a cassette just recorded; it replaces older entries for its key and test id.
 
         ``stat`` is the written file's (``write_cassette`` returns it): a recording then
-        costs no stat call of its own.
+        costs no stat call of its own. ``remember=False``: ``cassette`` is not the file's
+        whole content (a big answer indexed from its request side): reads go to the file.
         """
         path = self._real(path)
         entry = self._entry(path, cassette)  # the key, worked out once
@@ -416,7 +421,10 @@ class CassetteStore:
         self._insert(entry)
         if position_of(path) == 1:
             self._first(entry)
-        self._remember(path, cassette)
+        if remember:
+            self._remember(path, cassette)
+        else:
+            self._cache.pop(path, None)
         try:  # so that a rescan sees the file as known, not as new
             self._files[str(path)] = _signature(stat if stat is not None else path.stat())
         except OSError:
@@ -487,6 +495,11 @@ class CassetteStore:
                 cassette = cassette.model_copy(update={"response": response})
         self._remember(entry.path, cassette)
         return cassette
+
+    def uncache(self, path: Path) -> None:
+        """Forget the parsed cassette kept for ``path``: the next read is from its file
+        (a stream written as it passed is indexed from a stand-in without its chunks)."""
+        self._cache.pop(self._real(path), None)
 
     def _remember(self, path: Path, cassette: Cassette) -> None:
         self._cache[path] = cassette

@@ -87,7 +87,8 @@ class SSEChunkRecorder:
     keeps each event's data; the chunks are read (orjson) once, at its end. Chunks read
     as they came kept a growing heap of objects alive during a long stream, which the
     garbage collector walked again and again (issue 12: the stall while a 60,000-chunk
-    stream was recorded).
+    stream was recorded). A big stream is also written as it passes (``spool.py``): the
+    tap reads its chunks with ``read``, a batch at a time, and drops them once written.
     """
 
     def __init__(self, chunk_type: str) -> None:
@@ -95,6 +96,12 @@ class SSEChunkRecorder:
         self.complete = False
         self._framer = SSEBytesFramer()
         self._payloads: list[bytes | str] = []
+        self.size = 0  # bytes of event data kept so far
+
+    @property
+    def payloads(self) -> list[bytes | str]:
+        """Each chunk's event data, as it came (``read`` reads one)."""
+        return self._payloads
 
     def feed(self, data: bytes) -> None:
         for event in self._framer.feed(data):
@@ -109,11 +116,22 @@ class SSEChunkRecorder:
             if name not in (None, "message"):
                 raise NotRecordable(f"named SSE event {name!r} does not fit a typed chunk list")
             self._payloads.append(payload)
+            self.size += len(payload)
+
+    def read(self, payload: bytes | str) -> tuple[dict[str, Any], bool]:
+        """One event's data as its typed chunk, and whether orjson read it (see
+        ``json_payload``). Raises NotRecordable for data that is not a chunk."""
+        try:
+            chunk, by_orjson = json_payload(payload)
+        except json.JSONDecodeError as e:
+            raise NotRecordable(f"SSE data is not JSON: {e}") from e
+        if isinstance(chunk, dict) and "error" in chunk and "choices" not in chunk:
+            raise NotRecordable("the upstream sent an error inside the stream")
+        return {"__type__": self.chunk_type, "__data__": chunk}, by_orjson  # typed()
 
     def response(self, clean_end: bool) -> dict[str, Any]:
         if not self.complete:
             raise NotRecordable("stream ended without data: [DONE]")
-        chunk_type = self.chunk_type
         chunks: list[dict[str, Any]] = []
         finite = True  # every chunk read by orjson (see cassette.FiniteList)
         # Reading many chunks in one go: no collection in the middle of it.
@@ -121,14 +139,10 @@ class SSEChunkRecorder:
         if pause:
             gc.disable()
         try:
+            read = self.read
             for payload in self._payloads:
-                try:
-                    chunk, by_orjson = json_payload(payload)
-                except json.JSONDecodeError as e:
-                    raise NotRecordable(f"SSE data is not JSON: {e}") from e
-                if isinstance(chunk, dict) and "error" in chunk and "choices" not in chunk:
-                    raise NotRecordable("the upstream sent an error inside the stream")
-                chunks.append({"__type__": chunk_type, "__data__": chunk})  # typed()
+                chunk, by_orjson = read(payload)
+                chunks.append(chunk)
                 finite = finite and by_orjson
         finally:
             if pause:
