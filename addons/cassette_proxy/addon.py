@@ -1114,7 +1114,7 @@ class CassetteRecorder:
         path, cassette = self._new_cassette(flow, plan, placeholder, timed=False)
         head, indent, _ = split_around(cassette.to_json_bytes())
         spool = StreamSpool(path.parent, head, indent)
-        spool.secrets = self._request_secrets(flow)  # as _new_cassette scrubs them
+        spool.secrets = self._request_secrets(flow, plan)  # as _new_cassette scrubs them
         spool.watch = SplitSecretWatch(spool.secrets)
         if self.normalize:
             spool.digest = keys.recording_hash(plan.method, plan.path, plan.body, plan.test_id)
