@@ -41,6 +41,7 @@ from .cassette import (
     CassetteError,
     NotJSONError,
     RecordedResponse,
+    discard_temp,
     plain,
     write_cassette,
 )
@@ -895,6 +896,7 @@ class CassetteRecorder:
         self, flow: http.HTTPFlow, plan: Plan, reason: str, warn: bool = False
     ) -> None:
         """One log line for a forwarded answer that leaves no cassette; unmark the flow."""
+        self._release_temp(flow)  # before the line: whoever reads it finds no temp file
         (log.warning if warn else log.info)(
             "%s not recorded %s %s key %s: %s",
             self.mode,
@@ -959,10 +961,15 @@ class CassetteRecorder:
             self._release_temp(flow)
 
     def _release_temp(self, flow: http.HTTPFlow) -> None:
-        """The flow is over: a temp file opened for an answer not recorded goes back."""
+        """A temp file opened for an answer that is not recorded goes back: removed now
+        if it is open (so that none is left when the flow is over), else once it is."""
         plan = self.plans.get(flow)
         if plan is not None and plan.temp is not None:
-            self.temps.discard(plan.temp)
+            temp = ready(plan.temp)
+            if temp is not None:
+                discard_temp(temp)
+            else:
+                self.temps.discard(plan.temp)
             plan.temp = None
 
     async def _record_response(self, flow: http.HTTPFlow) -> None:
@@ -1113,7 +1120,10 @@ class CassetteRecorder:
         placeholder = {"body": [PLACEHOLDER], "is_streaming": True}
         path, cassette = self._new_cassette(flow, plan, placeholder, timed=False)
         head, indent, _ = split_around(cassette.to_json_bytes())
-        spool = StreamSpool(path.parent, head, indent)
+        temp = ready(plan.temp)  # the one opened while the request was upstream, if open
+        if temp is not None:
+            plan.temp = None
+        spool = StreamSpool(path.parent, head, indent, temp)
         spool.secrets = self._request_secrets(flow, plan)  # as _new_cassette scrubs them
         spool.watch = SplitSecretWatch(spool.secrets)
         if self.normalize:
@@ -1218,7 +1228,8 @@ class CassetteRecorder:
             plain(cassette), self._request_secrets(flow, plan), digest, timing,
         )  # fmt: skip
         try:
-            result = await self.writer.record_whole(job, path.parent)
+            temp, plan.temp = await opened(plan.temp), None
+            result = await self.writer.record_whole(job, path.parent, temp)
         except Exception as e:  # noqa: BLE001 - the worker died, the disk refused: loud
             plan.recorded = True
             self._write_failed(flow, plan, path, e)

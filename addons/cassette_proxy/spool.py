@@ -23,18 +23,16 @@ from __future__ import annotations
 
 import os
 import secrets as _secrets
-import tempfile
 import weakref
 from pathlib import Path
 from typing import Any
 
 from .cassette import (
-    FILE_MODE,
     MAX_CASSETTE_BYTES,
     CassetteError,
     FiniteList,
     dumps_indented_bytes,
-    temp_prefix,
+    open_temp,
 )
 from .redact import SplitSecretWatch
 
@@ -79,7 +77,9 @@ def chunk_block(chunks: list[Any], indent: bytes) -> bytes:
 class StreamSpool:
     """The temp file of one stream's cassette, filled a batch of chunks at a time."""
 
-    def __init__(self, folder: Path, head: bytes, indent: bytes) -> None:
+    def __init__(
+        self, folder: Path, head: bytes, indent: bytes, temp: tuple[int, str] | None = None
+    ) -> None:
         self.folder = folder
         self.head = head
         self.indent = indent
@@ -89,14 +89,13 @@ class StreamSpool:
         self.digest: str | None = None  # cassette_normalize's request hash, when on
         self.secrets: frozenset[str] = frozenset()
         self.watch = SplitSecretWatch(frozenset())
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=temp_prefix(), suffix=".partial", dir=folder)
+        # The temp file opened while the request was upstream, or a new one.
+        fd, name = temp if temp is not None else open_temp(folder)
         self.temp = Path(name)
         # A spool dropped without finish or discard (a flow gone without its hooks) still
         # removes its temp file; a killed proxy's is removed by the next start (stale_temp).
         self._cleanup = weakref.finalize(self, _remove, self.temp)
         try:
-            os.fchmod(fd, FILE_MODE)
             self._file = os.fdopen(fd, "wb", buffering=_BUFFER)
         except BaseException:
             os.close(fd)

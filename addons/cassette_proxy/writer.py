@@ -27,7 +27,6 @@ import json
 import multiprocessing
 import os
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -38,12 +37,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .cassette import (
-    FILE_MODE,
     MAX_CASSETTE_BYTES,
     Cassette,
     NotJSONError,
+    open_temp,
     sync_cassettes,
-    temp_prefix,
     write_cassette,
 )
 
@@ -171,16 +169,15 @@ class CassetteWriter:
         if self._process is None:
             self._worker().submit(int)
 
-    async def record_whole(self, job: WholeAnswer, folder: Path) -> WholeResult:
-        """``record_whole(job)`` in the worker process, into a new temp file in ``folder``.
-        On ``done``, the temp file (``result.temp``) is the cassette's, to be renamed by
-        the caller; otherwise it is gone. Raises WorkerFailed when the worker died."""
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=temp_prefix(), suffix=".partial", dir=folder)
-        try:
-            os.fchmod(fd, FILE_MODE)
-        finally:
-            os.close(fd)
+    async def record_whole(
+        self, job: WholeAnswer, folder: Path, temp: tuple[int, str] | None = None
+    ) -> WholeResult:
+        """``record_whole(job)`` in the worker process, into ``temp`` (opened while the
+        request was upstream) or a new temp file in ``folder``. On ``done``, the temp file
+        (``result.temp``) is the cassette's, to be renamed by the caller; otherwise it is
+        gone. Raises WorkerFailed when the worker died."""
+        fd, name = temp if temp is not None else open_temp(folder)
+        os.close(fd)  # the worker writes it by name
         job.temp = name
         loop = asyncio.get_running_loop()
         try:
