@@ -1008,7 +1008,7 @@ class CassetteRecorder:
         # Awaited: mitmproxy sends the answer after this hook, so a client that got a
         # whole answer can count on its cassette being in place, even if the proxy is
         # killed (fsynced right after, off the answer's path).
-        await self._write(flow, plan, response)
+        await self._write(flow, plan, response, content)
 
     def _keeps_success(
         self, flow: http.HTTPFlow, plan: Plan, response: dict[str, Any], status: int
@@ -1093,11 +1093,12 @@ class CassetteRecorder:
             self._not_recorded(flow, plan, str(e), warn=True)
             return
         plan.recorded = True
+        raw = recorder.data() if isinstance(recorder, SSEChunkRecorder) else None
         if timing is not None:  # taken by _finish_spool already
             response = with_timing(response, timing)
-            path, cassette = self._new_cassette(flow, plan, response, timed=False)
+            path, cassette = self._new_cassette(flow, plan, response, timed=False, raw=raw)
         else:
-            path, cassette = self._new_cassette(flow, plan, response)
+            path, cassette = self._new_cassette(flow, plan, response, raw=raw)
         temp = ready(plan.temp)  # the tap cannot wait for it: if not open yet, open now
         if temp is not None:
             plan.temp = None
@@ -1188,14 +1189,16 @@ class CassetteRecorder:
     def _sync_later(self, path: Path) -> None:
         self.writer.sync_later(path, _flush_failed)
 
-    async def _write(self, flow: http.HTTPFlow, plan: Plan, response: dict[str, Any]) -> None:
+    async def _write(
+        self, flow: http.HTTPFlow, plan: Plan, response: dict[str, Any], raw: bytes | None = None
+    ) -> None:
         """Record a whole answer: written and renamed, indexed, then fsynced off the loop.
 
         The fsync waits for the disk (about 1 ms each here); doing it before the answer
         capped recording at a third of forwarding speed (docs/benchmarks.md).
         """
         plan.recorded = True
-        path, cassette = self._new_cassette(flow, plan, response)
+        path, cassette = self._new_cassette(flow, plan, response, raw=raw)
         size = len(flow.response.raw_content or b"") if flow.response is not None else 0
         temp, plan.temp = await opened(plan.temp), None
         try:
@@ -1289,8 +1292,15 @@ class CassetteRecorder:
         flow.comment = f"cassette: NOT recorded, write failed ({error})"
 
     def _new_cassette(
-        self, flow: http.HTTPFlow, plan: Plan, response: dict[str, Any], timed: bool = True
+        self,
+        flow: http.HTTPFlow,
+        plan: Plan,
+        response: dict[str, Any],
+        timed: bool = True,
+        raw: bytes | None = None,
     ) -> tuple[Path, Cassette]:
+        """The cassette of a flow and its file. ``raw``: the answer's bytes, which
+        ``response`` was read from (``redact_answer`` need not walk what names no key)."""
         assert self.store is not None
         request = flow.request
         if self.normalize:
@@ -1323,7 +1333,7 @@ class CassetteRecorder:
             test_id=plan.test_id,
             url=written[2],
             headers=scrub(headers, secrets),
-            response=redact_answer(response, secrets),
+            response=redact_answer(response, secrets, raw),
             file=self.first_answer_path(flow, plan) if unchanged else None,
             body_redacted=True,  # plan.body is as the key saw it (matching.live_request)
         )

@@ -563,13 +563,21 @@ def scrub_lines(lines: list[str], secrets: frozenset[str]) -> list[str]:
     return out
 
 
-def redact_answer(response: dict[str, Any], secrets: frozenset[str]) -> dict[str, Any]:
+def redact_answer(
+    response: dict[str, Any], secrets: frozenset[str], raw: bytes | None = None
+) -> dict[str, Any]:
     """A recorded response half with credentials out: credential fields by name (a token
     exchange's ``access_token``, ``refresh_token``, ``id_token``) and the request's own
     credential values anywhere (an upstream's echo). The client that replays it gets
     ``REDACTED`` as its token, sends it back as ``Bearer REDACTED``, and that request
-    keys as the recorded one did (headers are not keyed; bodies are redacted alike)."""
-    response = scrub(redact_body(response), secrets)
+    keys as the recorded one did (headers are not keyed; bodies are redacted alike).
+
+    ``raw``: the answer's bytes as they came (decoded), which the body was read from.
+    When they name no credential field (``names_credentials``), the body is not walked:
+    that walk was most of a small stream's recording time (issue 12)."""
+    if raw is None or names_credentials(raw) or not _clean_shell(response):
+        response = redact_body(response)
+    response = scrub(response, secrets)
     body = response.get("body")
     if response.get("is_streaming") and isinstance(body, list) and secrets:
         lines = all(isinstance(line, str) for line in body)
@@ -577,6 +585,12 @@ def redact_answer(response: dict[str, Any], secrets: frozenset[str]) -> dict[str
         if chunks is not body:
             response = {**response, "body": chunks}
     return response
+
+
+def _clean_shell(response: dict[str, Any]) -> bool:
+    """Whether the response half without its body has nothing for redact_body."""
+    shell = {k: v for k, v in response.items() if k != "body"}
+    return redact_body(shell) is shell
 
 
 # ---- flow lines on the terminal -------------------------------------------------------

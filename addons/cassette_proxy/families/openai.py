@@ -118,6 +118,10 @@ class SSEChunkRecorder:
             self._payloads.append(payload)
             self.size += len(payload)
 
+    def data(self) -> bytes:
+        """The events' data as it came, one event a line (``redact.names_credentials``)."""
+        return b"\n".join(p if isinstance(p, bytes) else p.encode() for p in self._payloads)
+
     def read(self, payload: bytes | str) -> tuple[dict[str, Any], bool]:
         """One event's data as its typed chunk, and whether orjson read it (see
         ``json_payload``). Raises NotRecordable for data that is not a chunk."""
