@@ -230,3 +230,20 @@ def test_an_answer_is_redacted_alike_whether_its_bytes_are_given_or_not(data):
     assert redact_answer(whole, frozenset({"no key here"}), raw) == redact_answer(
         whole, frozenset({"no key here"})
     )
+
+
+@pytest.mark.parametrize("mode", ["passthrough", "record"])
+def test_a_stream_passes_as_it_comes_in_every_mode(proxy_factory, upstream, mode):
+    """passthrough buffered streams (mitmproxy's default): a client got its first token
+    with the last. Every mode passes a stream on event by event."""
+    proxy = proxy_factory(mode=mode)
+    upstream.configure(n_chunks=4, event_interval=1.0)
+    with httpx.Client(proxy=proxy.url, trust_env=False, timeout=60) as http:
+        with http.stream("POST", upstream.url + CHAT_PATH, json=chat("slow", stream=True)) as r:
+            lines = r.iter_lines()
+            first = next(line for line in lines if line.startswith("data: {"))
+            at_first = time.monotonic()
+            rest = [line for line in lines if line.startswith("data:")]
+            at_end = time.monotonic()
+    assert rest[-1] == "data: [DONE]" and first
+    assert at_end - at_first > 2.0  # the first event came while three were still to come

@@ -913,7 +913,13 @@ class CassetteRecorder:
             flow.comment = f"cassette: not recorded ({reason})"
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if self.mode == "passthrough" or flow.response is None:
+        if flow.response is None:
+            return
+        if self.mode == "passthrough":
+            # Streams pass as they come, as in every mode (mitmproxy would buffer them).
+            content_type = flow.response.headers.get("content-type", "").lower()
+            if content_type.startswith(STREAM_TYPES) and not flow.response.stream:
+                flow.response.stream = True
             return
         if TOKEN_HEADER in flow.request.headers:
             # The stand-in closes its own socket; the client's connection stays as it was.
