@@ -264,7 +264,7 @@ class HeldStream:
                          b"transfer-encoding: chunked\r\n\r\n")  # fmt: skip
             conn.sendall(_chunk(b'data: {"id": "1", "object": "chat.completion.chunk", '
                                 b'"choices": []}\n\n'))  # fmt: skip
-            self.release.wait(30)
+            self.release.wait(60)  # longer than the client waits for a read
             conn.sendall(_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
 
 
@@ -280,7 +280,7 @@ def test_a_stream_passes_as_it_comes_in_every_mode(proxy_factory, mode):
     upstream = HeldStream()
     proxy = proxy_factory(mode=mode)
     url = f"http://127.0.0.1:{upstream.port}{CHAT_PATH}"
-    with httpx.Client(proxy=proxy.url, trust_env=False, timeout=30) as http:
+    with httpx.Client(proxy=proxy.url, trust_env=False, timeout=15) as http:
         with http.stream("POST", url, json=chat("held", stream=True)) as r:
             lines = r.iter_lines()
             first = next(line for line in lines if line.startswith("data: "))
