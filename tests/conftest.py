@@ -57,6 +57,17 @@ def cassette_files(directory: Path | str) -> list[Path]:
     return sorted(d.rglob("*.json")) if d.exists() else []
 
 
+def wait_until(check: Callable[[], Any], timeout: float = 15.0, what: str = "") -> Any:
+    """Poll `check` until it returns something truthy (generous: a loaded machine)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got or time.monotonic() > deadline:
+            assert got, f"not within {timeout}s: {what}"
+            return got
+        time.sleep(0.1)
+
+
 def wait_for_files(directory: Path, n: int, timeout: float = 10.0) -> list[Path]:
     """The cassettes below `directory` once there are `n` (or what is there at timeout).
 

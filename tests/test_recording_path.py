@@ -9,8 +9,6 @@ import json
 import os
 import socket
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,7 @@ from cassette_proxy.cassette import (
     sync_cassettes,
     write_cassette,
 )
-from conftest import cassette_files, openai_client
+from conftest import cassette_files, openai_client, wait_until
 
 CHAT_PATH = "/v1/chat/completions"
 
@@ -36,16 +34,6 @@ def chat(text: str, **extra: Any) -> dict[str, Any]:
 
 def temp_files(folder: Path) -> list[Path]:
     return sorted(folder.rglob(f"{TEMP_PREFIX}*"))
-
-
-def wait_until(check: Callable[[], Any], timeout: float = 15.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            assert value, f"timed out waiting for {what}"
-            return value
-        time.sleep(0.05)
 
 
 def a_cassette(text: str) -> Any:

@@ -23,7 +23,7 @@ import httpx
 import openai
 import pytest
 from cassette_proxy.cassette import TEMP_PREFIX, read_cassette, temp_prefix
-from conftest import HOST, cassette_files, openai_client, wait_for_files
+from conftest import HOST, cassette_files, openai_client, wait_for_files, wait_until
 from upstreams import (
     ScriptedUpstream,
     answer_text,
@@ -56,17 +56,6 @@ def answers_in(directory: Path) -> dict[str, Any]:
         doc = strict_json(f)
         out[doc["request"]["body"]["messages"][0]["content"]] = doc["response"]
     return out
-
-
-def wait_until(check: Callable[[], Any], timeout: float = 15.0, what: str = "") -> Any:
-    """Poll `check` until it returns something truthy (generous: a loaded machine)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got or time.monotonic() > deadline:
-            assert got, f"not within {timeout}s: {what}"
-            return got
-        time.sleep(0.1)
 
 
 @pytest.fixture

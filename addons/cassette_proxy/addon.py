@@ -34,7 +34,7 @@ from mitmproxy.tls import TlsData
 from OpenSSL import SSL
 
 from . import keys, matching
-from .bodies import NotKeyable, keyed_parts, written_secrets
+from .bodies import NotKeyable, keyed_parts, message_secrets
 from .cassette import (
     MAX_CASSETTE_BYTES,
     Cassette,
@@ -1131,7 +1131,7 @@ class CassetteRecorder:
         if temp is not None:
             plan.temp = None
         spool = StreamSpool(path.parent, head, indent, temp)
-        spool.secrets = self._request_secrets(flow, plan)  # as _new_cassette scrubs them
+        spool.secrets = self._request_secrets(flow, plan)[0]  # as _new_cassette scrubs them
         spool.watch = SplitSecretWatch(spool.secrets)
         if self.normalize:
             spool.digest = keys.recording_hash(plan.method, plan.path, plan.body, plan.test_id)
@@ -1234,7 +1234,7 @@ class CassetteRecorder:
             digest = keys.recording_hash(plan.method, plan.path, plan.body, plan.test_id)
         job = WholeAnswer(
             content, status, plan.method, plan.path, plan.body, self.record_errors,
-            plain(cassette), self._request_secrets(flow, plan), digest, timing,
+            plain(cassette), self._request_secrets(flow, plan)[0], digest, timing,
         )  # fmt: skip
         try:
             temp, plan.temp = await opened(plan.temp), None
@@ -1269,18 +1269,14 @@ class CassetteRecorder:
         self._sync_later(path)
         return True
 
-    def _request_secrets(self, flow: http.HTTPFlow, plan: Plan) -> frozenset[str]:
-        """The request's credential values, which ``_new_cassette`` scrubs out."""
+    def _request_secrets(
+        self, flow: http.HTTPFlow, plan: Plan
+    ) -> tuple[frozenset[str], str | None]:
+        """The request's credential values, which ``_new_cassette`` scrubs out, and its
+        body marker: found when it was keyed, else from the request again (a memo hit)."""
         if plan.secrets is not None:
-            return plan.secrets  # found when it was keyed
-        request = flow.request
-        secrets, _ = written_secrets(
-            request.headers.items(multi=True),
-            request.query.items(multi=True),
-            request.headers.get("content-type", ""),
-            (request.get_content(strict=False) or b"") if request.raw_content else b"",
-        )
-        return secrets
+            return plan.secrets, plan.marker
+        return message_secrets(flow.request)
 
     def _write_failed(self, flow: http.HTTPFlow, plan: Plan, path: Path, error: Exception) -> None:
         """Loud: the user believes this interaction is recorded, and it is not."""
@@ -1315,15 +1311,7 @@ class CassetteRecorder:
         if timed:  # else the caller has (or will have) added response.timing itself
             response = self.shaper.timed(flow, response)  # response.timing, if recorded
         # Every credential value the request carried, out of all that is written.
-        if plan.secrets is not None:
-            secrets, marker = plan.secrets, plan.marker  # found when it was keyed
-        else:
-            secrets, marker = written_secrets(
-                request.headers.items(multi=True),
-                request.query.items(multi=True),
-                request.headers.get("content-type", ""),
-                (request.get_content(strict=False) or b"") if request.raw_content else b"",
-            )
+        secrets, marker = self._request_secrets(flow, plan)
         headers = recordable_headers(request.headers, self.record_headers)
         if marker:
             headers["content-type"] = marker  # what the body was parsed from (bodies.py)

@@ -218,6 +218,16 @@ def keyed_parts(
     )
 
 
+def message_secrets(request: Any) -> tuple[frozenset[str], str | None]:
+    """``written_secrets`` of a mitmproxy request: its headers, query and decoded body."""
+    return written_secrets(
+        request.headers.items(multi=True),
+        request.query.items(multi=True),
+        request.headers.get("content-type", ""),
+        (request.get_content(strict=False) or b"") if request.raw_content else b"",
+    )
+
+
 def written_secrets(
     headers: Iterable[tuple[str, str]],
     query: Iterable[tuple[str, str]],

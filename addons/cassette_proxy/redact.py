@@ -603,16 +603,11 @@ def _clean_shell(response: dict[str, Any]) -> bool:
 
 def printable_flow(flow: Any) -> Any:
     """A copy of an HTTP flow for printing: credentials in URL, headers, bodies redacted."""
-    from .bodies import written_secrets  # bodies builds on this module
+    from .bodies import message_secrets  # bodies builds on this module
 
     copy = flow.copy()
     request = copy.request
-    secrets, _ = written_secrets(
-        request.headers.items(multi=True),
-        request.query.items(multi=True),
-        request.headers.get("content-type", ""),
-        (request.get_content(strict=False) or b"") if request.raw_content else b"",
-    )
+    secrets, _ = message_secrets(request)
     request.url = scrub(redact_url(flow.request.url), secrets)
     for message in (request, copy.response):
         if message is None:
