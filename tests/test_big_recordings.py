@@ -83,6 +83,31 @@ def test_a_big_stream_is_recorded_as_it_passes_byte_exact_and_replays(
     assert "hit" in replay.log_text()
 
 
+def with_long_digit_id(obj: Any) -> Any:
+    """A chunk id with a run of 19 digits, as uuid4 hex gives about once in 1,000."""
+    if isinstance(obj, dict) and "id" in obj:
+        obj = {**obj, "id": "chatcmpl-6744961469434386963b0837"}
+    return obj
+
+
+def test_a_big_stream_whose_id_holds_a_long_digit_run_is_still_written_as_it_passes(
+    proxy_factory, upstream_factory, tmp_path
+):
+    """19+ digits inside a string are no integer orjson could misread: the spool keeps
+    them (it once gave up on such a stream and left it to the whole writer)."""
+    up = upstream_factory("A", n_chunks=N_CHUNKS, reshape=with_long_digit_id)
+    folder = tmp_path / "cassettes"
+    proxy = proxy_factory(mode="record", options={"termlog_verbosity": "debug"})
+    text, chunks = big_stream(openai_client(proxy, up))
+    assert {c.id for c in chunks} == {"chatcmpl-6744961469434386963b0837"}
+    path = only_cassette(folder)
+    assert "stream not written as it passed" not in proxy.log_text()
+    assert "no longer written as it passes" not in proxy.log_text()
+    assert_whole_writer_text(path, tmp_path)
+    body = read_cassette(path).response.body
+    assert [c["__data__"] for c in body] == [c.model_dump(exclude_unset=True) for c in chunks]
+
+
 def test_a_big_stream_s_cassette_is_in_place_when_done_reaches_the_client(
     proxy_factory, upstream_factory, tmp_path
 ):

@@ -24,6 +24,8 @@ except ImportError:  # pragma: no cover - a dependency; json alone works, slower
     orjson = None  # type: ignore[assignment]
 from pydantic import BaseModel, ConfigDict, Field
 
+from .jsontext import orjson_reads_alike
+
 # Temp files start with this prefix; the store ignores them and removes stale ones.
 # A writer names its own ``<prefix><host>-<pid>-<n>.partial`` (see ``stale_temp``).
 TEMP_PREFIX = ".cassette-tmp-"
@@ -301,22 +303,14 @@ def _running(pid: int) -> bool:
     return True
 
 
-# Every ASCII digit as b"0": a run of 19+ digits is then a plain substring search, about
-# ten times faster than the regex \d{19} over a whole cassette (it is run on every file
-# at start).
-_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
-_LONG_DIGITS = b"0" * 19
-
-
 def _parse_json(raw: bytes) -> Any:
     """json.loads, sped up by orjson: every cassette is parsed once when the proxy starts.
 
     What orjson refuses (NaN, UTF-16, ...) goes to json, so a file is accepted or refused
-    exactly as json.loads decides. orjson does not refuse an integer beyond 64 bits: it
-    reads it as a float, which would change the request key and the replayed answer; a
-    file with a run of 19+ digits (the only way to write one) is left to json.
+    exactly as json.loads decides; so does a file with an integer beyond 64 bits, which
+    orjson would read as a float (``jsontext``).
     """
-    if orjson is not None and raw.translate(_DIGITS_AS_ZERO).find(_LONG_DIGITS) < 0:
+    if orjson is not None and orjson_reads_alike(raw):
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError:

@@ -10,6 +10,8 @@ import codecs
 import json
 from typing import Any
 
+from .jsontext import orjson_reads_alike
+
 # Content types of answers that are streams: passed on as they arrive, never buffered.
 STREAM_TYPES = ("text/event-stream", "application/x-ndjson", "application/jsonl")
 
@@ -140,11 +142,6 @@ def sse_payload(event: bytes) -> tuple[str | None, bytes | str | None]:
     return sse_data(event.decode("utf-8", "replace"))
 
 
-# A run of 19+ digits (an integer orjson would read as a float) is left to json.
-_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
-_LONG_DIGITS = b"0" * 19
-
-
 def json_payload(payload: bytes | str) -> tuple[Any, bool]:
     """``json.loads`` of one event's data or one line, as decoded text (bad UTF-8 bytes
     replaced), through orjson where it reads the same value (about 5 times faster); and
@@ -155,7 +152,7 @@ def json_payload(payload: bytes | str) -> tuple[Any, bool]:
     Raises json.JSONDecodeError (a ValueError).
     """
     if isinstance(payload, bytes):
-        if orjson is not None and payload.translate(_DIGITS_AS_ZERO).find(_LONG_DIGITS) < 0:
+        if orjson is not None and orjson_reads_alike(payload):
             try:
                 return orjson.loads(payload), True
             except orjson.JSONDecodeError:
