@@ -205,3 +205,37 @@ def test_hook_table_keeps_mitmproxys_order_halt_and_error_rules():
     first, second = asyncio.run(scenario())
     assert first == ["a", "b"]  # an addon error is logged, the next addon still runs
     assert second == ["a", "b", "c"]  # AddonHalt stops the hook; new addons are seen
+
+
+def test_a_socket_reads_small_only_while_other_work_waits_in_the_loop():
+    """The lean proxy's reads (lean._read_fairly): big when a connection is alone, so a
+    burst costs mitmproxy one pass; small while other callbacks wait, so one fast stream
+    cannot hold every other client for a 256 KiB read (issue 12, the stall)."""
+    from asyncio import selector_events
+
+    from cassette_proxy import lean
+
+    own = selector_events._SelectorSocketTransport.__dict__.get("max_size")
+    lean._read_fairly()
+    try:
+
+        async def sizes() -> tuple[int, int]:
+            server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+            port = server.sockets[0].getsockname()[1]
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            transport = writer.transport
+            alone = transport.max_size
+            asyncio.get_running_loop().call_soon(lambda: None)  # someone waiting
+            busy = transport.max_size
+            writer.close()
+            server.close()
+            return alone, busy
+
+        alone, busy = asyncio.run(sizes())
+        assert (alone, busy) == (lean.BIG_READ, lean.SMALL_READ)
+        assert selector_events._SelectorDatagramTransport.max_size == 256 * 1024  # UDP kept
+    finally:  # as asyncio had it, for the tests after this one
+        if own is None:
+            del selector_events._SelectorSocketTransport.max_size
+        else:
+            selector_events._SelectorSocketTransport.max_size = own

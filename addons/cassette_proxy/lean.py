@@ -260,6 +260,36 @@ def _configure_logging() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+# How much one socket read may take. asyncio reads up to 256 KiB, and mitmproxy handles
+# all of it before the loop runs anything else: 256 KiB of a fast stream is ~1,200 SSE
+# chunks, each its own event, which held every other client 150-300 ms at a time. So while
+# other work is waiting in the loop, a read takes 4 KiB (~20 chunks, about a millisecond).
+# Alone, a connection reads big: each read costs mitmproxy ~0.2 ms however small it is,
+# and small reads throughout made a 100-chunk stream 26% dearer (docs/benchmarks.md).
+BIG_READ = 256 * 1024
+SMALL_READ = 4096
+
+
+class _ReadSize:
+    """``max_size`` of asyncio's TCP transports: ``SMALL_READ`` while other callbacks wait
+    in the loop's ready queue, ``BIG_READ`` otherwise."""
+
+    def __get__(self, transport: Any, owner: type | None = None) -> int:
+        if transport is None:
+            return BIG_READ
+        return SMALL_READ if getattr(transport._loop, "_ready", None) else BIG_READ
+
+
+def _read_fairly() -> None:
+    """Give asyncio's TCP transports the read size above. Private to asyncio (the same
+    in 3.12 and 3.13): where it is not there, reads stay as asyncio makes them."""
+    from asyncio import selector_events
+
+    transport = getattr(selector_events, "_SelectorSocketTransport", None)
+    if transport is not None and isinstance(getattr(transport, "max_size", None), int):
+        transport.max_size = _ReadSize()  # TCP only: datagram transports keep theirs
+
+
 def _quiet_cancellations(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
     """At exit, connections still open are cancelled, and asyncio's stream callback
     then reports each CancelledError with a traceback; that is noise, not an error."""
@@ -305,6 +335,7 @@ async def _serve(
         print(f"cassette-proxy: {e}", file=sys.stderr)
         return 2
 
+    _read_fairly()
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(_quiet_cancellations)
     for sig in (signal.SIGINT, signal.SIGTERM):
