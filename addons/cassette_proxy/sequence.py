@@ -115,7 +115,7 @@ class SequenceIndex:
 
     def at(self, first_entry: Any, position: int) -> Any:
         """The entry answering at ``position``; the last one past the end."""
-        if position <= 1:
+        if position <= 1 or not self._later:  # most folders hold no sequence
             return first_entry
         last = min(position, self.length(first_entry.path))
         return first_entry if last == 1 else self._later[_canonical(first_entry.path)][last]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from .anthropic import AnthropicFamily
@@ -42,6 +43,7 @@ __all__ = [
 TYPE_MODULES = ("openai.", "ollama.")
 
 
+@functools.lru_cache(maxsize=4096)  # every request asks; the families never change
 def classify(method: str, path: str) -> Family:
     """The family that owns a request: the first that claims it."""
     for family in FAMILIES:
