@@ -934,6 +934,11 @@ class CassetteRecorder:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is None:
             return
+        served = self.plans.get(flow)
+        if served is not None and served.served_from is not None:  # from a cassette
+            if flow.response.headers.get("content-type", "").lower().startswith(STREAM_TYPES):
+                flow.response.stream = True  # as below: nothing of it is recorded
+            return
         if self.mode == "passthrough":
             # Streams pass as they come, as in every mode (mitmproxy would buffer them).
             content_type = flow.response.headers.get("content-type", "").lower()

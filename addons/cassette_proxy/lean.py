@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import inspect
 import logging
 import re
@@ -41,6 +42,18 @@ log = logging.getLogger("cassette_proxy")
 
 DEFAULT_LISTEN_HOST = "127.0.0.1"
 _Handler = tuple[Callable[..., Any], bool]  # (bound hook method, is a coroutine function)
+
+
+_ARG_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _hook_args(event: hooks.Hook) -> list[Any]:
+    """``event.args()``: the hook's dataclass fields in order, their names looked up once
+    per hook class (``dataclasses.fields`` on every call cost more than our own hooks)."""
+    names = _ARG_NAMES.get(type(event))
+    if names is None:
+        names = _ARG_NAMES[type(event)] = tuple(f.name for f in dataclasses.fields(event))
+    return [getattr(event, name) for name in names]
 
 
 class _HookTable(addonmanager.AddonManager):
@@ -88,7 +101,7 @@ class _HookTable(addonmanager.AddonManager):
         handlers = self.handlers(event.name)
         if not handlers:
             return
-        args = event.args()
+        args = _hook_args(event)
         for func, is_async in handlers:
             try:
                 result = func(*args)
@@ -105,7 +118,7 @@ class _HookTable(addonmanager.AddonManager):
         handlers = self.handlers(event.name)
         if not handlers:
             return
-        args = event.args()
+        args = _hook_args(event)
         for func, is_async in handlers:
             if is_async:
                 raise exceptions.AddonManagerError(
