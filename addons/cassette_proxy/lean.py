@@ -275,12 +275,13 @@ def _configure_logging() -> None:
 
 # How much one socket read may take. asyncio reads up to 256 KiB, and mitmproxy handles
 # all of it before the loop runs anything else: 256 KiB of a fast stream is ~1,200 SSE
-# chunks, each its own event, which held every other client 150-300 ms at a time. So while
-# other work is waiting in the loop, a read takes 4 KiB (~20 chunks, about a millisecond).
-# Alone, a connection reads big: each read costs mitmproxy ~0.2 ms however small it is,
-# and small reads throughout made a 100-chunk stream 26% dearer (docs/benchmarks.md).
+# chunks, each its own event, which held every other client 150-300 ms at a time. So
+# while other work waits in the loop, a read takes 2 KiB (~10 chunks, under a
+# millisecond). Alone, a connection reads big: each read costs mitmproxy ~0.2 ms however
+# small it is. The price of the fairness: 0-18% fewer req/s for 16-64 clients whose
+# answers all come in bursts (docs/benchmarks.md, "the stall").
 BIG_READ = 256 * 1024
-SMALL_READ = 4096
+SMALL_READ = 2048
 
 
 class _ReadSize:
