@@ -934,20 +934,20 @@ class CassetteRecorder:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is None:
             return
-        served = self.plans.get(flow)
-        if served is not None and served.served_from is not None:  # from a cassette
-            if flow.response.headers.get("content-type", "").lower().startswith(STREAM_TYPES):
-                flow.response.stream = True  # as below: nothing of it is recorded
-            return
         if self.mode == "passthrough":
             # Streams pass as they come, as in every mode (mitmproxy would buffer them).
             content_type = flow.response.headers.get("content-type", "").lower()
             if content_type.startswith(STREAM_TYPES) and not flow.response.stream:
                 flow.response.stream = True
             return
-        if TOKEN_HEADER in flow.request.headers:
+        if _has_header(flow.request, _TOKEN_NAME):
             # The stand-in closes its own socket; the client's connection stays as it was.
             flow.response.headers.pop("connection", None)
+        served = self.plans.get(flow)
+        if served is not None and served.served_from is not None:  # from a cassette
+            if flow.response.headers.get("content-type", "").lower().startswith(STREAM_TYPES):
+                flow.response.stream = True  # as below: nothing of it is recorded
+            return
         content_type = flow.response.headers.get("content-type", "").lower()
         if not content_type.startswith(STREAM_TYPES):
             self._mark_pending(flow)

@@ -290,7 +290,7 @@ def _configure_logging() -> None:
 # chunks, each its own event, which held every other client 150-300 ms at a time. So
 # while other work waits in the loop, a read takes 2 KiB (~10 chunks, under a
 # millisecond). Alone, a connection reads big: each read costs mitmproxy ~0.2 ms however
-# small it is. The price of the fairness: 0-18% fewer req/s for 16-64 clients whose
+# small it is. The price of the fairness: up to 22% fewer req/s for 16-64 clients whose
 # answers all come in bursts (docs/benchmarks.md, "the stall").
 BIG_READ = 256 * 1024
 SMALL_READ = 2048
