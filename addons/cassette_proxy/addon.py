@@ -934,10 +934,11 @@ class CassetteRecorder:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is None:
             return
+        content_type = flow.response.headers.get("content-type", "").lower()
+        streamed = content_type.startswith(STREAM_TYPES)
         if self.mode == "passthrough":
             # Streams pass as they come, as in every mode (mitmproxy would buffer them).
-            content_type = flow.response.headers.get("content-type", "").lower()
-            if content_type.startswith(STREAM_TYPES) and not flow.response.stream:
+            if streamed and not flow.response.stream:
                 flow.response.stream = True
             return
         if _has_header(flow.request, _TOKEN_NAME):
@@ -945,11 +946,10 @@ class CassetteRecorder:
             flow.response.headers.pop("connection", None)
         served = self.plans.get(flow)
         if served is not None and served.served_from is not None:  # from a cassette
-            if flow.response.headers.get("content-type", "").lower().startswith(STREAM_TYPES):
+            if streamed:
                 flow.response.stream = True  # as below: nothing of it is recorded
             return
-        content_type = flow.response.headers.get("content-type", "").lower()
-        if not content_type.startswith(STREAM_TYPES):
+        if not streamed:
             self._mark_pending(flow)
             self._warm_worker(flow)
             return
