@@ -29,6 +29,27 @@ BENCH = Path(__file__).resolve().parent
 N = 1000
 
 
+_HANDLERS: dict[tuple[int, str], list[Any]] = {}
+_KEEP: list[Any] = []
+
+
+async def hook(addon: Any, name: str, *args: Any) -> None:
+    """Call a hook on the addon and its child addons, in mitmproxy's order (a root with
+    rooms, or one class with a child), the handlers resolved once per hook name as the
+    lean master's hook table does (cassette_proxy/lean.py)."""
+    handlers = _HANDLERS.get((id(addon), name))
+    if handlers is None:
+        from mitmproxy.addonmanager import traverse
+
+        _KEEP.append(addon)  # its id stays its own while the table holds it
+        found = [getattr(a, name, None) for a in traverse([addon])]
+        handlers = _HANDLERS[(id(addon), name)] = [f for f in found if callable(f)]
+    for func in handlers:
+        result = func(*args)
+        if result is not None:
+            await result
+
+
 def measure(kind: str) -> dict[str, Any]:
     from cassette_proxy.addon import CassetteRecorder
     from mitmproxy import http
@@ -52,19 +73,18 @@ def measure(kind: str) -> dict[str, Any]:
         return f
 
     async def one(addon: Any, f: Any) -> None:
-        await addon.request(f)
-        await addon.shaper.request(f)
+        await hook(addon, "request", f)
         if stream:
             f.response = http.Response.make(200, b"", {"content-type": "text/event-stream"})
-            addon.responseheaders(f)
+            await hook(addon, "responseheaders", f)
             tap = f.response.stream
             tap(events)
             tap(b"")
             f.response.content = b""
         else:
             f.response = http.Response.make(200, answer, {"content-type": "application/json"})
-            addon.responseheaders(f)
-        await addon.response(f)
+            await hook(addon, "responseheaders", f)
+        await hook(addon, "response", f)
         await asyncio.sleep(0)  # what the addon leaves for the loop's next pass
 
     async def run() -> dict[str, Any]:
@@ -121,12 +141,12 @@ def measure_replay() -> dict[str, Any]:
         return f
 
     async def one(addon: Any, f: Any, record: bool) -> None:
-        for hook in (addon.requestheaders, addon.request, addon.shaper.request):
-            await hook(f)
+        await hook(addon, "requestheaders", f)
+        await hook(addon, "request", f)
         if record:
             f.response = http.Response.make(200, answer, {"content-type": "application/json"})
-        addon.responseheaders(f)
-        await addon.response(f)
+        await hook(addon, "responseheaders", f)
+        await hook(addon, "response", f)
         await asyncio.sleep(0)
 
     async def run() -> dict[str, Any]:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cassette_proxy import eras, keys
+from cassette_proxy import eras, keys, matching
 from cassette_proxy.cassette import Cassette
 from cassette_proxy.families import encode
 from cassette_proxy.stable import EPOCH, normalize_response
@@ -189,7 +189,7 @@ def test_ollama_pull_recorded_without_its_model_answers_any_pull(tmp_path):
     wire = {"model": "llama3.2:3b", "insecure": False, "stream": False}
     exact = keys.request_key("POST", "/api/pull", wire)
     assert store.lookup(exact) is None
-    entry = store.lookup(exact, None, keys.loose_keys("POST", "/api/pull", wire))
+    entry = store.lookup(exact, None, matching.loose_keys_for("POST", "/api/pull", wire))
     assert entry is not None and entry.path.name == "3877ecf1bc62.json"
 
 
@@ -229,13 +229,14 @@ def test_stream_options_only_matter_when_an_exact_recording_exists(tmp_path):
     store.load()
     path = "/openai/v1/chat/completions"
     plain = {"model": "m", "messages": MSGS, "stream": True}
-    found = store.lookup(wire_key("POST", path, plain), None, keys.loose_keys("POST", path, plain))
+    loose = matching.loose_keys_for("POST", path, plain)
+    found = store.lookup(wire_key("POST", path, plain), None, loose)
     assert found is not None and found.path.name == "a.json"
     write(tmp_path / "b.json", sdk_cassette(url, ep, plain, [chunk("plain")], True))
     store.load()
     for body, name in ((plain, "b.json"), (with_usage, "a.json")):
         found = store.lookup(
-            wire_key("POST", path, body), None, keys.loose_keys("POST", path, body)
+            wire_key("POST", path, body), None, matching.loose_keys_for("POST", path, body)
         )
         assert found is not None and found.path.name == name
 

@@ -221,7 +221,8 @@ def test_record_mode_always_forwards_and_replaces(proxy_factory, upstream_factor
     proxy.stop()
     proxy = proxy_factory(mode="record")  # a new recording run replaces the sequence whole
     openai_client(proxy, b).chat.completions.create(**chat_kwargs("twice"))
-    time.sleep(0.5)  # let the write land
+    wait_for_files(proxy.cassette_dir, 2)
+    proxy.stop()  # the old run's later answer goes when this complete run ends (issue 17.3)
     doc = only_cassette(proxy.cassette_dir)  # same request: the same file, replaced
     assert doc["response"]["body"]["__data__"]["choices"][0]["message"]["content"] == (
         answer_text("B", "twice")
@@ -233,11 +234,19 @@ def test_record_if_missing(proxy_factory, upstream):
     client = openai_client(proxy, upstream)
     first = client.chat.completions.create(**chat_kwargs("rim"))
     wait_for_files(proxy.cassette_dir, 1)
-    assert client.chat.completions.create(**chat_kwargs("rim")) == first  # a hit
-    assert len(upstream.requests) == 1
     client.chat.completions.create(**chat_kwargs("rim, another"))  # a miss: forwarded
     assert len(upstream.requests) == 2
     assert len(wait_for_files(proxy.cassette_dir, 2)) == 2
+    proxy.stop()
+    proxy = proxy_factory(mode="record-if-missing", cassette_dir=proxy.cassette_dir)
+    client = openai_client(proxy, upstream)
+    assert client.chat.completions.create(**chat_kwargs("rim")) == first  # a hit
+    assert len(upstream.requests) == 2
+    # Asked again in this run: its second position has no recording, so it is forwarded
+    # and recorded there (issue 17, finding 9), never the first answer again.
+    client.chat.completions.create(**chat_kwargs("rim"))
+    assert len(upstream.requests) == 3
+    assert len(wait_for_files(proxy.cassette_dir, 3)) == 3
 
 
 def test_passthrough_is_a_plain_proxy(proxy_factory, upstream):

@@ -3,7 +3,9 @@
 mitmproxy sends its own 502 once a connect fails, whatever an addon does in the
 error hook. So when the last-moment probe in ``server_connect`` fails, the
 connection is pointed at a local stand-in instead, and it answers from the
-cassettes. The request carries a token header naming the flow it belongs to.
+cassettes. The request carries a token header with a per-request secret: only requests the proxy
+itself sent there are answered (a client's own header of that name is taken off at
+intake, and an unknown token gets a 502).
 
 An upstream that accepts a request and never answers cannot be swapped for the
 stand-in any more: ``answer_in_flight`` hands mitmproxy the answer as if the
@@ -14,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import ssl
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,17 +36,22 @@ from mitmproxy.proxy.layers.http import (
     ResponseHeaders,
 )
 
+from . import answers
+from .pacing import Replay, write_replay
+from .plan import TOKEN_HEADER
+
 log = logging.getLogger(__name__)
 
-TOKEN_HEADER = "x-cassette-fallback"
 MAX_HEAD = 64 * 1024
 
-Answer = Callable[[str], http.Response]
+Answer = Callable[[], "http.Response | Replay"]
 
 
 class FallbackServer:
-    def __init__(self, answer: Answer) -> None:
-        self._answer = answer
+    """The local stand-in: answers the requests it is told to expect, by token."""
+
+    def __init__(self) -> None:
+        self._expected: dict[str, Answer] = {}
         self._plain: asyncio.Server | None = None
         self._tls: asyncio.Server | None = None
         self.address: tuple[str, int] | None = None
@@ -63,7 +72,25 @@ class FallbackServer:
             self._tls = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=context)
             self.tls_address = self._tls.sockets[0].getsockname()[:2]
 
+    def expect(self, answer: Answer) -> str:
+        """A token for one request the stand-in is to answer with ``answer()``."""
+        token = secrets.token_hex(16)
+        self._expected[token] = answer
+        return token
+
+    def forget(self, token: str) -> None:
+        self._expected.pop(token, None)
+
+    def route(self, flow: http.HTTPFlow, answer: Answer) -> None:
+        """Send a flow whose connection is not made yet to the stand-in (its request
+        body may still be on its way: a streamed body)."""
+        flow.request.headers[TOKEN_HEADER] = self.expect(answer)
+        address = self.tls_address if flow.request.scheme == "https" else self.address
+        if address is not None:
+            flow.request.host, flow.request.port = address
+
     def close(self) -> None:
+        self._expected.clear()
         for server in (self._plain, self._tls):
             if server is not None:
                 server.close()
@@ -83,7 +110,11 @@ class FallbackServer:
                     length = int(value.strip() or 0)
             if length:
                 await reader.readexactly(length)
-            response = self._answer(token)
+            answer = self._expected.pop(token, None)
+            response = answer() if answer is not None else answers.stand_in_unknown()
+            if isinstance(response, Replay):  # cut or paced (shaping.py)
+                await write_replay(response, writer)
+                return
             response.headers["connection"] = "close"
             writer.write(assemble_response(response))
             await writer.drain()
@@ -91,6 +122,13 @@ class FallbackServer:
             log.warning("cassette fallback: bad request from mitmproxy: %s", e)
         finally:
             writer.close()
+
+
+async def start_stand_in(stand_in: FallbackServer) -> None:
+    """Start the stand-in (plain and TLS) with a certificate from mitmproxy's CA."""
+    tlsconfig = ctx.master.addons.get("tlsconfig")
+    pems = certificate_pems(tlsconfig.certstore) if tlsconfig else (None, None)
+    await stand_in.start(*pems)
 
 
 def certificate_pems(certstore: object, host: str = "localhost") -> tuple[bytes, bytes]:
@@ -144,11 +182,35 @@ def _stream_of(root: layer.Layer, flow: http.HTTPFlow) -> HttpStream | None:
     return None
 
 
-def answer_in_flight(flow: http.HTTPFlow, response: http.Response) -> str:
+def can_answer_in_flight(flow: http.HTTPFlow) -> bool:
+    """Whether ``answer_in_flight`` can give this flow an answer (else it can only close
+    the upstream connection, and the client gets mitmproxy's 502)."""
+    proxyserver = ctx.master.addons.get("proxyserver")
+    handler = proxyserver.connections.get(flow.client_conn.id) if proxyserver else None
+    if handler is None:
+        return False
+    server = flow.server_conn
+    stream = _stream_of(handler.layer, flow)
+    return stream is not None and server.alpn != b"h2" and server in handler.transports
+
+
+def give_up_in_flight(flow: http.HTTPFlow) -> str:
+    """Close the upstream connection of a flow that cannot be answered in flight."""
+    proxyserver = ctx.master.addons.get("proxyserver")
+    handler = proxyserver.connections.get(flow.client_conn.id) if proxyserver else None
+    if handler is None:
+        return "the client is gone"
+    if flow.server_conn in handler.transports:
+        handler.close_connection(flow.server_conn)
+    return "closed the upstream connection (the client gets a 502; a retry is answered)"
+
+
+def answer_in_flight(flow: http.HTTPFlow, response: http.Response | Replay) -> str:
     """Answer a flow whose request went upstream and whose upstream has not answered.
 
     The upstream connection is closed once the client has the answer (it is never
-    reused). Returns what was done, for the log.
+    reused). A ``Replay`` is written on its schedule and cut where it is to be cut.
+    Returns what was done, for the log.
     """
     proxyserver = ctx.master.addons.get("proxyserver")
     handler = proxyserver.connections.get(flow.client_conn.id) if proxyserver else None
@@ -168,20 +230,26 @@ def answer_in_flight(flow: http.HTTPFlow, response: http.Response) -> str:
     task = asyncio.get_running_loop().create_task(_answer(handler, flow, response))
     _tasks.add(task)
     task.add_done_callback(_tasks.discard)
-    return "answered from cassettes" if response.status_code < 400 else "answered with an error"
+    whole = response.response if isinstance(response, Replay) else response
+    return "answered from cassettes" if whole.status_code < 400 else "answered with an error"
 
 
 _tasks: set[asyncio.Task[None]] = set()
 
 
-async def _answer(handler: object, flow: http.HTTPFlow, response: http.Response) -> None:
+async def _answer(
+    handler: object, flow: http.HTTPFlow, answer: http.Response | Replay
+) -> None:
     server = flow.server_conn
-    body = response.raw_content or b""
     sid = 0  # HttpLayer finds the stream by the flow; the id in the event is not used
-    await handler.server_event(_injected(_Headers(sid, response, not body), flow))  # type: ignore[attr-defined]
-    if body:
-        await handler.server_event(_injected(_Data(sid, body), flow))  # type: ignore[attr-defined]
-    await handler.server_event(_injected(_End(sid), flow))  # type: ignore[attr-defined]
+    if isinstance(answer, Replay):
+        await _answer_shaped(handler, flow, answer)
+    else:
+        body = answer.raw_content or b""
+        await handler.server_event(_injected(_Headers(sid, answer, not body), flow))  # type: ignore[attr-defined]
+        if body:
+            await handler.server_event(_injected(_Data(sid, body), flow))  # type: ignore[attr-defined]
+        await handler.server_event(_injected(_End(sid), flow))  # type: ignore[attr-defined]
     # Close the upstream connection once the stream is done: an error it reports then
     # has no stream left to reach (before, it would reach the client after the answer).
     for _ in range(400):
@@ -190,3 +258,34 @@ async def _answer(handler: object, flow: http.HTTPFlow, response: http.Response)
         await asyncio.sleep(0.025)
     if server in handler.transports:  # type: ignore[attr-defined]
         handler.close_connection(server)  # type: ignore[attr-defined]
+
+
+async def _answer_shaped(handler: object, flow: http.HTTPFlow, replay: Replay) -> None:
+    """A cut or paced answer, piece by piece on its schedule; a cut closes the client's
+    connection before the end, as a dying upstream would."""
+    loop = asyncio.get_running_loop()
+    base = loop.time() + (replay.started - time.time())
+    response = replay.response
+    body = b"".join(p.data for p in replay.pieces)
+    head = response.copy()
+    head.headers.pop("content-length", None)
+    if replay.streamed or replay.cut_mid_body:
+        head.headers["transfer-encoding"] = "chunked"
+    head.content = None if replay.streamed or replay.cut_mid_body else head.content
+    await handler.server_event(_injected(_Headers(0, head, False), flow))  # type: ignore[attr-defined]
+    pieces = replay.pieces
+    if replay.cut_mid_body:
+        pieces = [type(pieces[0])(pieces[0].at, body[: len(body) // 2])]
+    for i, piece in enumerate(pieces):
+        if replay.cut_after is not None and i >= replay.cut_after:
+            break
+        delay = base + piece.at - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if not flow.live:
+            return
+        await handler.server_event(_injected(_Data(0, piece.data), flow))  # type: ignore[attr-defined]
+    if replay.cut_after is not None or replay.cut_mid_body:
+        handler.close_connection(flow.client_conn)  # type: ignore[attr-defined]
+        return
+    await handler.server_event(_injected(_End(0), flow))  # type: ignore[attr-defined]

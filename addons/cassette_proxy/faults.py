@@ -15,11 +15,8 @@ The header never reaches an upstream. A value the proxy cannot read is answered 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
-
-from mitmproxy import http
 
 FAULT_HEADER = "x-cassette-fault"
 FAULT_HEADER_NAME = "X-Cassette-Fault"  # as messages and docs spell it
@@ -163,23 +160,3 @@ def error_body(family: str, status: int, message: str) -> dict[str, Any]:
     fallback = "server_error" if status >= 500 else "invalid_request_error"
     kind, code = _OPENAI_TYPES.get(status, (fallback, None))
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
-
-
-def fault_response(path: str, status: int) -> http.Response:
-    """The injected error answer for a request path."""
-    message = f"cassette-proxy: fault injected by {FAULT_HEADER_NAME} (status={status})"
-    headers = {"content-type": "application/json", "x-cassette-fault-injected": f"status={status}"}
-    if status in RETRY_AFTER_STATUSES:
-        headers["retry-after"] = "1"
-    body = json.dumps(error_body(api_family(path), status, message))
-    return http.Response.make(status, body, headers)
-
-
-def bad_fault_response(path: str, value: str, problem: str) -> http.Response:
-    """The 400 for a header value that names no fault (never retried by the SDKs)."""
-    message = f"cassette-proxy: bad X-Cassette-Fault header {value[:200]!r}: {problem}"
-    body = error_body(api_family(path), 400, message)
-    if isinstance(body.get("error"), dict) and "code" in body["error"]:
-        body["error"].update(type="cassette_bad_fault", code="cassette_bad_fault",
-                             param="X-Cassette-Fault")  # fmt: skip
-    return http.Response.make(400, json.dumps(body), {"content-type": "application/json"})

@@ -53,16 +53,6 @@ def request_key(
     return hash_form(method, path, canonical_json(normal_form(path, body)), query)
 
 
-def loose_keys(
-    method: str, path: str, body: Any, query: list[tuple[str, str]] | None = None
-) -> tuple[str, ...]:
-    """The request's loose keys, tried in order after an exact miss (``matching``)."""
-    from . import matching  # matching builds on this module
-
-    request = matching.Request(method.upper(), path, body, tuple(query or ()))
-    return tuple(k for k, _ in matching.loose_keys(request))
-
-
 def hash_form(
     method: str, path: str, canonical_body: Any, query: list[tuple[str, str]] | None
 ) -> str:

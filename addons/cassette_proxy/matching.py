@@ -32,12 +32,12 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from . import eras, keys
+from .entries import Entry, Index
 from .equivalence import normal_form
 from .redact import keyed_query, redact_body, redact_path, wire_text
 
 if TYPE_CHECKING:
     from .cassette import Cassette
-    from .store import CassetteStore, Entry
 
 EXACT = "exact"
 # A request changed by more rules than this is tried with the first ones only (2**n keys).
@@ -340,7 +340,7 @@ def choose(
 
 
 def find(
-    store: CassetteStore,
+    store: Index,
     request: Request,
     key: str,
     test_id: str | None,
@@ -379,7 +379,7 @@ def _common_prefix(a: str, b: str) -> int:
 
 
 def nearest(
-    store: CassetteStore, request: Request, test_id: str | None, limit: int = 200
+    store: Index, request: Request, test_id: str | None, limit: int = 200
 ) -> tuple[Entry, str] | None:
     """The recording on the same method and path closest to the request, and the first
     difference: the same test id first, then the same model, then the longest common
@@ -413,7 +413,7 @@ def nearest(
 
 
 def test_id_summary(
-    store: CassetteStore, request: Request, test_id: str | None, shown: int = 5
+    store: Index, request: Request, test_id: str | None, shown: int = 5
 ) -> tuple[int, list[str], int]:
     """For a miss: how many recordings this path has under the request's own test id,
     a few of the other test ids recorded for it, and how many others there are."""
@@ -421,3 +421,11 @@ def test_id_summary(
     own = sum(1 for i in ids if i == test_id) if test_id else 0
     others = sorted({i for i in ids if i and i != test_id})
     return own, others[:shown], len(others)
+
+
+def loose_keys_for(
+    method: str, path: str, body: Any, query: list[tuple[str, str]] | None = None
+) -> tuple[str, ...]:
+    """The loose keys of a request given by its parts, tried in order after an exact miss."""
+    request = Request(method.upper(), path, body, tuple(query or ()))
+    return tuple(k for k, _ in loose_keys(request))

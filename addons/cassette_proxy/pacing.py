@@ -277,42 +277,45 @@ class LocalReplayServer:
             if replay is None:
                 writer.write(_head(http.Response.make(502, b"", {}), 0))
                 return
-            await self._write(replay, writer)
+            await write_replay(replay, writer)
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as e:
             log.info("cassette replay: connection ended early: %s", e)
         finally:
             with contextlib.suppress(OSError):
                 writer.close()
 
-    async def _write(self, replay: Replay, writer: asyncio.StreamWriter) -> None:
-        loop = asyncio.get_running_loop()
-        # The schedule counts from the request's arrival at the proxy, in loop time.
-        base = loop.time() + (replay.started - time.time())
-        response = replay.response
-        body = b"".join(p.data for p in replay.pieces)
-        if replay.cut_mid_body:
-            writer.write(_head(response, len(body)))
-            await _until(loop, base + replay.pieces[0].at)
-            writer.write(body[: len(body) // 2])
-            await writer.drain()
-            return  # closed before Content-Length is reached: the client sees a cut body
-        if not replay.streamed:
-            await _until(loop, base + replay.pieces[0].at)
-            writer.write(_head(response, len(body)) + body)
-            await writer.drain()
-            return
-        writer.write(_head(response, None))  # a real stream: headers first, then chunks
+
+
+async def write_replay(replay: Replay, writer: asyncio.StreamWriter) -> None:
+    """Write a shaped answer on its schedule, cut where it is to be cut."""
+    loop = asyncio.get_running_loop()
+    # The schedule counts from the request's arrival at the proxy, in loop time.
+    base = loop.time() + (replay.started - time.time())
+    response = replay.response
+    body = b"".join(p.data for p in replay.pieces)
+    if replay.cut_mid_body:
+        writer.write(_head(response, len(body)))
+        await _until(loop, base + replay.pieces[0].at)
+        writer.write(body[: len(body) // 2])
         await writer.drain()
-        for i, piece in enumerate(replay.pieces):
-            if replay.cut_after is not None and i >= replay.cut_after:
-                return  # no final chunk: the stream is cut
-            await _until(loop, base + piece.at)
-            writer.write(b"%x\r\n%s\r\n" % (len(piece.data), piece.data))
-            await writer.drain()
-        if replay.cut_after is not None:
-            return  # fewer chunks than cut-after: still never ended cleanly
-        writer.write(b"0\r\n\r\n")
+        return  # closed before Content-Length is reached: the client sees a cut body
+    if not replay.streamed:
+        await _until(loop, base + replay.pieces[0].at)
+        writer.write(_head(response, len(body)) + body)
         await writer.drain()
+        return
+    writer.write(_head(response, None))  # a real stream: headers first, then chunks
+    await writer.drain()
+    for i, piece in enumerate(replay.pieces):
+        if replay.cut_after is not None and i >= replay.cut_after:
+            return  # no final chunk: the stream is cut
+        await _until(loop, base + piece.at)
+        writer.write(b"%x\r\n%s\r\n" % (len(piece.data), piece.data))
+        await writer.drain()
+    if replay.cut_after is not None:
+        return  # fewer chunks than cut-after: still never ended cleanly
+    writer.write(b"0\r\n\r\n")
+    await writer.drain()
 
 
 async def _until(loop: asyncio.AbstractEventLoop, when: float) -> None:

@@ -7,7 +7,7 @@ the one the proxy would have recorded from the same traffic.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,14 @@ from . import matching
 from .cassette import Cassette, make_cassette
 from .families import Family, NotRecordable, error_response, is_typed
 from .families.ollama import with_stream_default
-from .redact import redact_body, redact_path, redact_strings
+from .redact import (
+    recordable_headers,
+    redact_answer,
+    redact_body,
+    redact_path,
+    redact_strings,
+    scrub,
+)
 from .store import safe_folder
 
 # Answers that say "try again later" are never frozen into a cassette by default.
@@ -87,14 +94,71 @@ def _error_body(data: Any) -> bool:
 
 def is_error(response: dict[str, Any]) -> bool:
     """Whether a response half is an error: a recorded exception, a status of 400 or
-    more, or an ``{"error": ...}`` body (some servers answer errors with a 200)."""
+    more, an ``{"error": ...}`` body (some servers answer errors with a 200), or a
+    stream with an error event in it (``chunk_is_error``)."""
     if response.get("is_exception"):
         return True
     status = response.get("status")
     if isinstance(status, int) and status >= 400:
         return True
     body = response.get("body")
+    if response.get("is_streaming") and isinstance(body, list):
+        return any(chunk_is_error(chunk) for chunk in body)
     return _error_body(body["__data__"] if is_typed(body) else body)
+
+
+def chunk_is_error(chunk: Any) -> bool:
+    """A stream chunk that reports an error: ``{"error": ...}`` (OpenAI-compatible
+    servers, Ollama), ``type: error`` (Anthropic, the Responses API), or a failed
+    Responses stream (``response.failed``)."""
+    data = chunk["__data__"] if is_typed(chunk) else chunk
+    if not isinstance(data, dict):
+        return False
+    return _error_body(data) or data.get("type") in ("error", "response.failed")
+
+
+def interaction(
+    root: Path,
+    *,
+    method: str,
+    path: str,
+    body: Any,
+    test_id: str | None,
+    url: str,
+    request_headers: Mapping[str, str],
+    record_headers: Iterable[str],
+    marker: str | None,
+    secrets: frozenset[str],
+    response: dict[str, Any],
+    raw: bytes | None = None,
+    file: Path | None = None,
+) -> tuple[Path, Cassette]:
+    """One interaction the proxy saw -> its cassette and the file of its first answer.
+
+    ``path`` and ``body`` are the request as its key saw it (``matching.live_request``:
+    credential fields redacted); ``url`` is redacted. Every credential value the request
+    carried (``secrets``) is scrubbed from all that is written; ``marker`` names what the
+    body was parsed from (bodies.py). ``raw``: the answer's bytes ``response`` was read
+    from. ``file``: the name worked out when the answer began, used when scrubbing
+    changed nothing of what names the file.
+    """
+    headers = recordable_headers(request_headers, record_headers)
+    if marker:
+        headers["content-type"] = marker
+    written = scrub(path, secrets), scrub(body, secrets), scrub(url, secrets)
+    unchanged = written[0] is path and written[1] is body and written[2] is url
+    return new_recording(
+        root,
+        method=method,
+        path=written[0],
+        body=written[1],
+        test_id=test_id,
+        url=written[2],
+        headers=scrub(headers, secrets),
+        response=redact_answer(response, secrets, raw),
+        file=file if unchanged else None,
+        body_redacted=True,
+    )
 
 
 def new_recording(

@@ -9,10 +9,11 @@ proxy run (per test id) gets the n-th answer; after the last, the last repeats.
 Positions in a recording run: a request takes the position after the answers already
 recorded for it in this run, when it arrives. So a client that asks again after its
 answer (polling) gets the next position, while identical requests in flight at the
-same time share one (the last to finish is kept, as before). The first recording of a
-request in a run removes the siblings an older run left: a new run of two answers
-leaves no stale third behind. A run that never repeats a request writes exactly the
-files it wrote before sequences existed.
+same time share one (the last to finish is kept, as before). When the proxy stops, a
+request recorded again in this run loses the later answers an older run left past its
+own (a new run of two answers leaves no stale third behind), unless its upstream failed
+during the run. A run that never repeats a request writes exactly the files it wrote
+before sequences existed.
 """
 
 from __future__ import annotations
@@ -122,8 +123,10 @@ class SequenceIndex:
 
 
 class ReplayCounter:
-    """How many identical requests (same key, same test id) this proxy run has seen,
-    forwarded or replayed: the n-th gets the n-th answer."""
+    """How many identical requests (same key, same test id) this proxy run has answered,
+    from cassettes or live: the n-th gets the n-th answer. A position is taken when a
+    request arrives and given back when a forwarded attempt ends with no answer served
+    or recorded (a hung or failing upstream): the client's retry takes it again."""
 
     def __init__(self) -> None:
         self._seen: dict[tuple[str, str | None], int] = {}
@@ -133,6 +136,13 @@ class ReplayCounter:
         n = min(self._seen.get((key, test_id), 0) + 1, MAX_POSITION)
         self._seen[(key, test_id)] = n
         return n
+
+    def give_back(self, key: str, test_id: str | None, position: int) -> bool:
+        """Return the position a failed attempt took, if no later one was taken since."""
+        if self._seen.get((key, test_id)) != position:
+            return False
+        self._seen[(key, test_id)] = position - 1
+        return True
 
 
 class RecordingPositions:
@@ -145,37 +155,69 @@ class RecordingPositions:
         """The position a request arriving now will be recorded at."""
         return min(self._recorded.get(first, 0) + 1, MAX_POSITION)
 
-    def started(self, first: Path) -> bool:
-        """Whether this run has recorded this request already."""
-        return first in self._recorded
-
     def recorded(self, first: Path, position: int) -> None:
         self._recorded[first] = max(self._recorded.get(first, 0), position)
 
+    def items(self) -> list[tuple[Path, int]]:
+        return list(self._recorded.items())
+
 
 class Sequencer:
-    """The addon's side: which answer a replay gets, which file a recording goes in."""
+    """Which answer a replay gets, which file a recording goes in, and when an old
+    sequence gives way to a new one.
+
+    An old sequence is replaced only by a complete new one: a new run writes its answers
+    over the old ones position by position, and the old run's later answers past the new
+    run's last are removed only when the proxy stops (``settle``), and only for requests
+    whose upstream never failed in this run. A run cut short (the upstream died, the proxy
+    was killed) leaves the old tail in place: ``done`` is never lost to a half re-record.
+    """
 
     def __init__(self) -> None:
         self.replays = ReplayCounter()
         self.positions = RecordingPositions()
         self._arrivals: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        self._interrupted: set[Path] = set()
 
     def answer(self, store: Any, entry: Any, plan: Any) -> Any:
         """The entry that answers this request now: the n-th for its n-th arrival.
 
         A request forwarded first (and answered from the cassettes only because its
         upstream went away) keeps the position it arrived with."""
-        if plan.position is None:
-            plan.position = self.replays.next(plan.key, plan.test_id)
+        self.take(plan)
         return store.sequences.at(entry, plan.position)
 
-    def arrived(self, flow: Any, plan: Any, first: Path) -> None:
-        """A request about to be forwarded: it counts among the run's identical requests
-        (so replays after the upstream went down go on from there), and its answer, if
-        recorded, takes the next position of the recording."""
-        plan.position = self.replays.next(plan.key, plan.test_id)
-        self._arrivals[flow] = self.positions.arrived(first)
+    def take(self, plan: Any) -> int:
+        """The request's position in its sequence, taken now if it has none."""
+        if plan.position is None:
+            plan.position = self.replays.next(plan.key, plan.test_id)
+        plan.position_taken = True
+        return plan.position
+
+    def recorded_at(self, store: Any, entry: Any, position: int) -> bool:
+        """Whether the sequence starting at ``entry`` has its own answer at ``position``
+        (not only "the last one repeats")."""
+        return position <= 1 or position <= store.sequences.length(entry.path)
+
+    def arrived(self, flow: Any, plan: Any, first: Path, own_position: bool = False) -> None:
+        """A request about to be forwarded: it takes its position among the run's
+        identical requests, and its answer, if recorded, the next recording position
+        (``own_position``: the position it took, for a position that has no recording)."""
+        position = self.take(plan)
+        self._arrivals[flow] = position if own_position else self.positions.arrived(first)
+
+    def release(self, plan: Any) -> None:
+        """A forwarded attempt ended with no answer served or recorded: its position goes
+        back, so the client's retry is answered at the same place of the sequence."""
+        if plan.position_taken and plan.position is not None:
+            plan.position_taken = False
+            if self.replays.give_back(plan.key, plan.test_id, plan.position):
+                plan.position = None
+
+    def interrupted(self, first: Path | None) -> None:
+        """The upstream failed for this request in this run: its old sequence stays whole."""
+        if first is not None:
+            self._interrupted.add(first)
 
     def recording_path(self, flow: Any, first: Path) -> Path:
         """The file this flow's answer is to be recorded in (nothing changes yet: the
@@ -184,22 +226,26 @@ class Sequencer:
         return sibling_path(first, position)
 
     def committed(self, store: Any, flow: Any, path: Path) -> None:
-        """This flow's answer is on disk at ``path``: it takes its position, and the
-        first answer of a request in this run removes the later answers an older run
-        left (only now, so a failed write never cuts an older sequence short)."""
+        """This flow's answer is on disk at ``path`` (or kept there): it takes its place."""
         position = self._arrivals.pop(flow, 1)
-        first = first_path(path)
-        if position == 1 and not self.positions.started(first):
-            for stale in store.sequences.files(first):
+        self.positions.recorded(first_path(path), position)
+
+    def settle(self, store: Any) -> None:
+        """The run is over: each sequence it re-recorded completely loses the old run's
+        answers past its own last."""
+        for first, last in self.positions.items():
+            if first in self._interrupted:
+                continue
+            stale = [p for p in store.sequences.files(first) if position_of(p) > last]
+            for path in stale:
                 try:
-                    stale.unlink()
-                    log.info("removed %s: a later answer of an older recording run", stale)
+                    path.unlink()
+                    log.info("removed %s: a later answer of an older recording run", path)
                 except FileNotFoundError:
                     pass
                 except OSError as e:
-                    log.warning("could not remove stale answer %s: %s", stale, e)
-            store.sequences.drop(first)
-        self.positions.recorded(first, position)
+                    log.warning("could not remove stale answer %s: %s", path, e)
+                store.sequences.remove(path)
 
 
 def position_in(path: Path) -> tuple[int, int]:

@@ -87,6 +87,7 @@ class StreamSpool:
         self.size = len(head)
         # What each batch goes through, as the whole cassette would (set by the addon).
         self.digest: str | None = None  # cassette_normalize's request hash, when on
+        self.error = False  # a chunk that reports an error was written (recording.py)
         self.secrets: frozenset[str] = frozenset()
         self.watch = SplitSecretWatch(frozenset())
         # The temp file opened while the request was upstream, or a new one.

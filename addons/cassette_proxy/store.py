@@ -34,6 +34,7 @@ from .cassette import (
     read_cassette,
     stale_temp,
 )
+from .entries import Entry
 from .families import unknown_type
 from .index_cache import IndexCache
 from .sequence import SequenceIndex, position_of
@@ -48,20 +49,6 @@ _DOUBLED_VERSION = re.compile(r"/(v\d+(?:beta\d*|alpha\d*)?)/\1/")
 RESCAN_INTERVAL = 1.0
 RESCAN_COST_FACTOR = 20
 HIT_CHECK_INTERVAL = 1.0
-
-
-@dataclass(frozen=True)
-class Entry:
-    key: str
-    path: Path
-    test_id: str | None
-    method: str
-    wire_path: str
-    loose: tuple[str, ...] = ()  # weaker keys (matching.recording_keys), tried after a miss
-    merge_field: str | None = None  # model lists: merged with same-key siblings by this
-    loose_rules: tuple[str, ...] = ()  # the loose rules of each of ``loose``
-    upstream: str | None = None  # host:port it was recorded against (host affinity)
-    model: str | None = None  # the request's model (a miss's nearest recording)
 
 
 @dataclass
@@ -403,7 +390,8 @@ class CassetteStore:
         stat: os.stat_result | None = None,
         remember: bool = True,
     ) -> Entry:
-        """Index a cassette just recorded; it replaces older entries for its key and test id.
+        """Index a cassette just recorded; it replaces older entries for its key, test id
+        and upstream (recordings of the same request against other hosts stay).
 
         ``stat`` is the written file's (``write_cassette`` returns it): a recording then
         costs no stat call of its own. ``remember=False``: ``cassette`` is not the file's
@@ -412,7 +400,10 @@ class CassetteStore:
         path = self._real(path)
         entry = self._entry(path, cassette)  # the key, worked out once
         if position_of(path) == 1:
-            old = [e for e in self._index.get(entry.key, []) if e.test_id == cassette.test_id]
+            old = [
+                e for e in self._index.get(entry.key, [])
+                if e.test_id == cassette.test_id and e.upstream == entry.upstream
+            ]  # fmt: skip
             same_file = self._entry_of.get(path)
             if same_file is not None and same_file not in old:
                 old.append(same_file)

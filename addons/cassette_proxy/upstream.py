@@ -53,6 +53,11 @@ class UpstreamProbe:
         self._inflight: dict[tuple[Address, float], asyncio.Future[str]] = {}
         self._threads = ThreadPoolExecutor(max_workers=8, thread_name_prefix="cassette-probe")
 
+    def settings(self, timeout_ms: int, ttl_ms: int) -> None:
+        """New probe timeout and verdict lifetime (options); old verdicts are dropped."""
+        self.timeout_ms, self.ttl_ms = timeout_ms, ttl_ms
+        self._verdicts.clear()
+
     def cached(self, host: str, port: int) -> str | None:
         """The cached verdict (UP, DOWN or BUSY), or None when there is none or it is old."""
         verdict = self._verdicts.get((host, port))

@@ -1,0 +1,170 @@
+"""The Replayer: a planned request -> the recorded answer, or the miss error.
+
+A service, not a room: the Router calls it for requests answered at once, the Fallback
+room for requests whose upstream went away or never answered. Either way it is the same
+lookup (``matching.find``), sequence position, read, encode and answer cache, the same
+counts, usage line and log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from mitmproxy import http
+from mitmproxy.net.http import status_codes
+
+from . import answers, matching
+from .cassette import Cassette, CassetteError
+from .families import NotRecordable, Wire, encode
+from .library import Library
+from .plan import Plan
+
+log = logging.getLogger("cassette_proxy")
+
+WIRE_CACHE_SIZE = 256  # encoded answers kept for repeated hits (as many as the store's cache)
+HeaderFields = tuple[tuple[bytes, bytes], ...]
+
+
+class Replayer:
+    def __init__(self, library: Library) -> None:
+        self.library = library
+        # Encoded answers by cassette file: a hit re-sends bytes, no model_dump/encode.
+        # Valid while the store still holds the same Cassette object for that file.
+        self._wires: OrderedDict[Path, tuple[Cassette, Any, Wire, str, HeaderFields | None]] = (
+            OrderedDict()
+        )
+
+    def find(self, plan: Plan) -> matching.Match | None:
+        """The recording that answers the plan's request (``matching.find``), and why."""
+        store = self.library.store
+        assert store is not None and plan.request is not None
+        request = plan.request
+        match = matching.find(store, request, plan.key, plan.test_id, plan.upstream)
+        # Other proxies and people change the folder: a hit's file is checked, a miss
+        # rescans it (both rate-limited, see store.refresh), then the lookup is redone.
+        if match is not None and store.changed(match.entry):
+            match = matching.find(store, request, plan.key, plan.test_id, plan.upstream)
+        if match is None and store.refresh():
+            match = matching.find(store, request, plan.key, plan.test_id, plan.upstream)
+        return match
+
+    def has_next(self, plan: Plan, match: matching.Match) -> bool:
+        """Whether the request's next position has an answer of its own (record-if-missing
+        forwards and records a position that has none)."""
+        store = self.library.store
+        position = self.library.sequencer.take(plan)
+        return self.library.sequencer.recorded_at(store, match.entry, position)
+
+    def answer(
+        self, plan: Plan, why: str = "", match: matching.Match | None = None
+    ) -> http.Response:
+        """The recorded answer for a plan, or the miss error; ``why`` names a fallback."""
+        library = self.library
+        store = library.store
+        assert store is not None
+        if match is None:
+            match = self.find(plan)
+        plan.why = why
+        if match is None:
+            library.counts["miss"] += 1
+            return self._miss(plan)
+        first, plan.rule = match.entry, match.rule
+        entry = library.sequencer.answer(store, first, plan)  # the n-th of a sequence
+        try:
+            try:
+                wire, plan.served_from, fields = self._wire(entry, plan)
+            except (OSError, CassetteError):
+                if entry is first:
+                    raise
+                # A later answer deleted or broken since it was indexed: the sequence
+                # now ends before it, and the last answer still there repeats.
+                log.warning("later answer %s cannot be read; it is no longer served", entry.path)
+                store.sequences.remove(entry.path)
+                entry = store.sequences.at(first, plan.position or 1)
+                wire, plan.served_from, fields = self._wire(entry, plan)
+        except (OSError, ValueError, NotRecordable, CassetteError) as e:
+            log.warning("cassette %s cannot be replayed: %s", entry.path, e)
+            library.counts["miss"] += 1
+            return self._miss(plan, broken=f"{store.relative(entry.path)}: {e}")
+        plan.served_entry = entry
+        library.counts["hit"] += 1
+        library.usage.note("fallback" if why else "hit", plan.served_from)
+        if log.isEnabledFor(logging.INFO):  # a quiet proxy skips building the line
+            log.info(
+                "%s hit %s %s key %s -> %s%s (%s)",
+                library.mode,
+                plan.method,
+                plan.path,
+                plan.key[:12],
+                plan.served_from,
+                f" (fallback: {why})" if why else "",
+                plan.rule if plan.rule == matching.EXACT else f"loose: {plan.rule}",
+            )
+        if fields is None:
+            headers = {"content-type": wire.content_type, answers.FILE_HEADER: plan.served_from}
+            headers.update(wire.headers)
+            return http.Response.make(wire.status, wire.body, headers)
+        # What Response.make builds, from header bytes made once per cassette (a third of
+        # the addon's time per hit went to re-encoding the same few headers).
+        now = time.time()
+        reason = status_codes.RESPONSES.get(wire.status, "").encode()
+        headers = http.Headers(fields)
+        return http.Response(b"HTTP/1.1", wire.status, reason, headers, wire.body, None, now, now)
+
+    def _wire(self, entry: Any, plan: Plan) -> tuple[Wire, str, HeaderFields | None]:
+        """The bytes to send for a hit, the cassette file named in the answer, and the
+        answer's header fields (None when Response.make must encode the body itself)."""
+        store = self.library.store
+        assert store is not None
+        cassette = store.read(entry)
+        # One recording is encoded per what the request asked for, not only per key: the
+        # key leaves out encoding_format (embeddings as floats or base64), and a loose
+        # match may serve a stream to a request that did not ask for its usage chunk.
+        asked = (plan.key, _asked_for(plan.body))
+        cached = self._wires.get(entry.path)
+        if cached is not None and cached[0] is cassette and cached[1] == asked:
+            self._wires.move_to_end(entry.path)
+            return cached[2], cached[3], cached[4]
+        wire = encode(plan.path, plan.body, cassette.response.model_dump())
+        served_from = store.relative(entry.path)
+        fields = _header_fields(wire, served_from)
+        self._wires[entry.path] = (cassette, asked, wire, served_from, fields)
+        if len(self._wires) > WIRE_CACHE_SIZE:
+            self._wires.popitem(last=False)
+        return wire, served_from, fields
+
+    def _miss(self, plan: Plan, broken: str | None = None) -> http.Response:
+        store = self.library.store
+        response, message = answers.miss(store, plan, broken)
+        log.warning("%s miss %s", self.library.mode, message.removeprefix("cassette-proxy: "))
+        return response
+
+
+def _header_fields(wire: Wire, served_from: str) -> HeaderFields | None:
+    """The header fields Response.make would give a replayed answer, or None when the
+    body would need encoding (content-encoding) or has no length (transfer-encoding)."""
+    headers = {"content-type": wire.content_type, answers.FILE_HEADER: served_from}
+    headers.update(wire.headers)
+    lowered = {k.lower() for k in headers}
+    if "content-encoding" in lowered or "transfer-encoding" in lowered:
+        return None
+    fields = [
+        (k.encode("utf-8", "surrogateescape"), v.encode("utf-8", "surrogateescape"))
+        for k, v in headers.items()
+        if k.lower() != "content-length"
+    ]
+    fields.append((b"content-length", str(len(wire.body)).encode()))
+    return tuple(fields)
+
+
+def _asked_for(body: Any) -> tuple[Any, ...]:
+    """What in a request body shapes the encoded answer (``families.encode``)."""
+    if not isinstance(body, dict):
+        return ()
+    options = body.get("stream_options")
+    usage = options.get("include_usage") if isinstance(options, dict) else None
+    return (body.get("encoding_format"), bool(body.get("stream")), bool(usage))
