@@ -54,6 +54,7 @@ class Plan:
     secrets: frozenset[str] | None = None  # credential values (bodies.written_secrets)
     marker: str | None = None
     route: str = FORWARD
+    unkeyable: str | None = None  # why the request has no key (Intake), if it has none
     early: http.Response | None = None  # an answer for a streamed request (the stand-in's)
     # Replay (the Replayer).
     served_from: str | None = None  # cassette file, once answered from the cassettes

@@ -69,6 +69,8 @@ class Replayer:
         if match is None:
             match = self.find(plan)
         plan.why = why
+        if why:  # in the upstream's place: this run's re-recording of it is not complete
+            library.sequencer.interrupted(plan)
         if match is None:
             library.counts["miss"] += 1
             return self._miss(plan)

@@ -177,7 +177,8 @@ class Sequencer:
         self.replays = ReplayCounter()
         self.positions = RecordingPositions()
         self._arrivals: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
-        self._interrupted: set[Path] = set()
+        self._requests: dict[Path, tuple[str, str | None]] = {}  # first file -> key, test id
+        self._interrupted: set[tuple[str, str | None]] = set()
 
     def answer(self, store: Any, entry: Any, plan: Any) -> Any:
         """The entry that answers this request now: the n-th for its n-th arrival.
@@ -205,6 +206,7 @@ class Sequencer:
         (``own_position``: the position it took, for a position that has no recording)."""
         position = self.take(plan)
         self._arrivals[flow] = position if own_position else self.positions.arrived(first)
+        self._requests[first] = (plan.key, plan.test_id)
 
     def release(self, plan: Any) -> None:
         """A forwarded attempt ended with no answer served or recorded: its position goes
@@ -214,10 +216,10 @@ class Sequencer:
             if self.replays.give_back(plan.key, plan.test_id, plan.position):
                 plan.position = None
 
-    def interrupted(self, first: Path | None) -> None:
-        """The upstream failed for this request in this run: its old sequence stays whole."""
-        if first is not None:
-            self._interrupted.add(first)
+    def interrupted(self, plan: Any) -> None:
+        """The upstream failed this request in this run (it was answered from the
+        cassettes in the upstream's place, or not at all): its old sequence stays whole."""
+        self._interrupted.add((plan.key, plan.test_id))
 
     def recording_path(self, flow: Any, first: Path) -> Path:
         """The file this flow's answer is to be recorded in (nothing changes yet: the
@@ -234,7 +236,7 @@ class Sequencer:
         """The run is over: each sequence it re-recorded completely loses the old run's
         answers past its own last."""
         for first, last in self.positions.items():
-            if first in self._interrupted:
+            if self._requests.get(first) in self._interrupted:
                 continue
             stale = [p for p in store.sequences.files(first) if position_of(p) > last]
             for path in stale:

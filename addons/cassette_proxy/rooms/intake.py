@@ -73,7 +73,7 @@ class Intake:
         try:
             self.keyer.key(flow.request, plan)
         except NotKeyable as e:
-            plan.notes.append(f"unkeyable: {e}")
+            plan.unkeyable = str(e)
 
     def _take_headers(self, flow: http.HTTPFlow, plan: Plan, streamed: bool) -> None:
         request = flow.request

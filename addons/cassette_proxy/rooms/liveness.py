@@ -103,7 +103,6 @@ class Fallback:
 
     def _answer(self, flow: http.HTTPFlow, plan: Plan, why: str) -> http.Response | Replay:
         """The cassettes' answer for a forwarded flow whose upstream failed it."""
-        self.library.sequencer.interrupted(plan.file)
         response = self.replayer.answer(plan, why=why)
         plan.route = SERVE
         flow.comment = f"cassette: {plan.served_from or 'miss'} ({why})"
@@ -252,7 +251,7 @@ class Fallback:
         if not can_answer_in_flight(flow):
             # Nothing can reach this client but mitmproxy's 502: no answer is taken from
             # the cassettes for it (its position goes back for the client's retry).
-            self.library.sequencer.interrupted(plan.file)
+            self.library.sequencer.interrupted(plan)
             self.library.sequencer.release(plan)
             how = give_up_in_flight(flow)
         else:

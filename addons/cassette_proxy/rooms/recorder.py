@@ -323,7 +323,7 @@ class Recorder:
         finally:
             plan = self.plans.get(flow)
             if plan is not None and plan.route == FORWARD and not plan.recorded:
-                self.library.sequencer.interrupted(plan.file)  # the upstream failed it
+                self.library.sequencer.interrupted(plan)  # the upstream failed it
             self._settle(flow)
 
     def _record_error(self, flow: http.HTTPFlow) -> None:

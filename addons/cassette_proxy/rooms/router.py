@@ -175,7 +175,7 @@ class Router:
     async def _unkeyable(self, flow: http.HTTPFlow, plan: Plan) -> None:
         """Forwarded unrecorded, or, where forwarding is not allowed, a non-retryable
         error saying why."""
-        why = plan.notes[-1].removeprefix("unkeyable: ") if plan.notes else "no key"
+        why = plan.unkeyable or "no key"
         mode = self.library.mode
         where = await self._no_forwarding(flow, mode)
         if where is None:
