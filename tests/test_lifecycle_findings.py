@@ -134,6 +134,19 @@ def test_auto_records_a_request_that_carries_the_stand_in_header_and_strips_it(
     assert again.choices[0].message.content == live["choices"][0]["message"]["content"]
 
 
+def test_auto_offline_answers_a_request_that_carries_the_stand_in_header_from_cassettes(
+    proxy_factory, upstream
+):
+    """Finding 1 (auto, upstream offline): a client's `X-Cassette-Fallback` header does
+    not take the request past the cassettes; it gets the recorded answer."""
+    proxy = proxy_factory(mode="auto", options={"cassette_probe_ttl_ms": 0})
+    live = openai_client(proxy, upstream).chat.completions.create(**chat("offline later"))
+    wait_for_files(proxy.cassette_dir, 1)
+    upstream.stop()
+    client = openai_client(proxy, upstream, default_headers={TOKEN_HEADER: "anything"})
+    assert client.chat.completions.create(**chat("offline later")) == live
+
+
 # ---- 2. an answer is recorded at its own position, errors included -----------------------
 
 
@@ -168,6 +181,10 @@ def test_a_record_run_logs_a_4xx_inside_a_sequence_at_its_own_file(
     files = sequence_files(tmp_path / "cassettes")
     assert [position_of(p) for p in files] == [1, 2, 3]
     first = files[0].name
+    up.stop()
+    replay = proxy_factory(mode="replay")
+    with http_client(replay) as http:  # each answer at its own position (as on main)
+        assert [poll(http, up.url) for _ in range(3)] == ["running", "404", "done"]
     log = proxy.log_text()
     assert f"replaces the successful recording {first}" not in log, log
     assert "replaces the successful recording" not in log  # a fresh folder: nothing replaced
