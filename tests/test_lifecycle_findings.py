@@ -17,7 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
+import httpx2
 import openai
 import pytest
 from cassette_proxy.sequence import first_path, position_of
@@ -293,6 +295,38 @@ def test_a_responses_stream_ending_in_an_error_event_keeps_the_recorded_success(
         model="fake-model", input="summarise", stream=True)]  # fmt: skip
     assert again[-1]["type"] == "response.completed", again[-1]
     assert again == good
+
+
+def anthropic_client(proxy, upstream) -> anthropic.Anthropic:
+    http = httpx2.Client(proxy=proxy.url, trust_env=False, timeout=30.0)
+    return anthropic.Anthropic(base_url=upstream.url, api_key="sk-ant-lifecycle-0000",
+                               http_client=http, max_retries=0)  # fmt: skip
+
+
+def test_a_messages_stream_ending_in_an_error_event_keeps_the_recorded_success(proxy_factory):
+    """Finding 5 (a guard beside it: passes on main too): an Anthropic Messages stream
+    ending in an `error` event reaches the anthropic SDK as the error, and the recorded
+    `message_stop` stream stays."""
+    surface = start_surface_upstream("A")
+    ask = {"model": "claude-fake", "max_tokens": 64, "stream": True,
+           "messages": [{"role": "user", "content": "summarise"}]}  # fmt: skip
+    try:
+        first = proxy_factory(mode="auto")
+        good = [e.model_dump() for e in anthropic_client(first, surface).messages.create(**ask)]
+        assert good[-1]["type"] == "message_stop"
+        first.stop()
+
+        surface.configure(stream_end="error")
+        second = proxy_factory(mode="auto")
+        with pytest.raises(anthropic.APIStatusError):  # the error event, live
+            list(anthropic_client(second, surface).messages.create(**ask))
+        second.stop()
+    finally:
+        surface.stop()
+    replay = proxy_factory(mode="replay")
+    assert [
+        e.model_dump() for e in anthropic_client(replay, surface).messages.create(**ask)
+    ] == good
 
 
 RAW_PATH = "/v1/agents/run"  # no family knows it: recorded raw, line by line
