@@ -7,6 +7,7 @@ the one the proxy would have recorded from the same traffic.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,11 @@ def chunk_is_error(chunk: Any) -> bool:
     servers, Ollama), ``type: error`` (Anthropic, the Responses API), or a failed
     Responses stream (``response.failed``)."""
     data = chunk["__data__"] if is_typed(chunk) else chunk
+    if isinstance(data, str) and data.startswith("data:"):  # a raw SSE line (families/raw)
+        try:
+            data = json.loads(data[5:])
+        except ValueError:
+            return False
     if not isinstance(data, dict):
         return False
     return _error_body(data) or data.get("type") in ("error", "response.failed")

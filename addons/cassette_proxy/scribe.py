@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,8 @@ from .writer import CassetteWriter, WholeAnswer
 
 log = logging.getLogger("cassette_proxy")
 
+_HASH_NAME = re.compile(r"^[0-9a-f]{12,64}\.json$")  # a recorder's name, not a person's
+
 
 class Scribe:
     def __init__(self, library: Library, shaping: Shaping) -> None:
@@ -72,9 +75,26 @@ class Scribe:
             url = self.recorded_url(flow, plan)
             query = matching.recorded_query(url) if "?" in url else []
             body = with_stream_default(plan.path, plan.body)  # as interaction writes it
-            plan.file = recording_path(store.root, plan.method, plan.path, body, plan.test_id,
-                                       query)  # fmt: skip
+            path = recording_path(store.root, plan.method, plan.path, body, plan.test_id,
+                                  query)  # fmt: skip
+            plan.file = self._recorded_first(plan, path) or path
         return plan.file
+
+    def _recorded_first(self, plan: Plan, path: Path) -> Path | None:
+        """The file already answering this very request (same key, test id, upstream) in
+        the same folder, when the client spelled it otherwise (a field the key leaves out):
+        re-recorded in place, so its sequence stays one sequence."""
+        store = self.library.store
+        assert store is not None
+        for entry in store.exact(plan.key):
+            if (entry.test_id, entry.upstream) != (plan.test_id, plan.upstream):
+                continue
+            if entry.path.name == path.name or not _HASH_NAME.match(entry.path.name):
+                return None
+            if os.path.realpath(entry.path.parent) == os.path.realpath(path.parent):
+                return entry.path
+            return None
+        return None
 
     def answer_path(self, flow: http.HTTPFlow, plan: Plan) -> Path:
         """The file this flow's answer goes in: its position's (<hash>.<n>.json)."""
