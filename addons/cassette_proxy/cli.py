@@ -727,6 +727,7 @@ def import_command(
     from .importer import import_flows, read_flows
 
     written: list[Path] = []
+    removed: list[Path] = []
     skipped: Counter[str] = Counter()
     for source in sources:
         try:
@@ -742,6 +743,7 @@ def import_command(
                 overwrite=overwrite,
             )
         written += result.written
+        removed += result.removed
         skipped.update(result.skipped)
         for problem in result.failed:
             click.echo(f"error: {problem}", err=True)
@@ -749,6 +751,8 @@ def import_command(
             raise fail(f"{len(result.failed)} cassette(s) from {source} could not be written")
     for path in written:
         click.echo(f"imported {path}")
+    for path in removed:
+        click.echo(f"removed {path} (a later answer of the sequence replaced)")
     detail = ", ".join(f"{n} {why}" for why, n in skipped.most_common())
     click.echo(
         f"{len(written)} imported, {sum(skipped.values())} skipped"
