@@ -711,18 +711,21 @@ def import_command(
     record_headers: tuple[str, ...],
     overwrite: bool,
 ) -> None:
-    """Turn mitmproxy flow files (mitmdump -w) or HAR files into cassettes.
+    """Turn mitmproxy flow files (mitmdump -w), HAR files or VCR.py / pytest-recording
+    cassettes (YAML or JSON) into cassettes.
 
     Every HTTP interaction with a JSON request is recorded as the proxy would have
-    recorded it, under the same file name. Answers the proxy itself gave (replays,
-    misses), 5xx and 408/409/429 answers, and streams cut short are skipped.
-    Streamed answers are in a flow file only if mitmproxy kept them
-    (--set store_streamed_bodies=true).
+    recorded it, under the same file name, credentials redacted the same way. The same
+    request more than once is a sequence (<h>.json, <h>.2.json, ...), replayed in
+    order. Answers the proxy itself gave (replays, misses), 5xx and 408/409/429
+    answers, and streams cut short are skipped. Streamed answers are in a flow file
+    only if mitmproxy kept them (--set store_streamed_bodies=true). A request already
+    recorded is left alone; --overwrite replaces it, its whole sequence.
 
     \b
     Example:
       mitmdump -w traffic.flows --set store_streamed_bodies=true
-      cassette-proxy import traffic.flows session.har
+      cassette-proxy import traffic.flows session.har tests/cassettes/test_chat.yaml
     """
     from .importer import import_flows, read_flows
 

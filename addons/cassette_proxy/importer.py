@@ -1,4 +1,5 @@
-"""``cassette-proxy import``: mitmproxy flow files and HAR files into cassettes.
+"""``cassette-proxy import``: mitmproxy flow files, HAR files and VCR.py cassettes into
+cassettes.
 
 Each interaction goes through the same families and the same naming as a live
 recording (``recording.new_recording``), so importing traffic captured with plain
@@ -27,18 +28,26 @@ from .recording import new_recording, whole_response
 from .redact import recordable_headers, redact_answer, redact_url, scrub
 from .sequence import first_path, position_of, sibling_path
 from .streams import STREAM_TYPES
+from .vcrfile import looks_like_vcr, read_vcr
 
 
 def read_flows(source: Path) -> list[http.HTTPFlow]:
-    """Every HTTP flow in a ``mitmdump -w`` file or a HAR file (mitmproxy reads both).
+    """Every HTTP flow in a ``mitmdump -w`` file, a HAR file (mitmproxy reads both) or a
+    VCR.py / pytest-recording cassette (YAML or JSON).
 
-    Raises ValueError with a one-line reason when the file is neither.
+    Raises ValueError with a one-line reason when the file is none of them.
     """
     try:
         with source.open("rb") as f:
+            head = f.read(4096)
+            if looks_like_vcr(source, head):
+                return read_vcr(source)
+            f.seek(0)
             flows = list(FlowReader(f).stream())
     except exceptions.FlowReadException as e:
-        raise ValueError(f"not a mitmproxy flow file or a HAR file ({e})") from None
+        raise ValueError(
+            f"not a mitmproxy flow file, a HAR file or a VCR.py cassette ({e})"
+        ) from None
     except OSError as e:
         raise ValueError(f"cannot read: {e.strerror or e}") from None
     return [f for f in flows if isinstance(f, http.HTTPFlow)]
