@@ -619,8 +619,11 @@ def prune_command(
     for another folder, or naming none of this one's cassettes, is refused.
 
     Run the proxy (or the test suite's proxy) with a usage log for a full session,
-    then prune with that log: every cassette the session neither served nor recorded
-    is listed, and deleted with --yes.
+    then prune with that log: every cassette that contributed to no answer of the
+    session is listed, and deleted with --yes. Used means served, recorded, kept (a
+    success the live upstream's error did not replace), merged into a served model
+    list, or an earlier answer of a used sequence. Only valid cassettes are
+    candidates: other JSON files in the folder are never removed.
 
     \b
     Example:
@@ -628,6 +631,7 @@ def prune_command(
       cassette-proxy prune --usage-log used.log  # look
       cassette-proxy prune --usage-log used.log --yes
     """
+    from .contributions import contributing
     from .usage import read_usage
 
     cassette_dir = folder or cassette_dir
@@ -645,8 +649,16 @@ def prune_command(
             f"the usage log(s) were written for {logged}, not {folder}; refusing to prune "
             f"(give that folder with -d)"
         )
-    paths = catalog.cassette_paths(cassette_dir)
-    unused = [p for p in paths if p.resolve() not in usage.used]
+    # Only valid cassettes are candidates: any other JSON file (test data, a config, a
+    # cassette broken by hand) is never removed.
+    items = read_folder(cassette_dir, "reading")
+    cassettes = {i.path.resolve(): i.cassette for i in items if i.cassette is not None}
+    others = [i for i in items if i.cassette is None]
+    if others:
+        click.echo(f"{len(others)} file(s) not cassettes: never removed", err=True)
+    used = contributing(usage.used, cassettes)
+    paths = [i.path for i in items if i.cassette is not None]
+    unused = [p for p in paths if p.resolve() not in used]
     kept = len(paths) - len(unused)
     if not kept:
         raise fail(
