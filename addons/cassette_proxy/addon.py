@@ -1071,6 +1071,7 @@ class CassetteRecorder:
             mode, where, status, plan.method, plan.path, plan.key,
         )  # fmt: skip
         plan.recorded = True
+        self.usage.note("kept", where)  # prune: this success still answers the request
         if flow.comment.startswith("cassette: recording"):
             flow.marked = ""
             flow.comment = f"cassette: kept {where} (upstream answered {status})"
