@@ -136,3 +136,20 @@ def test_the_success_kept_when_the_upstream_answered_an_error_is_used(
     assert ask(client, "revoked key") == "[A] echo: revoked key"  # still there
     assert ask(client, "fine") == "[A] echo: fine"
     assert proxy.stop() == 0
+
+
+def test_contributing_keeps_a_sequence_whole_and_merged_lists_together(tmp_path: Path) -> None:
+    """The pure rule prune applies to what the log names."""
+    from cassette_proxy.cassette import Cassette
+    from cassette_proxy.contributions import contributing
+
+    lists = {
+        tmp_path / f"models-{'a' * 64}-{n}.json": Cassette.model_validate(model_list([f"m{n}"]))
+        for n in ("00000001", "00000002")
+    }
+    first, second = sorted(lists)
+    stem = "b" * 64
+    third = tmp_path / f"{stem}.3.json"
+    used = contributing({first, third}, lists)
+    assert used == {first, second, third, tmp_path / f"{stem}.json", tmp_path / f"{stem}.2.json"}
+    assert contributing(set(), lists) == set()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from ruamel.yaml.constructor import SafeConstructor
 from ruamel.yaml.error import YAMLError
 
 YAML_SUFFIXES = (".yaml", ".yml")
+_JSON_HEAD = re.compile(r'\{\s*"(version|interactions)"\s*:')
 
 
 class VCRFormatError(ValueError):
@@ -46,7 +48,8 @@ def looks_like_vcr(source: Path, head: bytes) -> bool:
     text = head.lstrip().decode("utf-8", "replace")
     if text.startswith(("interactions:", "version:", "---")):
         return True
-    return text.startswith("{") and '"interactions"' in text[:4096]
+    # VCR.py's JSON opens with "version" (or "interactions"); a HAR file with "log".
+    return _JSON_HEAD.match(text) is not None
 
 
 class _Constructor(SafeConstructor):
