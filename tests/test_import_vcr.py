@@ -149,3 +149,41 @@ def test_a_bad_vcr_file_is_one_clear_line(tmp_path: Path) -> None:
     out = import_cli(str(broken), "-d", str(tmp_path / "c"))
     assert out.returncode == 1 and "interaction 1:" in out.stderr
     assert not (tmp_path / "c").exists()
+
+
+OLD_STYLE = """\
+interactions:
+- request:
+    body: !!python/unicode '{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
+    headers:
+      Authorization: [!!python/str 'Bearer {secret}']
+      Content-Type: [application/json]
+      X-Filtered: [null]
+    method: POST
+    uri: https://llm.example.test/v1/chat/completions?api-key={secret}
+  response:
+    body: {string: !!python/unicode '{"id": "c1", "object": "chat.completion", "created": 1,
+        "model": "m", "choices": [{"index": 0, "finish_reason": "stop",
+        "message": {"role": "assistant", "content": "hello"}}]}'}
+    headers:
+      Content-Type: [application/json]
+    status: {code: 200, message: OK}
+version: 1
+"""
+
+
+def test_an_old_style_vcr_cassette_with_credentials(tmp_path: Path) -> None:
+    """VCR.py 1.x wrote !!python/unicode and !!python/str tags; VCR.py keeps credentials
+    it was not told to filter: they never reach the imported cassette."""
+    tape = tmp_path / "old.yml"
+    tape.write_text(OLD_STYLE.replace("{secret}", SECRET))
+    folder = tmp_path / "c"
+    out = import_cli(str(tape), "-d", str(folder))
+    assert out.returncode == 0, out.stderr
+    assert "1 imported, 0 skipped" in out.stderr
+    [path] = cassette_files(folder)
+    doc = json.loads(path.read_text())
+    assert SECRET not in path.read_text() and SECRET not in out.stdout + out.stderr
+    assert doc["request"]["body"]["messages"][0]["content"] == "hi"
+    assert doc["response"]["body"]["__data__"]["choices"][0]["message"]["content"] == "hello"
+    assert doc["request"]["url"] == "https://llm.example.test/v1/chat/completions?api-key=REDACTED"

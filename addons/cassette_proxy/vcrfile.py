@@ -110,7 +110,7 @@ def flow_of(interaction: Any) -> http.HTTPFlow:
     if not isinstance(method, str) or not isinstance(uri, str) or "://" not in uri:
         raise ValueError("the request has no method or no absolute uri")
     request = http.Request.make(method.upper(), uri, b"", header_pairs(req.get("headers")))
-    request.raw_content = body_bytes(req.get("body"))
+    _set_body(request, body_bytes(req.get("body")))
     status = resp.get("status")
     code = status.get("code") if isinstance(status, dict) else status
     if not isinstance(code, int) or isinstance(code, bool):
@@ -118,9 +118,7 @@ def flow_of(interaction: Any) -> http.HTTPFlow:
     response = http.Response.make(code, b"", header_pairs(resp.get("headers")))
     if isinstance(status, dict) and isinstance(status.get("message"), str):
         response.reason = status["message"]
-    response.raw_content = body_bytes(resp.get("body"))
-    if "content-length" in response.headers:
-        response.headers["content-length"] = str(len(response.raw_content))
+    _set_body(response, body_bytes(resp.get("body")))
     now = time.time()
     client = connection.Client(peername=("127.0.0.1", 0), sockname=("127.0.0.1", 0))
     server = connection.Server(address=(request.host, request.port))
@@ -129,6 +127,13 @@ def flow_of(interaction: Any) -> http.HTTPFlow:
     response.timestamp_start = response.timestamp_end = now
     flow.request, flow.response = request, response
     return flow
+
+
+def _set_body(message: http.Message, raw: bytes) -> None:
+    """The body as recorded (still compressed if it was), its length told truly."""
+    message.raw_content = raw
+    if "transfer-encoding" not in message.headers:
+        message.headers["content-length"] = str(len(raw))
 
 
 def body_bytes(body: Any) -> bytes:
@@ -153,5 +158,7 @@ def header_pairs(headers: Any) -> list[tuple[bytes, bytes]]:
     pairs = []
     for name, values in headers.items():
         for value in values if isinstance(values, list) else [values]:
+            if value is None:  # a header VCR.py's filter_headers emptied: not sent
+                continue
             pairs.append((str(name).encode("latin-1"), str(value).encode("latin-1", "replace")))
     return pairs
