@@ -619,8 +619,11 @@ def prune_command(
     for another folder, or naming none of this one's cassettes, is refused.
 
     Run the proxy (or the test suite's proxy) with a usage log for a full session,
-    then prune with that log: every cassette the session neither served nor recorded
-    is listed, and deleted with --yes.
+    then prune with that log: every cassette that contributed to no answer of the
+    session is listed, and deleted with --yes. Used means served, recorded, kept (a
+    success the live upstream's error did not replace), merged into a served model
+    list, or an earlier answer of a used sequence. Only valid cassettes are
+    candidates: other JSON files in the folder are never removed.
 
     \b
     Example:
@@ -628,6 +631,7 @@ def prune_command(
       cassette-proxy prune --usage-log used.log  # look
       cassette-proxy prune --usage-log used.log --yes
     """
+    from .contributions import contributing
     from .usage import read_usage
 
     cassette_dir = folder or cassette_dir
@@ -645,8 +649,16 @@ def prune_command(
             f"the usage log(s) were written for {logged}, not {folder}; refusing to prune "
             f"(give that folder with -d)"
         )
-    paths = catalog.cassette_paths(cassette_dir)
-    unused = [p for p in paths if p.resolve() not in usage.used]
+    # Only valid cassettes are candidates: any other JSON file (test data, a config, a
+    # cassette broken by hand) is never removed.
+    items = read_folder(cassette_dir, "reading")
+    cassettes = {i.path.resolve(): i.cassette for i in items if i.cassette is not None}
+    others = [i for i in items if i.cassette is None]
+    if others:
+        click.echo(f"{len(others)} file(s) not cassettes: never removed", err=True)
+    used = contributing(usage.used, cassettes)
+    paths = [i.path for i in items if i.cassette is not None]
+    unused = [p for p in paths if p.resolve() not in used]
     kept = len(paths) - len(unused)
     if not kept:
         raise fail(
@@ -711,22 +723,26 @@ def import_command(
     record_headers: tuple[str, ...],
     overwrite: bool,
 ) -> None:
-    """Turn mitmproxy flow files (mitmdump -w) or HAR files into cassettes.
+    """Turn mitmproxy flow files (mitmdump -w), HAR files or VCR.py / pytest-recording
+    cassettes (YAML or JSON) into cassettes.
 
     Every HTTP interaction with a JSON request is recorded as the proxy would have
-    recorded it, under the same file name. Answers the proxy itself gave (replays,
-    misses), 5xx and 408/409/429 answers, and streams cut short are skipped.
-    Streamed answers are in a flow file only if mitmproxy kept them
-    (--set store_streamed_bodies=true).
+    recorded it, under the same file name, credentials redacted the same way. The same
+    request more than once is a sequence (<h>.json, <h>.2.json, ...), replayed in
+    order. Answers the proxy itself gave (replays, misses), 5xx and 408/409/429
+    answers, and streams cut short are skipped. Streamed answers are in a flow file
+    only if mitmproxy kept them (--set store_streamed_bodies=true). A request already
+    recorded is left alone; --overwrite replaces it, its whole sequence.
 
     \b
     Example:
       mitmdump -w traffic.flows --set store_streamed_bodies=true
-      cassette-proxy import traffic.flows session.har
+      cassette-proxy import traffic.flows session.har tests/cassettes/test_chat.yaml
     """
     from .importer import import_flows, read_flows
 
     written: list[Path] = []
+    removed: list[Path] = []
     skipped: Counter[str] = Counter()
     for source in sources:
         try:
@@ -742,6 +758,7 @@ def import_command(
                 overwrite=overwrite,
             )
         written += result.written
+        removed += result.removed
         skipped.update(result.skipped)
         for problem in result.failed:
             click.echo(f"error: {problem}", err=True)
@@ -749,6 +766,8 @@ def import_command(
             raise fail(f"{len(result.failed)} cassette(s) from {source} could not be written")
     for path in written:
         click.echo(f"imported {path}")
+    for path in removed:
+        click.echo(f"removed {path} (a later answer of the sequence replaced)")
     detail = ", ".join(f"{n} {why}" for why, n in skipped.most_common())
     click.echo(
         f"{len(written)} imported, {sum(skipped.values())} skipped"

@@ -29,6 +29,7 @@ from urllib.parse import urlencode, urlsplit
 from . import eras
 from .cassette import Cassette
 from .families.base import is_typed
+from .redact import redact_url
 
 # Header names never sent from a cassette (a cassette holds no credentials anyway).
 _HOP_HEADERS = {"host", "content-length", "connection", "accept-encoding", "transfer-encoding"}
@@ -143,8 +144,8 @@ def recorded_objects(cassette: Cassette) -> list[Any]:
         return out
     if is_typed(body):
         return [body.get("__data__")]
-    if isinstance(body, list) and body and all(is_typed(b) for b in body):
-        return [b.get("__data__") for b in body]  # a model list
+    if isinstance(body, list) and all(is_typed(b) for b in body):
+        return [b.get("__data__") for b in body]  # a model list (maybe empty)
     return [body]
 
 
@@ -189,14 +190,25 @@ def live_objects(cassette: Cassette, raw: bytes, content_type: str) -> list[Any]
         value = json.loads(raw or b"null")
     except ValueError:
         return [raw.decode("utf-8", "replace")]
-    if (
+    if recorded_as_list(cassette) and is_list_wrapper(value):
+        # A model list is stored as its models (llama-stack's format); the wire wraps
+        # them in {"object": "list", "data": [...]}: compare the models with the models,
+        # however many there are (one, or none, too).
+        return list(value["data"])
+    return [value]
+
+
+def recorded_as_list(cassette: Cassette) -> bool:
+    """The recorded whole answer is a JSON list (a model list, stored as its models)."""
+    return not cassette.response.is_streaming and isinstance(cassette.response.body, list)
+
+
+def is_list_wrapper(value: Any) -> bool:
+    return (
         isinstance(value, dict)
         and value.get("object") == "list"
         and isinstance(value.get("data"), list)
-        and len(recorded_objects(cassette)) != 1
-    ):
-        return list(value["data"])  # recorded as a list of Model objects
-    return [value]
+    )
 
 
 # ---- sending -------------------------------------------------------------------------
@@ -215,6 +227,52 @@ def credentials_from_env(environ: dict[str, str] | None = None) -> dict[str, str
     environ = dict(os.environ) if environ is None else environ
     key = environ.get("OPENAI_API_KEY", "").strip()
     return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+class RedirectRefused(Exception):
+    """A redirect drift does not follow; the message says where it led and why."""
+
+
+def origin(url: str) -> tuple[str, str, int | None]:
+    """Scheme, host and port: a redirect elsewhere is to another host."""
+    parts = urlsplit(url)
+    default = {"http": 80, "https": 443}.get(parts.scheme)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port or default
+
+
+class SafeRedirects(urllib.request.HTTPRedirectHandler):
+    """Redirects as drift follows them: the same method, body and headers (urllib's own
+    handler turns a POST into a GET on 301/302/303, and copies ``Authorization`` to any
+    host), and never to another host (or scheme, or port) while credentials are sent:
+    what they unlock is the recorded upstream's, not whoever it points to."""
+
+    max_redirections = 5
+
+    def __init__(self, carries_credentials: bool) -> None:
+        super().__init__()
+        self.carries_credentials = carries_credentials
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: Any,
+        code: int,
+        msg: str,
+        headers: Any,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        target = redact_url(newurl)
+        if urlsplit(newurl).scheme not in ("http", "https"):
+            raise RedirectRefused(f"upstream answered {code}, a redirect to {target}: not followed")
+        if self.carries_credentials and origin(newurl) != origin(req.full_url):
+            raise RedirectRefused(
+                f"upstream answered {code}, a redirect to another host ({target}): not "
+                "followed, the request carries credentials"
+            )
+        headers_sent = {k: v for k, v in req.header_items() if k.lower() != "host"}
+        return urllib.request.Request(
+            newurl, data=req.data, headers=headers_sent, method=req.get_method()
+        )
 
 
 def target_url(cassette: Cassette, upstream: str | None) -> str | None:
@@ -253,12 +311,15 @@ def check(
     opener = urllib.request.build_opener(
         urllib.request.ProxyHandler({}),
         urllib.request.HTTPSHandler(context=ssl.create_default_context()),
+        SafeRedirects(carries_credentials=bool(send.keys() - {"Content-Type"})),
     )
     shown = f"{wire.method} {url}"
     try:
         with opener.open(request, timeout=timeout) as answer:
             status, raw = answer.status, answer.read()
             content_type = answer.headers.get("content-type", "").lower()
+    except RedirectRefused as e:
+        return Result(file, shown, error=str(e))
     except urllib.error.HTTPError as e:
         status, raw = e.code, e.read()
         content_type = (e.headers.get("content-type") or "").lower()

@@ -1,4 +1,5 @@
-"""``cassette-proxy import``: mitmproxy flow files and HAR files into cassettes.
+"""``cassette-proxy import``: mitmproxy flow files, HAR files and VCR.py cassettes into
+cassettes.
 
 Each interaction goes through the same families and the same naming as a live
 recording (``recording.new_recording``), so importing traffic captured with plain
@@ -8,6 +9,7 @@ written had it seen that traffic.
 
 from __future__ import annotations
 
+import glob
 import json
 from collections import Counter
 from collections.abc import Iterable
@@ -24,19 +26,28 @@ from .cassette import Cassette, CassetteError, NotJSONError, write_cassette
 from .families import NotRecordable, classify
 from .recording import new_recording, whole_response
 from .redact import recordable_headers, redact_answer, redact_url, scrub
+from .sequence import first_path, position_of, sibling_path
 from .streams import STREAM_TYPES
+from .vcrfile import looks_like_vcr, read_vcr
 
 
 def read_flows(source: Path) -> list[http.HTTPFlow]:
-    """Every HTTP flow in a ``mitmdump -w`` file or a HAR file (mitmproxy reads both).
+    """Every HTTP flow in a ``mitmdump -w`` file, a HAR file (mitmproxy reads both) or a
+    VCR.py / pytest-recording cassette (YAML or JSON).
 
-    Raises ValueError with a one-line reason when the file is neither.
+    Raises ValueError with a one-line reason when the file is none of them.
     """
     try:
         with source.open("rb") as f:
+            head = f.read(4096)
+            if looks_like_vcr(source, head):
+                return read_vcr(source)
+            f.seek(0)
             flows = list(FlowReader(f).stream())
     except exceptions.FlowReadException as e:
-        raise ValueError(f"not a mitmproxy flow file or a HAR file ({e})") from None
+        raise ValueError(
+            f"not a mitmproxy flow file, a HAR file or a VCR.py cassette ({e})"
+        ) from None
     except OSError as e:
         raise ValueError(f"cannot read: {e.strerror or e}") from None
     return [f for f in flows if isinstance(f, http.HTTPFlow)]
@@ -47,6 +58,7 @@ class ImportResult:
     written: list[Path] = field(default_factory=list)
     skipped: Counter[str] = field(default_factory=Counter)
     failed: list[str] = field(default_factory=list)
+    removed: list[Path] = field(default_factory=list)  # stale later answers of a sequence
 
 
 def import_flows(
@@ -57,8 +69,15 @@ def import_flows(
     record_headers: list[str] | None = None,
     overwrite: bool = False,
 ) -> ImportResult:
+    """Write a cassette for each flow, in order.
+
+    The same request more than once is a sequence, as a live recording run keeps it:
+    the first answer in ``<h>.json``, the n-th in ``<h>.<n>.json``. A sequence already
+    on disk is left alone unless ``overwrite``; then the whole of it is replaced and no
+    later answer of the old one is left behind.
+    """
     result = ImportResult()
-    planned: dict[Path, Cassette] = {}
+    sequences: dict[Path, list[Cassette]] = {}
     for flow in flows:
         try:
             made = cassette_of(flow, cassette_dir, test_id, record_headers or [])
@@ -69,21 +88,50 @@ def import_flows(
         if path.exists() and not overwrite:
             result.skipped["already recorded (use --overwrite)"] += 1
             continue
-        planned[path] = cassette  # the same request twice: the later answer wins, as live
-    for path, cassette in planned.items():
+        sequences.setdefault(path, []).append(cassette)
+    for first, answers in sequences.items():
+        write_sequence(first, answers, result)
+    return result
+
+
+def write_sequence(first: Path, answers: list[Cassette], result: ImportResult) -> None:
+    """One request's answers, in order, as a sequence; what an older sequence held past
+    them is removed only once the new one is wholly written."""
+    if position_of(sibling_path(first, 2)) != 2:
+        answers = answers[-1:]  # a name that cannot start a sequence: the last answer wins
+    old_later = [p for p in later_answers(first) if position_of(p) > len(answers)]
+    for position, cassette in enumerate(answers, start=1):
+        path = sibling_path(first, position)
         try:
             write_cassette(path, cassette)
         except OSError as e:
             result.failed.append(f"{path}: {e.strerror or e}")
-            continue
+            return
         except NotJSONError as e:  # never a file that is not JSON
             result.skipped[f"not valid JSON: {e}"] += 1
-            continue
+            return
         except CassetteError as e:  # over the size a cassette may hold
             result.failed.append(str(e))
-            continue
+            return
         result.written.append(path)
-    return result
+    for stale in old_later:
+        try:
+            stale.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            result.failed.append(f"{stale}: cannot remove a stale later answer: {e.strerror or e}")
+            continue
+        result.removed.append(stale)
+
+
+def later_answers(first: Path) -> list[Path]:
+    """The files of the later answers on disk of the sequence that starts at ``first``."""
+    stem = first.name.removesuffix(".json")
+    if not first.parent.is_dir():
+        return []
+    found = first.parent.glob(f"{glob.escape(stem)}.*.json")
+    return sorted((p for p in found if first_path(p) == first), key=position_of)
 
 
 def cassette_of(

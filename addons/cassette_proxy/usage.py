@@ -1,7 +1,8 @@
-"""The usage log: which cassettes a session served or recorded, for ``cassette-proxy prune``.
+"""The usage log: which cassettes a session used, for ``cassette-proxy prune``.
 
-One line per interaction answered from, or written to, a cassette: the event, the file
-relative to the cassette folder, and that folder (absolute), tab-separated::
+One line per interaction answered from, written to, or kept in a cassette (a success
+the live upstream's error did not replace): the event, the file relative to the cassette
+folder, and that folder (absolute), tab-separated::
 
     hit<TAB>chat/0806aef47037.json<TAB>/src/app/tests/cassettes
     recorded<TAB>tests_test_x.py__test_a-1b2c3d4e/5f6e....json<TAB>/src/app/tests/cassettes
@@ -22,7 +23,7 @@ from typing import TextIO
 
 log = logging.getLogger("cassette_proxy")
 
-EVENTS = ("hit", "fallback", "recorded")
+EVENTS = ("hit", "fallback", "recorded", "kept")  # kept: a success an error did not replace
 
 
 class UsageLog:
