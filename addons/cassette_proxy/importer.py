@@ -20,7 +20,8 @@ from typing import Any
 from mitmproxy import exceptions, http
 from mitmproxy.io import FlowReader
 
-from .addon import FILE_HEADER, MISS_HEADER, TEST_ID_HEADER
+from .answers import FILE_HEADER, MISS_HEADER
+from .plan import TEST_ID_HEADER
 from .bodies import NotKeyable, keyed_parts, written_secrets
 from .cassette import Cassette, CassetteError, NotJSONError, write_cassette
 from .families import NotRecordable, classify
