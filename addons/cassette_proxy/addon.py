@@ -72,6 +72,7 @@ from .redact import (
     scrub,
 )
 from .sequence import Sequencer
+from .sessions import SessionRoom, is_upgrade
 from .shaping import ReplayShaper
 from .spool import PLACEHOLDER, SPOOL_BATCH, SPOOL_BYTES, SpoolError, StreamSpool, split_around
 from .stable import normalize_response
@@ -175,7 +176,8 @@ class CassetteRecorder:
         self.stopping = False  # set when the proxy shuts down
         # Faults on demand and recorded pacing; a child addon: its hooks run after ours.
         self.shaper = ReplayShaper(self)
-        self.addons = [self.shaper]
+        self.sessions = SessionRoom()  # WebSocket upgrades and sessions (sessions.py)
+        self.addons = [self.shaper, self.sessions]
         self.sequencer = Sequencer()  # identical requests answered in recorded order
 
     # ---- options -----------------------------------------------------------------
@@ -309,6 +311,8 @@ class CassetteRecorder:
     # ---- request: classify, key, look up or forward --------------------------------
 
     async def request(self, flow: http.HTTPFlow) -> None:
+        if is_upgrade(flow.request):
+            return  # a WebSocket session: SessionRoom records or plays it
         mode = self.mode
         early = self._control_headers.pop(flow.id, None)
         if early:  # taken off a streamed request before its headers went out
