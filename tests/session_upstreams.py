@@ -276,13 +276,13 @@ class RealtimeUpstream:
         )
         for i, word in enumerate(text.split(" ")):
             await asyncio.sleep(self.delay)
-            await self._send(ws, {"type": "response.text.delta", "response_id": rid,
+            await self._send(ws, {"type": "response.output_text.delta", "response_id": rid,
                                   "item_id": iid, "output_index": 0, "content_index": 0,
                                   "delta": word if i == 0 else " " + word})  # fmt: skip
         await self._send(
             ws,
             {
-                "type": "response.text.done",
+                "type": "response.output_text.done",
                 "response_id": rid,
                 "item_id": iid,
                 "output_index": 0,

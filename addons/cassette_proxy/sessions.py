@@ -62,7 +62,7 @@ from .redact import (
     request_secrets,
     scrub,
 )
-from .upstream import UpstreamProbe
+from .upstream import DOWN, UpstreamProbe
 
 log = logging.getLogger("cassette_proxy")
 
@@ -237,7 +237,11 @@ class Player:
             ):
                 kept.append((other, opos + len(batch)))
         self.live = kept
-        close = rec.close if end == len(rec.frames) and (rec.close or {}).get("by") == "server" else None
+        close = (
+            rec.close
+            if end == len(rec.frames) and (rec.close or {}).get("by") == "server"
+            else None
+        )
         return Step(send=batch, base_ms=base_ms, close=close)
 
     def _miss(self, record: dict[str, Any], want: Any) -> Step:
@@ -366,13 +370,17 @@ class SessionRoom:
         elif mode in ("replay", "record-if-missing"):
             play = mode == "replay" or bool(candidates)
         elif mode == "auto":
-            play = not await self.probe.reachable(request.host, request.port)
+            # A fresh probe, never a cached verdict: an upgrade is rare, and a session
+            # sent to an upstream that died since would get mitmproxy's 502.
+            play = await self.probe.probe(request.host, request.port) == DOWN
         else:  # record
             play = False
         if not play:
             self._recording[flow] = test_id
             if fault is not None and fault.cut_after is not None:
-                log.info("%s fault %r not applied to a forwarded WebSocket session", mode, fault.spec)
+                log.info(
+                    "%s fault %r not applied to a forwarded WebSocket session", mode, fault.spec
+                )
             return
         shown = redact_url(request.pretty_url)
         if not candidates:
@@ -381,11 +389,18 @@ class SessionRoom:
             if test_id:
                 message += f" with test id {test_id}"
             log.warning("%s miss %s", mode, message.removeprefix("cassette-proxy: "))
-            error = {"message": message, "type": "cassette_miss", "code": "cassette_miss",
-                     "param": None, "path": path, "session_key": key}  # fmt: skip
+            error = {
+                "message": message,
+                "type": "cassette_miss",
+                "code": "cassette_miss",
+                "param": None,
+                "path": path,
+                "session_key": key,
+            }
             flow.response = http.Response.make(
-                404, json.dumps({"error": error}), {"content-type": "application/json",
-                                                   "x-cassette-miss": key}  # fmt: skip
+                404,
+                json.dumps({"error": error}),
+                {"content-type": "application/json", "x-cassette-miss": key},
             )
             flow.comment, flow.marked = "cassette: session miss", ":x:"
             return
@@ -401,8 +416,13 @@ class SessionRoom:
         await self._redirect(flow, playing)
         self.counts["played"] += 1
         flow.comment, flow.marked = f"cassette: session {candidates[0].relative}", ":vhs:"
-        log.info("%s session %s -> %s (%d recording(s) for this URL)", mode, shown,
-                 candidates[0].relative, len(candidates))  # fmt: skip
+        log.info(
+            "%s session %s -> %s (%d recording(s) for this URL)",
+            mode,
+            shown,
+            candidates[0].relative,
+            len(candidates),
+        )
 
     def _fault(self, flow: http.HTTPFlow) -> Fault | None:
         """X-Cassette-Fault on an upgrade: status= answers it, cut-after= cuts the played
@@ -415,8 +435,11 @@ class SessionRoom:
         try:
             fault = parse_fault(",".join(values))
         except FaultError as e:
-            flow.response = http.Response.make(400, json.dumps({"error": {"message": str(e)}}),
-                                               {"content-type": "application/json"})  # fmt: skip
+            flow.response = http.Response.make(
+                400,
+                json.dumps({"error": {"message": str(e)}}),
+                {"content-type": "application/json"},
+            )
             return None
         if fault is None or not self.counter.take(fault, (flow.request.path,)):
             return None
@@ -448,8 +471,9 @@ class SessionRoom:
             found.append((path.stat().st_mtime_ns, path, data))
         found.sort(key=lambda t: t[0], reverse=True)
         return [
-            Recorded(p, str(p.relative_to(self.root)), d["frames"], d.get("close"),
-                     d.get("subprotocol"))  # fmt: skip
+            Recorded(
+                p, str(p.relative_to(self.root)), d["frames"], d.get("close"), d.get("subprotocol")
+            )
             for _, p, d in found
         ]
 
@@ -484,13 +508,19 @@ class SessionRoom:
         try:
             path = self._write(flow, test_id)
         except Exception as e:  # noqa: BLE001 - the session is over; say it was not kept
-            log.error("FAILED to record WebSocket session %s: %s",
-                      redact_url(flow.request.pretty_url), e)  # fmt: skip
+            log.error(
+                "FAILED to record WebSocket session %s: %s", redact_url(flow.request.pretty_url), e
+            )
             return
         self.counts["recorded"] += 1
         flow.comment, flow.marked = f"cassette: recorded {path}", ":red_circle:"
-        log.info("%s recorded WebSocket session %s (%d frames) -> %s", self.mode,
-                 redact_url(flow.request.pretty_url), len(flow.websocket.messages), path)  # fmt: skip
+        log.info(
+            "%s recorded WebSocket session %s (%d frames) -> %s",
+            self.mode,
+            redact_url(flow.request.pretty_url),
+            len(flow.websocket.messages),
+            path,
+        )
 
     def _write(self, flow: http.HTTPFlow, test_id: str | None) -> str:
         assert self.root is not None and flow.websocket is not None
@@ -524,7 +554,9 @@ class SessionRoom:
         session = {
             "key": key,
             "subprotocols": [p for p in offered if p and not p.startswith(INSECURE_KEY_PROTOCOL)],
-            "subprotocol": flow.response.headers.get("sec-websocket-protocol") if flow.response else None,
+            "subprotocol": flow.response.headers.get("sec-websocket-protocol")
+            if flow.response
+            else None,
             "frames": frames,
             "close": close,
         }
@@ -595,13 +627,17 @@ class SessionRoom:
                     if wait > 0:
                         await asyncio.sleep(wait)
                 is_text, payload = frame_payload(record)
-                event = TextMessage(data=payload.decode()) if is_text else BytesMessage(data=payload)
+                event = (
+                    TextMessage(data=payload.decode()) if is_text else BytesMessage(data=payload)
+                )
                 writer.write(ws.send(event))
                 await writer.drain()
                 sent += 1
             if step.close is not None:
                 code = step.close.get("code") or 1000
-                writer.write(ws.send(CloseConnection(code=code, reason=step.close.get("reason") or "")))
+                writer.write(
+                    ws.send(CloseConnection(code=code, reason=step.close.get("reason") or ""))
+                )
                 await writer.drain()
                 return False
             return True
@@ -633,14 +669,21 @@ class SessionRoom:
                     step = player.client(record)
                     if step.error is not None:
                         self.counts["miss"] += 1
-                        log.warning("%s session miss %s", self.mode,
-                                    step.error.removeprefix("cassette-proxy: "))  # fmt: skip
-                        event_id = (record.get("json") or {}).get("event_id") if isinstance(
-                            record.get("json"), dict) else None  # fmt: skip
+                        log.warning(
+                            "%s session miss %s",
+                            self.mode,
+                            step.error.removeprefix("cassette-proxy: "),
+                        )
+                        event_id = (
+                            (record.get("json") or {}).get("event_id")
+                            if isinstance(record.get("json"), dict)
+                            else None
+                        )
                         error = error_event(step.error, step.param, event_id)
                         writer.write(ws.send(TextMessage(data=json.dumps(error))))
-                        writer.write(ws.send(CloseConnection(code=MISS_CLOSE_CODE,
-                                                             reason="cassette miss")))  # fmt: skip
+                        writer.write(
+                            ws.send(CloseConnection(code=MISS_CLOSE_CODE, reason="cassette miss"))
+                        )
                         await writer.drain()
                         return
                     if not await send(step, arrived):
