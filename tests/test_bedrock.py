@@ -198,3 +198,35 @@ def test_frames_round_trip_and_bad_bytes_are_refused():
     with pytest.raises(Exception, match="inside a message"):
         recorder.response(clean_end=True)
     assert len(recorder.chunks) == 1
+
+
+def test_cli_understands_eventstream_cassettes(proxy_factory, bedrock_plain):
+    from cassette_proxy.cli import cli
+    from click.testing import CliRunner
+
+    proxy = proxy_factory(reverse=bedrock_plain.url)
+    converse(client(proxy.url), "count my tokens")
+    [file] = wait_for_files(proxy.cassette_dir, 1)
+    proxy.stop()
+
+    def run(*args: str) -> str:
+        result = CliRunner().invoke(cli, [*args, "-d", str(proxy.cassette_dir)])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    [row] = [json.loads(line) for line in run("ls", "--json").splitlines()]
+    assert row["kind"] == "eventstream" and row["chunks"] == 8 and row["model"] == MODEL
+    assert row["prompt"] == "count my tokens"
+    shown = run("show", file.name[:12])
+    assert f"text:\n    {answer_for('count my tokens')}" in shown
+    assert "stop reason: end_turn" in shown
+    assert "completion_tokens 4" in shown
+    assert "1 cassette(s): 0 error(s), 0 warning(s)" in run("verify")
+    stats = json.loads(run("stats", "--json"))
+    assert stats["tokens"]["completion_tokens"] == 4
+    # A frame that cannot be put on the wire again is a verify error.
+    data = json.loads(file.read_text())
+    data["response"]["body"][1]["headers"][":event-type"] = {"type": "nonsense"}
+    file.write_text(json.dumps(data))
+    result = CliRunner().invoke(cli, ["verify", "-d", str(proxy.cassette_dir)])
+    assert result.exit_code != 0 and "cannot be replayed" in result.output

@@ -250,3 +250,42 @@ def test_player_tells_recordings_apart_and_never_mixes_them():
     miss = only_c.client({"json": {"type": "x", "v": 3}})
     assert miss.error is not None and miss.param == "event.v"
     assert player.client({"json": {"type": "x", "v": 1}}).send[0]["json"] == {"r": "A"}
+
+
+def test_cli_understands_session_cassettes(proxy_factory, realtime_slow):
+    from cassette_proxy.cli import cli
+    from click.testing import CliRunner
+
+    realtime_slow.delay = 0
+    proxy = proxy_factory(reverse=realtime_slow.url.replace("ws://", "http://"))
+    asyncio.run(talk(f"{proxy.url}/v1", ["list me", "show me"]))
+    [file] = wait_for_files(proxy.cassette_dir, 1)
+    proxy.stop()
+
+    def run(*args: str) -> str:
+        result = CliRunner().invoke(cli, [*args, "-d", str(proxy.cassette_dir)])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    [row] = [json.loads(line) for line in run("ls", "--json").splitlines()]
+    assert (row["method"], row["endpoint"], row["kind"]) == (
+        "WS",
+        "/v1/realtime",
+        "websocket-session",
+    )
+    assert row["model"] == MODEL and row["prompt"] == "list me | show me"
+    shown = run("show", file.name[:12])
+    assert "frames: 5 from the client" in shown
+    assert "client events: session.update, conversation.item.create, response.create" in shown
+    assert f"text:\n    {answer_for('list me')}\n    {answer_for('show me')}" in shown
+    assert "closed by the client (code 1000)" in shown
+    assert "1 cassette(s): 0 error(s), 0 warning(s)" in run("verify")
+    stats = json.loads(run("stats", "--json"))
+    assert stats["by_endpoint"] == {"WS /v1/realtime": 1}
+    assert stats["tokens"]["total_tokens"] == 10
+    # A frame that is neither JSON, text nor binary cannot be played: verify says so.
+    data = json.loads(file.read_text())
+    del data["websocket_session"]["frames"][1]["json"]
+    file.write_text(json.dumps(data))
+    result = CliRunner().invoke(cli, ["verify", "-d", str(proxy.cassette_dir)])
+    assert result.exit_code != 0 and "frame 1: no json, text or binary" in result.output

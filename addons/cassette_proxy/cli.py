@@ -416,6 +416,17 @@ def render_view(view: dict[str, Any]) -> str:
     lines = [head]
     if kind == "error":
         lines.append(_indent(str(view.get("message"))))
+    if kind == catalog.SESSION_KIND:  # a WebSocket session (docs/sessions.md)
+        frames = view.get("frames") or {}
+        lines.append(f"  frames: {frames.get('client', 0)} from the client, "
+                     f"{frames.get('server', 0)} from the server")  # fmt: skip
+        lines.append(f"  client events: {', '.join(view.get('client_events') or []) or '-'}")
+        close = view.get("close") or {}
+        lines.append(f"  closed by the {close.get('by', '?')} (code {close.get('code')})")
+    if kind == catalog.EVENTSTREAM_KIND:  # AWS eventstream (Bedrock)
+        lines.append(f"  events: {', '.join(view.get('events') or []) or '-'}")
+        if view.get("stop_reason"):
+            lines.append(f"  stop reason: {view['stop_reason']}")
     for choice in view.get("choices", []):
         finish = choice.get("finish_reason")
         lines.append(f"  choice {choice['index']}" + (f" (finish: {finish})" if finish else ""))

@@ -24,6 +24,7 @@ import struct
 import uuid
 import zlib
 from typing import Any
+from urllib.parse import unquote
 
 from .base import NotRecordable, Wire
 from .raw import RawFamily
@@ -286,3 +287,69 @@ class EventStreamFamily(RawFamily):
         if not is_eventstream(str(response.get("content_type") or "")):
             return None
         return encode_stream(response)
+
+
+# ---- what the CLI shows (catalog.py) --------------------------------------------------
+
+
+def bedrock_model(path: str) -> str | None:
+    """The model id a Bedrock runtime path names (``/model/<id>/converse-stream``)."""
+    if BEDROCK_PATH.match(path) is None:
+        return None
+    return unquote(path.removeprefix("/model/").rsplit("/", 1)[0])
+
+
+def _payloads(body: Any) -> list[tuple[str, Any]]:
+    out = []
+    for chunk in body if isinstance(body, list) else []:
+        if isinstance(chunk, dict) and isinstance(chunk.get("headers"), dict):
+            out.append((str(chunk["headers"].get(":event-type", "")), chunk.get("payload")))
+    return out
+
+
+def _inner(payload: Any) -> Any:
+    """InvokeModelWithResponseStream's chunk: ``{"bytes": base64 of the model's JSON}``."""
+    if isinstance(payload, dict) and isinstance(payload.get("bytes"), str):
+        try:
+            return json.loads(base64.b64decode(payload["bytes"]))
+        except (ValueError, binascii.Error):
+            return None
+    return None
+
+
+def usage_of(body: Any) -> dict[str, int]:
+    """Tokens of a Converse stream (its ``metadata`` event), OpenAI's names."""
+    for event, payload in _payloads(body):
+        usage = payload.get("usage") if event == "metadata" and isinstance(payload, dict) else None
+        if isinstance(usage, dict):
+            names = {"inputTokens": "prompt_tokens", "outputTokens": "completion_tokens",
+                     "totalTokens": "total_tokens"}  # fmt: skip
+            return {ours: usage[k] for k, ours in names.items() if isinstance(usage.get(k), int)}
+    return {}
+
+
+def reassemble(body: Any) -> dict[str, Any]:
+    """The text of a Converse stream (or of an invoke stream's decoded chunks), the
+    event types in order, and the stop reason."""
+    text, events, stop = [], [], None
+    for event, payload in _payloads(body):
+        events.append(event)
+        if event == "contentBlockDelta" and isinstance(payload, dict):
+            delta = payload.get("delta") or {}
+            text.append(str(delta.get("text") or ""))
+        elif event == "messageStop" and isinstance(payload, dict):
+            stop = payload.get("stopReason")
+        elif event == "chunk":
+            inner = _inner(payload)
+            delta = inner.get("delta") if isinstance(inner, dict) else None
+            if isinstance(delta, dict) and isinstance(delta.get("text"), str):
+                text.append(delta["text"])
+            elif isinstance(inner, dict) and isinstance(inner.get("outputText"), str):
+                text.append(inner["outputText"])
+    view: dict[str, Any] = {"events": events, "text": "".join(text)}
+    if stop is not None:
+        view["stop_reason"] = stop
+    usage = usage_of(body)
+    if usage:
+        view["usage"] = usage
+    return view
