@@ -199,6 +199,13 @@ def test_reverse_mode_test_ids_paced_and_cut(proxy_factory, realtime_slow):
         )
     assert refused.value.response.status_code == 404
 
+    # status=429 on the upgrade: the handshake itself gets the error.
+    with pytest.raises(websockets.exceptions.InvalidStatus) as limited:
+        asyncio.run(
+            talk(f"{replay.url}/v1", ["x"], headers={**tagged, "X-Cassette-Fault": "status=429"})
+        )
+    assert limited.value.response.status_code == 429
+
     # cut-after=3: three server frames, then the played connection drops (mitmproxy
     # passes an upstream's drop on to the client as a close, as it does live).
     got: list[dict[str, Any]] = []
@@ -289,3 +296,35 @@ def test_cli_understands_session_cassettes(proxy_factory, realtime_slow):
     file.write_text(json.dumps(data))
     result = CliRunner().invoke(cli, ["verify", "-d", str(proxy.cassette_dir)])
     assert result.exit_code != 0 and "frame 1: no json, text or binary" in result.output
+
+
+def test_browser_style_key_in_a_subprotocol_is_never_written(proxy_factory, realtime_slow):
+    """A browser's client sends its key as ``openai-insecure-api-key.<key>``."""
+    realtime_slow.delay = 0
+    proxy = proxy_factory(reverse=realtime_slow.url.replace("ws://", "http://"))
+    key = "sk-browser-insecure-0123456789"
+    offered = ["realtime", f"openai-insecure-api-key.{key}"]
+
+    async def one(url: str) -> list[dict[str, Any]]:
+        async with websockets.connect(url, subprotocols=offered, proxy=None) as ws:
+            first = json.loads(await ws.recv())
+            await ws.send(json.dumps({"type": "session.update", "session": {"note": key}}))
+            return [first, json.loads(await ws.recv())]
+
+    url = f"{proxy.url.replace('http://', 'ws://')}/v1/realtime?model={MODEL}"
+    live = asyncio.run(one(url))
+    assert live[1]["session"]["note"] == key  # the upstream echoed it back
+    [file] = wait_for_files(proxy.cassette_dir, 1)
+    text = file.read_text()
+    assert key not in text
+    assert json.loads(text)[sessions.SESSION_FIELD]["subprotocols"] == ["realtime"]
+    proxy.stop()
+    realtime_slow.stop()
+    replay = proxy_factory(reverse=realtime_slow.url.replace("ws://", "http://"), mode="replay")
+    # The key was scrubbed from the recorded client frame too, so the same frame now
+    # differs from it: a miss, not a replay of a frame that never held the key.
+    url = f"{replay.url.replace('http://', 'ws://')}/v1/realtime?model={MODEL}"
+    first, error = asyncio.run(one(url))
+    assert first == live[0]
+    assert error["type"] == "error" and error["error"]["param"] == "event.session.note"
+    assert "first difference at event.session.note" in replay.log_text()
