@@ -60,7 +60,9 @@ async def talk(
     """A session as an app runs it: update the session, then per prompt an item and a
     response; every server event read (as the SDK hands them, dumped to JSON)."""
     client = openai.AsyncOpenAI(base_url=base_url, api_key=API_KEY, max_retries=0)
-    options: dict[str, Any] = {"proxy": proxy, "open_timeout": 20}
+    options: dict[str, Any] = {"open_timeout": 20}
+    if proxy != "env":  # "env": websockets' own default, HTTPS_PROXY and SSL_CERT_FILE
+        options["proxy"] = proxy
     if cafile is not None:
         options["ssl"] = ssl.create_default_context(cafile=str(cafile))
     events = [] if events is None else events
@@ -96,11 +98,16 @@ def text_of(events: list[dict[str, Any]]) -> list[str]:
     return [e["text"] for e in events if e["type"] == "response.output_text.done"]
 
 
-def test_realtime_over_https_proxy_records_then_replays_offline(proxy_factory, realtime_tls):
+def test_realtime_over_https_proxy_records_then_replays_offline(
+    proxy_factory, realtime_tls, monkeypatch
+):
     proxy = proxy_factory(options={"ssl_verify_upstream_trusted_ca": str(realtime_tls.cert)})
     base = f"https://localhost:{realtime_tls.port}/v1"
     prompts = ["hello realtime", "and again"]
-    live = asyncio.run(talk(base, prompts, proxy.url, proxy.ca_cert))
+    # As a user runs it: HTTPS_PROXY and mitmproxy's CA in the environment, nothing else.
+    monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+    monkeypatch.setenv("SSL_CERT_FILE", str(proxy.ca_cert))
+    live = asyncio.run(talk(base, prompts, "env"))
     assert text_of(live) == [answer_for(p) for p in prompts]
     assert realtime_tls.handshakes[0]["Authorization"] == f"Bearer {API_KEY}"
     [file] = wait_for_files(proxy.cassette_dir, 1)
