@@ -251,6 +251,9 @@ class RealtimeUpstream:
                 for part in item.get("content", []):
                     if part.get("type") == "input_text":
                         last_text = part["text"]
+                if last_text == "drop the connection":  # a crash mid-session
+                    ws.transport.abort()
+                    return
                 await self._send(ws, {"type": "conversation.item.created",
                                       "previous_item_id": None, "item": item})  # fmt: skip
             elif kind == "response.create":

@@ -335,3 +335,12 @@ def test_browser_style_key_in_a_subprotocol_is_never_written(proxy_factory, real
     assert first == live[0]
     assert error["type"] == "error" and error["error"]["param"] == "event.session.note"
     assert "first difference at event.session.note" in replay.log_text()
+
+
+def test_session_cut_by_the_upstream_is_not_recorded(proxy_factory, realtime_slow):
+    proxy = proxy_factory(reverse=realtime_slow.url.replace("ws://", "http://"))
+    with pytest.raises(websockets.exceptions.ConnectionClosed):
+        asyncio.run(talk(f"{proxy.url}/v1", ["drop the connection"]))
+    proxy.wait_for_log("not recorded WebSocket session")
+    assert "cut short" in proxy.log_text()
+    assert not list(proxy.cassette_dir.rglob("*.json"))

@@ -70,8 +70,8 @@ SESSION_FIELD = "websocket_session"  # the cassette's extra field
 FOLDER = "websocket"  # below cassette_dir
 TEST_ID_HEADER = "x-cassette-test-id"
 TOKEN_HEADER = "x-cassette-session"
-FILE_HEADER = "x-cassette-file"
 MISS_CLOSE_CODE = 1008  # policy violation: the client sent what no recording holds
+ABNORMAL_CLOSURE = 1006  # what mitmproxy notes when a side drops without a close frame
 INSECURE_KEY_PROTOCOL = "openai-insecure-api-key."
 # Realtime fields the client chooses freely: left out when client frames are compared.
 VOLATILE_TOP = ("event_id",)
@@ -346,6 +346,13 @@ class SessionRoom:
                 )
 
     def done(self) -> None:
+        if any(self.counts.values()):
+            log.info(
+                "sessions: %d played, %d misses, %d recorded",
+                self.counts["played"],
+                self.counts["miss"],
+                self.counts["recorded"],
+            )
         if self._server is not None:
             self._server.close()
         self._server = None
@@ -505,6 +512,18 @@ class SessionRoom:
         if flow not in self._recording or flow.websocket is None or self.root is None:
             return
         test_id = self._recording.pop(flow)
+        if flow.websocket.close_code == ABNORMAL_CLOSURE:
+            # As for a stream cut short: a session that may be missing its end is no
+            # recording to answer with.
+            log.warning(
+                "%s not recorded WebSocket session %s: cut short (the connection dropped "
+                "without a close frame, after %d frames)",
+                self.mode,
+                redact_url(flow.request.pretty_url),
+                len(flow.websocket.messages),
+            )
+            flow.comment = "cassette: session not recorded (cut short)"
+            return
         try:
             path = self._write(flow, test_id)
         except Exception as e:  # noqa: BLE001 - the session is over; say it was not kept
