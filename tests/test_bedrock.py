@@ -237,3 +237,22 @@ def test_cli_understands_eventstream_cassettes(proxy_factory, bedrock_plain):
     file.write_text(json.dumps(data))
     result = CliRunner().invoke(cli, ["verify", "-d", str(proxy.cassette_dir)])
     assert result.exit_code != 0 and "cannot be replayed" in result.output
+
+
+def test_eventstream_on_any_path_is_recorded_as_frames_never_as_lines():
+    """Other AWS streams (SageMaker's response streams) reach the raw family: binary
+    frames kept as text lines would replay garbled, so they are frames there too."""
+    from cassette_proxy.families import classify, encode
+    from session_upstreams import frame
+
+    path = "/endpoints/my-endpoint/invocations-response-stream"
+    family = classify("POST", path)
+    assert family.name == "raw"
+    recorder = family.stream_recorder(path, {}, eventstream.CONTENT_TYPE)
+    frames = [frame("PayloadPart", {"Bytes": "aGk="}), frame("PayloadPart", {"Bytes": "eW8="})]
+    recorder.feed(b"".join(frames))
+    wire = encode(path, {}, recorder.response(clean_end=True))
+    assert wire.content_type == eventstream.CONTENT_TYPE
+    assert eventstream.split_frames(wire.body) == [
+        eventstream.encode_frame(eventstream.decode_frame(f)) for f in frames
+    ]
