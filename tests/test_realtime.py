@@ -289,6 +289,9 @@ def test_cli_understands_session_cassettes(proxy_factory, realtime_slow):
     )
     assert row["model"] == MODEL and row["prompt"] == "list me | show me"
     shown = run("show", file.name[:12])
+    key = json.loads(file.read_text())[sessions.SESSION_FIELD]["key"]
+    assert f"key       {key}" in shown
+    assert run("show", key[:16]) == shown  # the key a session miss names finds it
     assert "frames: 5 from the client" in shown
     assert "client events: session.update, conversation.item.create, response.create" in shown
     assert f"text:\n    {answer_for('list me')}\n    {answer_for('show me')}" in shown

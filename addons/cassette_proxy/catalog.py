@@ -212,6 +212,12 @@ def _session_of(cassette: Cassette) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def session_key_of(cassette: Cassette) -> str | None:
+    """A WebSocket session's key (sessions.session_key), if the cassette is one."""
+    session = _session_of(cassette)
+    return str(session.get("key")) if session is not None else None
+
+
 def _server_events(frames: list[Any]) -> list[dict[str, Any]]:
     return [
         f["json"]

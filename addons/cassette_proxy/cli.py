@@ -318,6 +318,9 @@ def find_cassette(target: str, cassette_dir: Path) -> catalog.Item:
 
 def _key(item: catalog.Item) -> str:
     assert item.cassette is not None
+    session = catalog.session_key_of(item.cassette)
+    if session is not None:  # what a session miss names (its x-cassette-miss header)
+        return session
     try:
         return key_of(item.cassette)[0]
     except Exception:  # noqa: BLE001 - a cassette that cannot be keyed has no key to match
