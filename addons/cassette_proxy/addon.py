@@ -9,6 +9,7 @@ hook order, the way mitmproxy builds itself from many small addons:
   Fallback      the upstream dies or hangs: the cassettes answer instead
   ReplayShaper  paces or cuts an answer served from cassettes
   Recorder      a forwarded answer -> a cassette
+  SessionRoom   WebSocket sessions, recorded and played whole (sessions.py)
 
 The way of a request: intake (key), route, replay or forward, record, answer. The
 rooms share only the flow's Plan (plan.py) and the services handed to them.
@@ -32,6 +33,7 @@ from .rooms.liveness import DEFAULT_RESPONSE_TIMEOUT_MS, Fallback
 from .rooms.recorder import Recorder
 from .rooms.router import Router
 from .rooms.shaper import ReplayShaper
+from .sessions import SessionRoom
 from .shaping import Shaping
 from .upstream import UpstreamProbe
 
@@ -53,6 +55,7 @@ class CassetteRecorder:
         )
         self.shaper = ReplayShaper(self.plans, self.shaping)
         self.recorder = Recorder(self.plans, self.library, self.shaping)
+        self.sessions = SessionRoom()  # WebSocket sessions (Realtime): docs/sessions.md
         self.addons = [
             self.library,
             self.intake,
@@ -60,6 +63,7 @@ class CassetteRecorder:
             self.fallback,
             self.shaper,
             self.recorder,
+            self.sessions,
         ]
 
     def load(self, loader: Any) -> None:

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from . import keys, matching
 from .cassette import TEMP_PREFIX, Cassette, CassetteError, read_cassette
-from .families import anthropic, responses
+from .families import anthropic, eventstream, responses
 from .families.base import is_typed
 from .sequence import first_path
 from .store import key_of, request_body_of, wire_path_of
@@ -108,13 +108,27 @@ def model_of(cassette: Cassette) -> str:
     body = request_body_of(request)
     if isinstance(body, dict) and isinstance(body.get("model"), str):
         return body["model"]
-    return ""
+    return eventstream.bedrock_model(wire_path_of(request)) or ""
 
 
 def summarize(cassette: Cassette) -> Summary:
     response = cassette.response
     extra = response.model_extra or {}
     body = response.body
+    session = _session_of(cassette)
+    if session is not None:  # a WebSocket session (sessions.py)
+        frames = session.get("frames") if isinstance(session.get("frames"), list) else []
+        return Summary(
+            method="WS",
+            endpoint=wire_path_of(cassette.request),
+            model=model_of(cassette),
+            kind=SESSION_KIND,
+            streamed=True,
+            chunks=len(frames),
+            test_id=cassette.test_id,
+            status=101,
+            usage=_session_usage(frames),
+        )
     objects = typed_objects(cassette)
     status = 200
     if extra.get("is_exception"):
@@ -122,6 +136,8 @@ def summarize(cassette: Cassette) -> Summary:
         status = int((extra.get("exception_data") or {}).get("status_code") or 500)
     elif objects:
         kind = short_type(str(objects[0]["__type__"]))
+    elif eventstream.is_eventstream(str(extra.get("content_type") or "")):
+        kind = EVENTSTREAM_KIND
     elif response.is_streaming:
         kind = "raw-stream"
     else:
@@ -177,10 +193,102 @@ def _as_openai_usage(usage: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _raw_usage(cassette: Cassette) -> dict[str, int]:
-    """Tokens of a raw recording whose API is known: Anthropic's Messages."""
+    """Tokens of a raw recording whose API is known: Anthropic's Messages, Bedrock's."""
     if anthropic.is_messages_path(wire_path_of(cassette.request)):
         return anthropic.usage_of(cassette.response.body)
+    if eventstream.is_eventstream(str((cassette.response.model_extra or {}).get("content_type"))):
+        return eventstream.usage_of(cassette.response.body)
     return {}
+
+
+# ---- WebSocket sessions (sessions.py) and AWS eventstream (families/eventstream.py) --------
+
+SESSION_KIND = "websocket-session"
+EVENTSTREAM_KIND = "eventstream"
+
+
+def _session_of(cassette: Cassette) -> dict[str, Any] | None:
+    data = (cassette.model_extra or {}).get("websocket_session")
+    return data if isinstance(data, dict) else None
+
+
+def session_key_of(cassette: Cassette) -> str | None:
+    """A WebSocket session's key (sessions.session_key), if the cassette is one."""
+    session = _session_of(cassette)
+    return str(session.get("key")) if session is not None else None
+
+
+def _server_events(frames: list[Any]) -> list[dict[str, Any]]:
+    return [
+        f["json"]
+        for f in frames
+        if isinstance(f, dict) and f.get("from") == "server" and isinstance(f.get("json"), dict)
+    ]
+
+
+def _session_usage(frames: list[Any]) -> dict[str, int]:
+    """Tokens of a Realtime session: the sum of its ``response.done`` usages."""
+    total: dict[str, int] = {}
+    names = {"input_tokens": "prompt_tokens", "output_tokens": "completion_tokens",
+             "total_tokens": "total_tokens"}  # fmt: skip
+    for event in _server_events(frames):
+        usage = (
+            (event.get("response") or {}).get("usage")
+            if event.get("type") == "response.done"
+            else None
+        )
+        if isinstance(usage, dict):
+            for name, ours in names.items():
+                if isinstance(usage.get(name), int):
+                    total[ours] = total.get(ours, 0) + usage[name]
+    return total
+
+
+def _session_view(session: dict[str, Any]) -> dict[str, Any]:
+    frames = session.get("frames") if isinstance(session.get("frames"), list) else []
+    events = _server_events(frames)
+    texts = [
+        str(e.get("text") or e.get("transcript") or "")
+        for e in events
+        if e.get("type")
+        in (
+            "response.output_text.done",
+            "response.text.done",
+            "response.output_audio_transcript.done",
+            "response.audio_transcript.done",
+        )  # fmt: skip
+    ]
+    client = [f for f in frames if isinstance(f, dict) and f.get("from") == "client"]
+    view: dict[str, Any] = {
+        "kind": SESSION_KIND,
+        "chunks": len(frames),
+        "status": 101,
+        "frames": {"client": len(client), "server": len(frames) - len(client)},
+        "client_events": [
+            (f.get("json") or {}).get("type", "?")
+            if isinstance(f.get("json"), dict)
+            else ("binary" if "binary" in f else "text")
+            for f in client
+        ],
+        "text": "\n".join(t for t in texts if t),
+        "close": session.get("close"),
+    }
+    usage = _session_usage(frames)
+    if usage:
+        view["usage"] = usage
+    return view
+
+
+def _session_prompt(session: dict[str, Any]) -> str:
+    """The user text a session's client sent (conversation.item.create), joined."""
+    parts = []
+    for f in session.get("frames") or []:
+        event = f.get("json") if isinstance(f, dict) and f.get("from") == "client" else None
+        if isinstance(event, dict) and event.get("type") == "conversation.item.create":
+            item = event.get("item") or {}
+            if isinstance(item, dict):
+                parts.append(_text_of(item.get("content")))
+    return " | ".join(p for p in parts if p)
 
 
 # ---- the answer put back together (``show``) ----------------------------------------------
@@ -190,6 +298,12 @@ def reassemble(cassette: Cassette) -> dict[str, Any]:
     """The response made readable: streamed text and tool calls joined, errors spelled out."""
     response = cassette.response
     extra = response.model_extra or {}
+    session = _session_of(cassette)
+    if session is not None:
+        return _session_view(session)
+    if eventstream.is_eventstream(str(extra.get("content_type") or "")):
+        return {"kind": EVENTSTREAM_KIND, "chunks": len(response.body or []),
+                "status": extra.get("status"), **eventstream.reassemble(response.body)}  # fmt: skip
     if extra.get("is_exception"):
         data = extra.get("exception_data") or {}
         return {
@@ -473,6 +587,16 @@ def verify_item(item: Item) -> Findings:
         findings.errors.append(item.error or "not a cassette")
         return findings
     cassette = item.cassette
+    session = _session_of(cassette)
+    if session is not None:
+        return _verify_session(item, session, findings)
+    if eventstream.is_eventstream(str((cassette.response.model_extra or {}).get("content_type"))):
+        for i, chunk in enumerate(cassette.response.body or []):
+            try:
+                eventstream.encode_frame(chunk)
+            except eventstream.FrameError as e:
+                findings.errors.append(f"eventstream message {i} cannot be replayed: {e}")
+                break
     try:
         key_of(cassette)
     except Exception as e:  # noqa: BLE001 - any failure to key it means the proxy cannot serve it
@@ -487,6 +611,26 @@ def verify_item(item: Item) -> Findings:
             )
         else:
             findings.warnings.append(f"name does not match the hash of its request{expected}")
+    return findings
+
+
+def _verify_session(item: Item, session: dict[str, Any], findings: Findings) -> Findings:
+    """A session cassette: its frames playable, its name the recorder's."""
+    from . import sessions  # mitmproxy's: only for the folders that hold sessions
+
+    problem = sessions.check_session(session)
+    if problem is not None:
+        findings.errors.append(f"WebSocket session cannot be played: {problem}")
+        return findings
+    expected = sessions.session_file(Path("."), session["key"], session["frames"]).name
+    if item.path.name != expected:
+        findings.warnings.append(
+            f"name does not match its URL and client frames (expected {expected})"
+        )
+    if item.path.parent.name != sessions.FOLDER:
+        findings.warnings.append(
+            f"a session is played only from {sessions.FOLDER}/ below the cassette folder"
+        )
     return findings
 
 
@@ -519,6 +663,9 @@ def expected_name(cassette: Cassette, stem: str) -> str:
 
 def prompt_of(cassette: Cassette) -> str:
     """The start of what was asked: the last user message, or the input / prompt field."""
+    session = _session_of(cassette)
+    if session is not None:
+        return " ".join(_session_prompt(session).split())
     body = request_body_of(cassette.request)
     if not isinstance(body, dict):
         return ""

@@ -318,6 +318,9 @@ def find_cassette(target: str, cassette_dir: Path) -> catalog.Item:
 
 def _key(item: catalog.Item) -> str:
     assert item.cassette is not None
+    session = catalog.session_key_of(item.cassette)
+    if session is not None:  # what a session miss names (its x-cassette-miss header)
+        return session
     try:
         return key_of(item.cassette)[0]
     except Exception:  # noqa: BLE001 - a cassette that cannot be keyed has no key to match
@@ -416,6 +419,17 @@ def render_view(view: dict[str, Any]) -> str:
     lines = [head]
     if kind == "error":
         lines.append(_indent(str(view.get("message"))))
+    if kind == catalog.SESSION_KIND:  # a WebSocket session (docs/sessions.md)
+        frames = view.get("frames") or {}
+        lines.append(f"  frames: {frames.get('client', 0)} from the client, "
+                     f"{frames.get('server', 0)} from the server")  # fmt: skip
+        lines.append(f"  client events: {', '.join(view.get('client_events') or []) or '-'}")
+        close = view.get("close") or {}
+        lines.append(f"  closed by the {close.get('by', '?')} (code {close.get('code')})")
+    if kind == catalog.EVENTSTREAM_KIND:  # AWS eventstream (Bedrock)
+        lines.append(f"  events: {', '.join(view.get('events') or []) or '-'}")
+        if view.get("stop_reason"):
+            lines.append(f"  stop reason: {view['stop_reason']}")
     for choice in view.get("choices", []):
         finish = choice.get("finish_reason")
         lines.append(f"  choice {choice['index']}" + (f" (finish: {finish})" if finish else ""))

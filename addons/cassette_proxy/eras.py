@@ -180,6 +180,8 @@ def unservable_reason(cassette: Cassette) -> str | None:
     """Why no client can reach this recording, or None if it is wire-replayable."""
     request = cassette.request
     extra = request.model_extra or {}
+    if "websocket_session" in (cassette.model_extra or {}):
+        return "a WebSocket session (played by sessions.py, not answered as HTTP)"
     if not request.url:
         if "tool_name" in extra or "provider" in extra:
             return "a tool or provider call, not an HTTP request"

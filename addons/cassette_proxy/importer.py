@@ -21,10 +21,10 @@ from mitmproxy import exceptions, http
 from mitmproxy.io import FlowReader
 
 from .answers import FILE_HEADER, MISS_HEADER
-from .plan import TEST_ID_HEADER
 from .bodies import NotKeyable, keyed_parts, written_secrets
 from .cassette import Cassette, CassetteError, NotJSONError, write_cassette
 from .families import NotRecordable, classify
+from .plan import TEST_ID_HEADER
 from .recording import new_recording, whole_response
 from .redact import recordable_headers, redact_answer, redact_url, scrub
 from .sequence import first_path, position_of, sibling_path

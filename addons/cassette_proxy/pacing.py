@@ -31,6 +31,7 @@ from typing import Any
 
 from mitmproxy import http
 
+from .families.eventstream import FrameError, FrameSplitter, is_eventstream, split_frames
 from .streams import LineFramer, SSEFramer
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ class ChunkClock:
     def __init__(self, content_type: str, started: float) -> None:
         self._sse = _is_sse(content_type)
         self._framer: SSEFramer | LineFramer = SSEFramer() if self._sse else LineFramer()
+        # AWS eventstream: every binary message is a chunk (families/eventstream.py).
+        self._frames = FrameSplitter() if is_eventstream(content_type) else None
         self.started = started
         self.chunks_ms: list[float] = []
         self.total_ms: float | None = None
@@ -92,6 +95,11 @@ class ChunkClock:
         now = time.time() if now is None else now
         if not data:
             self.total_ms = _ms(now - self.started)
+            return
+        if self._frames is not None:
+            for _ in self._frames.feed(data):
+                if len(self.chunks_ms) < MAX_TIMED_CHUNKS:
+                    self.chunks_ms.append(_ms(now - self.started))
             return
         for event in self._framer.feed(data):
             if _timed(event, self._sse) and len(self.chunks_ms) < MAX_TIMED_CHUNKS:
@@ -152,6 +160,11 @@ class Piece:
 def split_events(body: bytes, content_type: str) -> list[tuple[bytes, bool]]:
     """A wire body cut into its events (SSE) or lines (NDJSON), each with its separator,
     and whether it is a timed chunk. Joined again they are the body, byte for byte."""
+    if is_eventstream(content_type):
+        try:
+            return [(frame, True) for frame in split_frames(body)]
+        except FrameError:
+            return [(body, True)] if body else []  # encoded by us: cannot happen; one piece
     sse = _is_sse(content_type)
     sep = b"\n\n" if sse else b"\n"
     parts = body.split(sep)

@@ -82,6 +82,11 @@ class Plan:
         return self.family is not None
 
 
+def is_upgrade(request: http.Request) -> bool:
+    """A WebSocket upgrade: left to the session room (sessions.py), never keyed as HTTP."""
+    return "websocket" in request.headers.get("upgrade", "").lower()
+
+
 class Plans:
     """flow -> its Plan; an entry goes when mitmproxy drops the flow."""
 

@@ -13,7 +13,12 @@ from typing import Any
 from .jsontext import orjson_reads_alike
 
 # Content types of answers that are streams: passed on as they arrive, never buffered.
-STREAM_TYPES = ("text/event-stream", "application/x-ndjson", "application/jsonl")
+STREAM_TYPES = (
+    "text/event-stream",
+    "application/x-ndjson",
+    "application/jsonl",
+    "application/vnd.amazon.eventstream",  # AWS (Bedrock): families/eventstream.py
+)
 
 try:
     import orjson

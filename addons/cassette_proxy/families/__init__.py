@@ -7,6 +7,7 @@ from typing import Any
 
 from .anthropic import AnthropicFamily
 from .base import Family, NotRecordable, StreamRecorder, Wire, is_typed
+from .eventstream import EventStreamFamily
 from .ollama import OllamaFamily
 from .openai import OpenAIFamily
 from .raw import RawFamily, encode_exception, error_response
@@ -16,7 +17,10 @@ from .responses import ResponsesFamily
 # match (``/api/embeddings`` ends with ``/embeddings``). Responses before OpenAI: its
 # typed objects are ``openai.`` types too, which the openai family would encode as chat
 # chunks. Anthropic before raw: its streams end at message_stop, not at any clean end.
+# AWS eventstream first: it claims only Bedrock's paths, and its ``encode`` answers only
+# for recordings marked as eventstream (any other falls through to the rest).
 FAMILIES: list[Family] = [
+    EventStreamFamily(),
     OllamaFamily(),
     ResponsesFamily(),
     AnthropicFamily(),

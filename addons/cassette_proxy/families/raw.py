@@ -91,7 +91,11 @@ class RawFamily:
     def record(self, path: str, request_body: Any, status: int, data: Any) -> dict[str, Any]:
         return {"status": status, "body": data, "is_streaming": False}
 
-    def stream_recorder(self, path: str, request_body: Any, content_type: str) -> RawLinesRecorder:
+    def stream_recorder(self, path: str, request_body: Any, content_type: str) -> Any:
+        from .eventstream import EventStreamRecorder, is_eventstream  # it builds on this module
+
+        if is_eventstream(content_type):  # binary frames: as lines they would replay garbled
+            return EventStreamRecorder(200)
         return RawLinesRecorder(200)
 
     def encode(self, path: str, request_body: Any, response: dict[str, Any]) -> Wire | None:

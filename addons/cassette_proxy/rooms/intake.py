@@ -48,6 +48,8 @@ class Intake:
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         request = flow.request
+        if is_upgrade(request):
+            return  # a WebSocket session: the session room reads its headers
         if not any(k.lower() in _OURS for k, _ in request.headers.fields):
             return
         plan = self.plans.open(flow)
@@ -60,6 +62,8 @@ class Intake:
             return  # answered by another addon, or by us in requestheaders
         plan = self.plans.get(flow)
         if plan is None:
+            if is_upgrade(flow.request):
+                return  # a WebSocket session: the session room's (sessions.py)
             plan = self.plans.open(flow)
             if any(k.lower() in _OURS for k, _ in flow.request.headers.fields):
                 self._take_headers(flow, plan, streamed=False)
