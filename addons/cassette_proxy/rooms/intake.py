@@ -30,6 +30,7 @@ from ..plan import (
     TEST_ID_HEADER,
     Plan,
     Plans,
+    is_upgrade,
 )
 from ..shaping import Shaping
 
