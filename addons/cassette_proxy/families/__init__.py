@@ -7,7 +7,7 @@ from typing import Any
 
 from .anthropic import AnthropicFamily
 from .base import Family, NotRecordable, StreamRecorder, Wire, is_typed
-from .eventstream import EventStreamFamily
+from .bedrock import EventStreamFamily
 from .ollama import OllamaFamily
 from .openai import OpenAIFamily
 from .raw import RawFamily, encode_exception, error_response

@@ -27,7 +27,6 @@ from typing import Any
 from urllib.parse import unquote
 
 from .base import NotRecordable, Wire
-from .raw import RawFamily
 
 CONTENT_TYPE = "application/vnd.amazon.eventstream"
 PRELUDE = 12  # two lengths and the prelude CRC
@@ -267,26 +266,6 @@ def encode_stream(response: dict[str, Any]) -> Wire:
     except FrameError as e:
         raise NotRecordable(f"eventstream chunk cannot be encoded: {e}") from None
     return Wire(int(response.get("status") or 200), CONTENT_TYPE, frames)
-
-
-class EventStreamFamily(RawFamily):
-    """Bedrock runtime: JSON requests and whole answers as raw; streams as eventstream."""
-
-    name = "aws-eventstream"
-
-    def claims(self, method: str, path: str) -> bool:
-        return method.upper() == "POST" and BEDROCK_PATH.match(path) is not None
-
-    def stream_recorder(self, path: str, request_body: Any, content_type: str) -> Any:
-        if is_eventstream(content_type):
-            return EventStreamRecorder(200)
-        return super().stream_recorder(path, request_body, content_type)
-
-    def encode(self, path: str, request_body: Any, response: dict[str, Any]) -> Wire | None:
-        # Asked first for every recording: only eventstream answers are this family's.
-        if not is_eventstream(str(response.get("content_type") or "")):
-            return None
-        return encode_stream(response)
 
 
 # ---- what the CLI shows (catalog.py) --------------------------------------------------

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..streams import LineFramer
 from .base import NotRecordable, Wire, json_wire
+from .eventstream import EventStreamRecorder, is_eventstream
 
 END_EVENTS = ("message_stop", "response.completed", "response.failed", "response.incomplete")
 
@@ -92,7 +93,6 @@ class RawFamily:
         return {"status": status, "body": data, "is_streaming": False}
 
     def stream_recorder(self, path: str, request_body: Any, content_type: str) -> Any:
-        from .eventstream import EventStreamRecorder, is_eventstream  # it builds on this module
 
         if is_eventstream(content_type):  # binary frames: as lines they would replay garbled
             return EventStreamRecorder(200)
