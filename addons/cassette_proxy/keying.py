@@ -42,12 +42,25 @@ class Keyer:
         why = not_keyable(request)
         if why is not None:
             raise NotKeyable(why)
-        fields = request.headers.fields
-        typed = tuple(f for f in fields if f[0].lower() in _BODY_TYPE_NAMES)
-        memo_key = (request.method, request.path, typed, self._credentials(fields),
+        # One pass over the raw fields: what the memo's key and the upstream need.
+        typed, credentials, host_field = [], [], None
+        secret_names = self._secret_names
+        for name, value in request.headers.fields:
+            lowered = name.lower()
+            if lowered in _BODY_TYPE_NAMES:
+                typed.append((lowered, value))
+            elif lowered == b"host":
+                host_field = value
+            else:
+                secret = secret_names.get(lowered)
+                if secret is None:
+                    secret = self._is_secret(lowered)
+                if secret:
+                    credentials.append((lowered, value))
+        memo_key = (request.method, request.path, tuple(typed), tuple(credentials),
                     request.raw_content)  # fmt: skip
         memo = self._memo.get(memo_key)
-        host = self._upstream_of(request)
+        host = self._upstream_of(request, host_field)
         if memo is not None:
             self._memo.move_to_end(memo_key)
             key, path, body, query = memo
@@ -73,25 +86,16 @@ class Keyer:
             if len(self._memo) > KEY_MEMO_SIZE:
                 self._memo.popitem(last=False)
 
-    def _credentials(self, fields: Any) -> tuple[tuple[bytes, bytes], ...]:
-        """The request's credential header fields (part of the memo's key)."""
-        names = self._secret_names
-        found = []
-        for name, value in fields:
-            secret = names.get(name)
-            if secret is None:
-                if len(names) > 4096:
-                    names.clear()
-                secret = names[name] = is_secret_header(name.decode("latin-1"))
-            if secret:
-                found.append((name.lower(), value))
-        return tuple(found)
+    def _is_secret(self, name: bytes) -> bool:
+        """Whether a header (lower-cased) holds a credential; remembered per name."""
+        if len(self._secret_names) > 4096:
+            self._secret_names.clear()
+        secret = self._secret_names[name] = is_secret_header(name.decode("latin-1"))
+        return secret
 
-    def _upstream_of(self, request: http.Request) -> str | None:
+    def _upstream_of(self, request: http.Request, host_field: bytes | None) -> str | None:
         """The upstream as the recorded URL names it (pretty_url's host), for host
         affinity; remembered per authority, as mitmproxy parses and checks it each time."""
-        fields = request.headers.fields
-        host_field = next((v for k, v in fields if k.lower() == b"host"), None)
         seen = (request.data.authority, host_field, request.host, request.port)
         upstream = self._upstreams.get(seen)
         if upstream is None:

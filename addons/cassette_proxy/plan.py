@@ -84,7 +84,10 @@ class Plan:
 
 def is_upgrade(request: http.Request) -> bool:
     """A WebSocket upgrade: left to the session room (sessions.py), never keyed as HTTP."""
-    return "websocket" in request.headers.get("upgrade", "").lower()
+    for name, value in request.headers.fields:
+        if name.lower() == b"upgrade":
+            return b"websocket" in value.lower()
+    return False
 
 
 class Plans:
@@ -92,9 +95,8 @@ class Plans:
 
     def __init__(self) -> None:
         self._plans: weakref.WeakKeyDictionary[http.HTTPFlow, Plan] = weakref.WeakKeyDictionary()
-
-    def get(self, flow: http.HTTPFlow) -> Plan | None:
-        return self._plans.get(flow)
+        # Every room looks its plan up in every hook: the map's own method, no call of ours.
+        self.get = self._plans.get
 
     def keyed(self, flow: http.HTTPFlow) -> Plan | None:
         """The flow's Plan when its request has a key."""

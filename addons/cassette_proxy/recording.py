@@ -104,7 +104,9 @@ def is_error(response: dict[str, Any]) -> bool:
         return True
     body = response.get("body")
     if response.get("is_streaming") and isinstance(body, list):
-        return any(chunk_is_error(chunk) for chunk in body)
+        # An error ends a stream: its last events say (a recorder of 60,000 chunks need
+        # not walk them all to know).
+        return any(chunk_is_error(chunk) for chunk in body[-3:])
     return _error_body(body["__data__"] if is_typed(body) else body)
 
 

@@ -79,9 +79,16 @@ VOLATILE_TOP = ("event_id",)
 VOLATILE_BY_TYPE = {"conversation.item.create": (("item", "id"),)}
 
 
+_UPGRADE_NAMES = frozenset({b"upgrade", b"Upgrade", b"UPGRADE"})
+
+
 def is_upgrade(request: http.Request) -> bool:
-    """Whether a request asks for a WebSocket (``Upgrade: websocket``)."""
-    return "websocket" in request.headers.get("upgrade", "").lower()
+    """Whether a request asks for a WebSocket (``Upgrade: websocket``). From the raw
+    fields: this runs for every request, and header lookups cost more than the rest."""
+    for name, value in request.headers.fields:
+        if name in _UPGRADE_NAMES or (len(name) == 7 and name.lower() == b"upgrade"):
+            return b"websocket" in value.lower()
+    return False
 
 
 # ---- the cassette's frames (pure) ------------------------------------------------------

@@ -48,21 +48,27 @@ class Intake:
         self.keyer = Keyer()
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """Every request gets its Plan here, and our headers come off (one pass over the
+        raw fields: mitmproxy's lookups, one per name, cost more than the rest)."""
         request = flow.request
-        if is_upgrade(request):
-            return  # a WebSocket session: the session room reads its headers
-        if not any(k.lower() in _OURS for k, _ in request.headers.fields):
-            return
+        ours = False
+        for name, value in request.headers.fields:
+            lowered = name.lower()
+            if lowered in _OURS:
+                ours = True
+            elif lowered == b"upgrade" and b"websocket" in value.lower():
+                return  # a WebSocket session: the session room reads its headers
         plan = self.plans.open(flow)
-        # mitmproxy sends a streamed request's headers before the request hook runs:
-        # ours come off now. Others are read in the request hook, with the body.
-        self._take_headers(flow, plan, streamed=bool(request.stream))
+        if ours:
+            # mitmproxy sends a streamed request's headers before the request hook runs:
+            # ours come off now, whether its body streams or not.
+            self._take_headers(flow, plan, streamed=bool(request.stream))
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:
             return  # answered by another addon, or by us in requestheaders
         plan = self.plans.get(flow)
-        if plan is None:
+        if plan is None:  # requestheaders did not see it (an upgrade, or a made-up flow)
             if is_upgrade(flow.request):
                 return  # a WebSocket session: the session room's (sessions.py)
             plan = self.plans.open(flow)

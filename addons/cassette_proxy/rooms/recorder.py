@@ -297,7 +297,7 @@ class Recorder:
         status = flow.response.status_code if flow.response is not None else 200
         timing = None
         if spool is not None:
-            unsent = recorder.payloads[spool.count :]  # not written yet: the end's chunks
+            unsent = recorder.payloads[spool.count :][-3:]  # not written yet: the end's
             error = spool.error or any(chunk_is_error(recorder.read(p)[0]) for p in unsent)
             if error and recorder.complete and self._keeps_success(flow, plan, status):
                 spool.discard()
