@@ -146,13 +146,3 @@ def bad_fault(path: str, value: str, problem: str) -> http.Response:
         body["error"].update(type="cassette_bad_fault", code="cassette_bad_fault",
                              param="X-Cassette-Fault")  # fmt: skip
     return http.Response.make(400, json.dumps(body), {"content-type": "application/json"})
-
-
-def is_ours(response: http.Response | None) -> bool:
-    """Whether an answer is one of ours (never recorded)."""
-    if response is None:
-        return False
-    return any(k.lower() == _MISS_NAME for k, _ in response.headers.fields)
-
-
-_MISS_NAME = MISS_HEADER.encode()

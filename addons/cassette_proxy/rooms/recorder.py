@@ -19,7 +19,6 @@ from typing import Any
 
 from mitmproxy import ctx, exceptions, http
 
-from .. import answers
 from ..cassette import CassetteError, read_cassette
 from ..decoding import stream_decoder
 from ..families import NotRecordable
@@ -103,9 +102,7 @@ class Recorder:
         """The plan of a flow whose upstream answer is to be recorded, if any."""
         plan = self._forwarded(flow)
         if plan is None or plan.served_from is not None or flow.response is None:
-            return None
-        if answers.is_ours(flow.response):  # a miss, a refusal: never recorded
-            return None
+            return None  # (our own answers are never routed FORWARD: never recorded)
         return plan
 
     def request(self, flow: http.HTTPFlow) -> None:
