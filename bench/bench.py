@@ -959,16 +959,16 @@ def section_profile(b: Bench, up: Proc, cassettes: Path, out: dict[str, Any]) ->
 AREAS = [
     (
         "cassette addon: key (json.loads, redaction, normal form, canonical JSON, sha256)",
-        ("CassetteRecorder._plan",),
+        ("Keyer.key",),
     ),
-    ("cassette addon: lookup + cached answer + Response", ("CassetteRecorder._serve",)),
+    ("cassette addon: lookup + cached answer + Response", ("Replayer.answer",)),
     # Recording, most specific first (a stack is counted in the first area it matches).
     (
         "record: cassette text (orjson + fix-ups, or json)",
         ("dumps_indented", "Cassette.to_json", "_fix_small_floats", "_plain_json", "plain ("),
     ),
     ("record: store index of the new cassette", ("CassetteStore.add",)),
-    ("record: cassette model, redaction, file name", ("CassetteRecorder._new_cassette",)),
+    ("record: cassette model, redaction, file name", ("Scribe.cassette",)),
     ("record: temp file, write, rename", ("write_cassette",)),
     (
         "record: stream chunks (framing, orjson per chunk)",
@@ -977,17 +977,17 @@ AREAS = [
     (
         "record: the rest (answer parse, fsync thread, hooks)",
         (
-            "CassetteRecorder._write",
-            "CassetteRecorder._finish_stream",
-            "CassetteRecorder._recorded",
-            "CassetteRecorder.response",
-            "CassetteRecorder._sync",
+            "Scribe.",
+            "Recorder.",
             "sync_cassette",
-            "_Tap.",
+            "Tap.",
             "CassetteWriter.",
         ),
     ),
-    ("cassette addon: other hooks + probe", ("CassetteRecorder.", "UpstreamProbe")),
+    (
+        "cassette addon: other hooks + probe",
+        ("Intake.", "Router.", "Fallback.", "ReplayShaper.", "UpstreamProbe"),
+    ),
     ("hook dispatch (lean _HookTable)", ("_HookTable.",)),
     ("mitmproxy HTTP/1 layers + connection handling", ("mitmproxy/proxy/",)),
     ("asyncio event loop + sockets", ("asyncio/", "selectors.py")),
