@@ -108,15 +108,19 @@ def test_import_skips_what_the_proxy_answered_itself(
     tmp_path: Path, proxy_factory: Callable[..., Proxy], upstream: OpenAIUpstream
 ) -> None:
     """A flow file written next to the cassette addon: replays and misses are not new."""
-    proxy_factory(mode="record", cassette_dir=tmp_path / "c").stop()
+    first = proxy_factory(mode="record", cassette_dir=tmp_path / "c")
+    openai_client(first, upstream).chat.completions.create(
+        model="fake-model", messages=[{"role": "user", "content": "x"}]
+    )
+    first.stop()
     flows = tmp_path / "replayed.flows"
     recorder = proxy_factory(
         "-w", str(flows), mode="record-if-missing", cassette_dir=tmp_path / "c"
     )
     client = openai_client(recorder, upstream)
-    for _ in range(2):  # recorded, then a hit
+    for text in ("x", "y"):  # a hit, then recorded
         client.chat.completions.create(
-            model="fake-model", messages=[{"role": "user", "content": "x"}]
+            model="fake-model", messages=[{"role": "user", "content": text}]
         )
     recorder.stop()
     code, _, err = import_cli(str(flows), "-d", str(tmp_path / "again"))

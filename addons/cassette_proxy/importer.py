@@ -2,7 +2,7 @@
 cassettes.
 
 Each interaction goes through the same families and the same naming as a live
-recording (``recording.new_recording``), so importing traffic captured with plain
+recording (``recording.interaction``), so importing traffic captured with plain
 mitmdump, a browser or any HAR-writing tool gives the cassettes the proxy would have
 written had it seen that traffic.
 """
@@ -25,9 +25,10 @@ from .bodies import NotKeyable, keyed_parts, written_secrets
 from .cassette import Cassette, CassetteError, NotJSONError, write_cassette
 from .families import NotRecordable, classify
 from .plan import TEST_ID_HEADER
-from .recording import new_recording, whole_response
-from .redact import recordable_headers, redact_answer, redact_url, scrub
+from .recording import interaction, whole_response
+from .redact import redact_url
 from .sequence import first_path, position_of, sibling_path
+from .store import live_key
 from .streams import STREAM_TYPES
 from .vcrfile import looks_like_vcr, read_vcr
 
@@ -182,16 +183,19 @@ def cassette_of(
         half = whole_response(family, path, body, status, data)
     scoped = test_id if test_id is not None else request.headers.get(TEST_ID_HEADER)
     headers = {k: v for k, v in request.headers.items() if k.lower() != TEST_ID_HEADER}
-    recorded = recordable_headers(headers, record_headers)
-    if marker:
-        recorded["content-type"] = marker
-    return new_recording(
+    # The request as the proxy's key sees it, then the one way an interaction becomes a
+    # cassette (recording.interaction), as the proxy writes it.
+    _, path, body, _ = live_key(method, path, body, parts.query)
+    return interaction(
         root,
         method=method,
-        path=scrub(path, secrets),
-        body=scrub(body, secrets),
+        path=path,
+        body=body,
         test_id=scoped,
-        url=scrub(redact_url(request.pretty_url), secrets),
-        headers=scrub(recorded, secrets),
-        response=redact_answer(half, secrets),
+        url=redact_url(request.pretty_url),
+        request_headers=headers,
+        record_headers=record_headers,
+        marker=marker,
+        secrets=secrets,
+        response=half,
     )
