@@ -78,6 +78,7 @@ from .stable import normalize_response
 from .store import CassetteStore, live_key
 from .streams import STREAM_TYPES
 from .tempfiles import Temp, TempFiles, opened, ready
+from .tunnels import RawTunnelGuard
 from .upstream import BUSY, CONNECT_TIMEOUT_S, DOWN, UpstreamProbe
 from .usage import UsageLog
 from .writer import CassetteWriter, WholeAnswer
@@ -175,7 +176,7 @@ class CassetteRecorder:
         self.stopping = False  # set when the proxy shuts down
         # Faults on demand and recorded pacing; a child addon: its hooks run after ours.
         self.shaper = ReplayShaper(self)
-        self.addons = [self.shaper]
+        self.addons = [self.shaper, RawTunnelGuard()]
         self.sequencer = Sequencer()  # identical requests answered in recorded order
 
     # ---- options -----------------------------------------------------------------
