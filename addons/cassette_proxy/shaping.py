@@ -43,6 +43,7 @@ from .pacing import (
     whole_timing,
     with_timing,
 )
+from .redact import shown_path
 from .streams import STREAM_TYPES
 
 if TYPE_CHECKING:
@@ -119,12 +120,13 @@ class ReplayShaper:
         del flow.request.headers[FAULT_HEADER]  # never forwarded
         value = ",".join(values)
         request = flow.request
-        path = request.path.split("?", 1)[0]
+        path = request.path.split("?", 1)[0]  # for the error's shape only, never printed
+        shown = shown_path(request)  # what the log says: redacted as a cassette is
         mode = ctx.options.cassette_mode
         try:
             fault = parse_fault(value)
         except FaultError as e:
-            shown = f"{request.method} {path}"
+            shown = f"{request.method} {shown}"
             log.warning("%s bad %s header on %s: %s", mode, FAULT_HEADER_NAME, shown, e)
             flow.response = bad_fault_response(path, value, str(e))
             flow.comment = "cassette: bad X-Cassette-Fault header"
@@ -135,7 +137,7 @@ class ReplayShaper:
         body = hashlib.sha256(request.raw_content or b"").digest()
         if not self.counter.take(fault, (test_id, request.method, request.path, body)):
             log.info("%s fault %r used up (times=%d) for %s %s: answered as usual", mode,
-                     fault.spec, fault.times, request.method, path)  # fmt: skip
+                     fault.spec, fault.times, request.method, shown)  # fmt: skip
             return False
         if fault.delay_ms:
             await asyncio.sleep(fault.delay_ms / 1000)
@@ -143,7 +145,7 @@ class ReplayShaper:
             flow.response = fault_response(path, fault.status)
             flow.comment = f"cassette: fault {fault.spec}"
             flow.marked = ":boom:"
-            log.info("%s fault %s %s -> %d (%s)", mode, request.method, path, fault.status,
+            log.info("%s fault %s %s -> %d (%s)", mode, request.method, shown, fault.status,
                      FAULT_HEADER_NAME)  # fmt: skip
             return True
         if fault.needs_replay:
