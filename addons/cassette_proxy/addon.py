@@ -34,7 +34,7 @@ from mitmproxy.tls import TlsData
 from OpenSSL import SSL
 
 from . import keys, matching
-from .bodies import NotKeyable, keyed_parts, message_secrets
+from .bodies import NotKeyable, keyed_parts, message_secrets, request_content
 from .cassette import (
     MAX_CASSETTE_BYTES,
     Cassette,
@@ -45,7 +45,7 @@ from .cassette import (
     plain,
     write_cassette,
 )
-from .decoding import StreamDecoder, stream_decoder
+from .decoding import BodyTooLarge, StreamDecoder, message_content, stream_decoder
 from .fallback import TOKEN_HEADER, FallbackServer, answer_in_flight, certificate_pems
 from .families import Family, NotRecordable, StreamRecorder, Wire, classify, encode
 from .families.ollama import with_stream_default
@@ -67,9 +67,9 @@ from .redact import (
     recordable_headers,
     redact_answer,
     redact_body,
-    redact_path,
     redact_url,
     scrub,
+    shown_path,
 )
 from .sequence import Sequencer
 from .shaping import ReplayShaper
@@ -418,14 +418,14 @@ class CassetteRecorder:
         where = await self._no_forwarding(flow, mode)
         if where is None:
             request = flow.request
-            shown = redact_path(request.path.partition("?")[0])  # logs never show a key
+            shown = shown_path(request)  # logs never show a key
             log.info("%s passthrough %s %s: %s", mode, request.method, shown, why)
             return
         flow.response = self._refusal(flow, mode, why, where)
 
     def _refusal(self, flow: http.HTTPFlow, mode: str, why: str, where: str) -> http.Response:
         request = flow.request
-        shown = redact_path(request.path.partition("?")[0])
+        shown = shown_path(request)
         message = (
             f"cassette-proxy: {request.method} {shown} cannot be answered from cassettes: "
             f"{why}; {where}, so it was not forwarded"
@@ -473,7 +473,7 @@ class CassetteRecorder:
             path,
             request.query.items(multi=True) if has_query else [],
             request.headers.get("content-type", ""),
-            (request.get_content(strict=False) or b"") if request.raw_content else b"",
+            request_content(request),  # bounded: NotKeyable past it (a gzip bomb)
         )
         body, path, pairs = parts.body, parts.path, parts.query
         try:
@@ -1016,7 +1016,11 @@ class CassetteRecorder:
                 self._not_recorded(flow, plan, "the stream could not be recorded")
             return  # a stream we chose not to record
         status = flow.response.status_code
-        content = flow.response.get_content(strict=False) or b""
+        try:
+            content = message_content(flow.response)  # bounded, before any parse
+        except BodyTooLarge as e:
+            self._not_recorded(flow, plan, f"the answer: {e}; passed through as sent", warn=True)
+            return
         if self.writer.big(len(content)) and await self._record_big(flow, plan, content, status):
             return  # recorded (or not, and said why) in the worker process
         try:
