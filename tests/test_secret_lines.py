@@ -146,8 +146,12 @@ def test_more_credential_names_and_header_lists_never_reach_a_cassette(
 
 
 def test_header_lists_in_bodies_are_credentials_and_their_neighbours_data():
-    body = {"stop": ["key", "other"], "filters": [{"key": "region", "value": "us"}],
-            "rows": [["name", "value"]], "h": [{"name": "x-request-id", "value": "r1"}]}  # fmt: skip
+    body = {
+        "stop": ["key", "other"],
+        "filters": [{"key": "region", "value": "us"}],
+        "rows": [["name", "value"]],
+        "h": [{"name": "x-request-id", "value": "r1"}],
+    }
     assert redact_body(body) is body
     found = request_secrets([], [], shaped_secrets(1))
     assert {"MCPLISTHEADER1x0123456789", "MCPNAMEDHEADER1x0123456789"} <= found
@@ -182,8 +186,8 @@ def test_flow_detail_3_prints_bodies_redacted_as_their_cassettes(proxy_factory):
         proxy.stop()
         terminal = proxy.log_text()
         assert "/identity/token" in terminal and "REDACTED" in terminal
-        for secret in ("hunter2", issued["access_token"], issued["refresh_token"],
-                       issued["id_token"], "IBMAPIKEYVALUE0123456789", "CHATKEY0123456789abc"):  # fmt: skip
+        tokens = [issued[k] for k in ("access_token", "refresh_token", "id_token")]
+        for secret in ("hunter2", *tokens, "IBMAPIKEYVALUE0123456789", "CHATKEY0123456789abc"):
             assert secret not in terminal, secret
         written = every_byte_under(proxy.cassette_dir)
         assert b"hunter2" not in written and issued["access_token"].encode() not in written

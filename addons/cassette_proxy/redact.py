@@ -281,11 +281,15 @@ def _redact(value: Any, extra: frozenset[str], inside: bool, schema: bool) -> An
         out: dict[str, Any] | None = None
         pair = not inside and not schema and _named_pair_secret(value)
         for k, v in value.items():
-            secret = inside or (pair and k == "value") or (
-                isinstance(k, str)
-                and not schema
-                and (is_credential_name(k) or k in extra)
-                and not _not_secret_here(value, k)
+            secret = (
+                inside
+                or (pair and k == "value")
+                or (
+                    isinstance(k, str)
+                    and not schema
+                    and (is_credential_name(k) or k in extra)
+                    and not _not_secret_here(value, k)
+                )
             )
             if not secret and not isinstance(v, (dict, list)):
                 continue
@@ -404,10 +408,14 @@ def _body_values(value: Any, extra: frozenset[str], inside: bool, out: set[str])
             name = next(value[f] for f in _PAIR_NAMES if isinstance(value.get(f), str))
             out.update(_header_values(name, value["value"]))  # "Bearer X": X too
         for k, v in value.items():
-            secret = inside or (pair and k == "value") or (
-                isinstance(k, str)
-                and (is_credential_name(k) or k in extra)
-                and not _not_secret_here(value, k)
+            secret = (
+                inside
+                or (pair and k == "value")
+                or (
+                    isinstance(k, str)
+                    and (is_credential_name(k) or k in extra)
+                    and not _not_secret_here(value, k)
+                )
             )
             if secret or isinstance(v, (dict, list)):
                 _body_values(v, extra, secret, out)
