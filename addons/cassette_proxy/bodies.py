@@ -33,7 +33,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from . import redact
-from .decoding import BodyTooLarge, message_content
+from .decoding import MAX_DECODED_BYTES, BodyTooLarge, message_content
 
 FORM = "application/x-www-form-urlencoded"
 MULTIPART = "multipart/form-data"
@@ -231,8 +231,10 @@ def request_content(request: Any) -> bytes:
 def message_secrets(request: Any) -> tuple[frozenset[str], str | None]:
     """``written_secrets`` of a mitmproxy request: its headers, query and decoded body
     (a body over the decoding bound: none; it is never written either)."""
+    raw = request.raw_content or b""
     try:
-        content = request_content(request)
+        # A body over the bound, sent plain or encoded, is never parsed (nor written).
+        content = request_content(request) if len(raw) <= MAX_DECODED_BYTES else b""
     except NotKeyable:
         content = b""
     return written_secrets(
