@@ -238,6 +238,7 @@ _CREDENTIAL_HINTS = (b"key", b"token", b"secret", b"pass", b"sig", b"credential"
 # A short JSON string: a header name in a header list (``["Authorization", "..."]``,
 # ``{"name": "X-Api-Key", ...}``) is a string value, not a key.
 _JSON_SHORT_STRING = re.compile(rb'"([A-Za-z0-9_-]{1,64})"')
+_PAIR_LIST_START = re.compile(rb'\[\s*\[\s*"')
 
 
 def names_credentials(raw: bytes) -> bool:
@@ -250,6 +251,8 @@ def names_credentials(raw: bytes) -> bool:
             return False
     if _names_credentials(frozenset(_JSON_KEY.findall(raw))):
         return True
+    if b'"value"' not in raw and _PAIR_LIST_START.search(raw) is None:
+        return False  # no header list in it (the common case: usage's "tokens" only)
     return _names_headers(frozenset(_JSON_SHORT_STRING.findall(raw)))
 
 
