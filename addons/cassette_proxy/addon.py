@@ -10,6 +10,7 @@ hook order, the way mitmproxy builds itself from many small addons:
   ReplayShaper  paces or cuts an answer served from cassettes
   Recorder      a forwarded answer -> a cassette
   SessionRoom   WebSocket sessions, recorded and played whole (sessions.py)
+  RawTunnelGuard  a tunnel of neither HTTP nor TLS: refused where nothing may be forwarded
 
 The way of a request: intake (key), route, replay or forward, record, answer. The
 rooms share only the flow's Plan (plan.py) and the services handed to them.
@@ -35,6 +36,7 @@ from .rooms.router import Router
 from .rooms.shaper import ReplayShaper
 from .sessions import SessionRoom
 from .shaping import Shaping
+from .tunnels import RawTunnelGuard
 from .upstream import UpstreamProbe
 
 
@@ -64,6 +66,7 @@ class CassetteRecorder:
             self.shaper,
             self.recorder,
             self.sessions,
+            RawTunnelGuard(),  # raw TCP tunnels: never relayed where nothing may be forwarded
         ]
 
     def load(self, loader: Any) -> None:

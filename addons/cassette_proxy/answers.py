@@ -15,7 +15,6 @@ from mitmproxy import http
 
 from . import matching
 from .faults import FAULT_HEADER_NAME, RETRY_AFTER_STATUSES, api_family, error_body
-from .redact import redact_path
 
 FILE_HEADER = "x-cassette-file"  # a replayed answer's cassette
 MISS_HEADER = "x-cassette-miss"  # our own error answer: the request key, or why none
@@ -74,10 +73,9 @@ def miss(store: Any, plan: Any, broken: str | None = None) -> tuple[http.Respons
     return response, message
 
 
-def refusal(method: str, path: str, why: str, where: str) -> http.Response:
+def refusal(method: str, shown: str, why: str, where: str) -> http.Response:
     """A request that has no key (or whose body is streamed), where nothing may be
-    forwarded: the 404 saying why."""
-    shown = redact_path(path.partition("?")[0])
+    forwarded: the 404 saying why. ``shown``: its path redacted (printing.shown_path)."""
     message = (
         f"cassette-proxy: {method} {shown} cannot be answered from cassettes: "
         f"{why}; {where}, so it was not forwarded"

@@ -33,6 +33,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from . import redact
+from .decoding import MAX_DECODED_BYTES, BodyTooLarge, message_content
 
 FORM = "application/x-www-form-urlencoded"
 MULTIPART = "multipart/form-data"
@@ -218,13 +219,29 @@ def keyed_parts(
     )
 
 
+def request_content(request: Any) -> bytes:
+    """A mitmproxy request's decoded body, decoded with a bound (decoding.py): a body that
+    decodes past it raises NotKeyable saying so, before any parse (a gzip bomb)."""
+    try:
+        return message_content(request)
+    except BodyTooLarge as e:
+        raise NotKeyable(f"the request body: {e}") from e
+
+
 def message_secrets(request: Any) -> tuple[frozenset[str], str | None]:
-    """``written_secrets`` of a mitmproxy request: its headers, query and decoded body."""
+    """``written_secrets`` of a mitmproxy request: its headers, query and decoded body
+    (a body over the decoding bound: none; it is never written either)."""
+    raw = request.raw_content or b""
+    try:
+        # A body over the bound, sent plain or encoded, is never parsed (nor written).
+        content = request_content(request) if len(raw) <= MAX_DECODED_BYTES else b""
+    except NotKeyable:
+        content = b""
     return written_secrets(
         request.headers.items(multi=True),
         request.query.items(multi=True),
         request.headers.get("content-type", ""),
-        (request.get_content(strict=False) or b"") if request.raw_content else b"",
+        content,
     )
 
 

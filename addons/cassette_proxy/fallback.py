@@ -20,20 +20,22 @@ import secrets
 import ssl
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from mitmproxy import ctx, http
-from mitmproxy.connection import ConnectionState
+from mitmproxy.connection import ConnectionState, Server
 from mitmproxy.net.http.http1.assemble import assemble_response
 from mitmproxy.proxy import events, layer
 from mitmproxy.proxy.layers.http import (
+    ErrorCode,
     HttpLayer,
     HttpStream,
     ResponseData,
     ResponseEndOfMessage,
     ResponseHeaders,
+    ResponseProtocolError,
 )
 
 from . import answers
@@ -168,6 +170,85 @@ def _injected(event: events.MessageInjected, flow: http.HTTPFlow) -> events.Mess
     return event
 
 
+class _StreamError(ResponseProtocolError, events.MessageInjected):
+    pass
+
+
+class _Route:
+    """What an HTTP layer reads of an injected event's flow to find the stream: a
+    connection key of our own that maps to exactly one stream (``_fail_one_stream``)."""
+
+    def __init__(self, key: Server, client: object) -> None:
+        self.server_conn = key
+        self.client_conn = client
+
+
+def _layers(node: layer.Layer, seen: set[int] | None = None) -> Iterator[layer.Layer]:
+    """Every layer under ``node``: its child layers, a NextLayer's decided layer, and the
+    layers inside each HTTP stream (a CONNECT tunnel's stack)."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:
+        return
+    seen.add(id(node))
+    yield node
+    # A mode layer hands its events on to its child by rebinding ``_handle_event``.
+    handed_to = getattr(getattr(node, "_handle_event", None), "__self__", None)
+    for child in (getattr(node, "child_layer", None), getattr(node, "layer", None), handed_to):
+        if isinstance(child, layer.Layer):
+            yield from _layers(child, seen)
+    for child in node.context.layers:
+        yield from _layers(child, seen)
+    if isinstance(node, HttpLayer):
+        for stream in list(node.streams.values()):
+            yield from _layers(stream, seen)
+
+
+def _http_layer_of(root: layer.Layer, flow: http.HTTPFlow) -> tuple[HttpLayer, HttpStream] | None:
+    """The HTTP layer and stream carrying ``flow``, inside a CONNECT tunnel too."""
+    for node in _layers(root):
+        if isinstance(node, HttpLayer):
+            for stream in node.streams.values():
+                if getattr(stream, "flow", None) is flow:
+                    return node, stream
+    return None
+
+
+async def _fail_one_stream(handler: object, flow: http.HTTPFlow, message: str) -> bool:
+    """End one stream of a multiplexed (HTTP/2) upstream connection with an error for its
+    client, leaving the connection and its other streams alone. False if not found.
+
+    mitmproxy routes an injected event by the flow's server connection, which for HTTP/2
+    is the whole connection; so the event carries a route of its own, a key mapped to
+    this one stream for as long as the event takes to deliver. Inside a CONNECT tunnel
+    the outer HTTP layer does not know the key and hands the event to the tunnel (by the
+    client connection), whose stack passes a protocol error through unchanged.
+    """
+    found = _http_layer_of(handler.layer, flow)  # type: ignore[attr-defined]
+    if found is None:
+        return False
+    http_layer, stream = found
+    key = Server(address=None)
+    event = _StreamError(stream.stream_id, message, ErrorCode.GENERIC_SERVER_ERROR)
+    event.flow = _Route(key, flow.client_conn)  # type: ignore[assignment]
+    http_layer.connections[key] = stream  # type: ignore[assignment]
+    try:
+        await handler.server_event(event)  # type: ignore[attr-defined]
+    finally:
+        http_layer.connections.pop(key, None)
+    return True
+
+
+async def _end_one_stream(handler: object, flow: http.HTTPFlow, message: str) -> None:
+    """``_fail_one_stream``; where the stream cannot be found, the old way: close the
+    upstream connection (all its streams go, and the client's retries are answered)."""
+    if await _fail_one_stream(handler, flow, message):
+        return
+    server = flow.server_conn
+    log.warning("cassette fallback: no HTTP/2 stream found for the flow: upstream closed")
+    if server in handler.transports:  # type: ignore[attr-defined]
+        handler.close_connection(server)  # type: ignore[attr-defined]
+
+
 def _stream_of(root: layer.Layer, flow: http.HTTPFlow) -> HttpStream | None:
     """The HTTP stream carrying ``flow``, if the client connection's own HTTP layer has it.
 
@@ -195,13 +276,24 @@ def can_answer_in_flight(flow: http.HTTPFlow) -> bool:
 
 
 def give_up_in_flight(flow: http.HTTPFlow) -> str:
-    """Close the upstream connection of a flow that cannot be answered in flight."""
+    """End a flow that cannot be answered in flight: its stream alone on an HTTP/2
+    upstream (the connection's other streams go on), else the upstream connection."""
     proxyserver = ctx.master.addons.get("proxyserver")
     handler = proxyserver.connections.get(flow.client_conn.id) if proxyserver else None
     if handler is None:
         return "the client is gone"
-    if flow.server_conn in handler.transports:
-        handler.close_connection(flow.server_conn)
+    server = flow.server_conn
+    if server.alpn == b"h2" and server in handler.transports:
+        message = (
+            "cassette-proxy: the upstream sent no response headers in time "
+            "(cassette_response_timeout_ms); retry: it is answered from cassettes"
+        )
+        task = asyncio.get_running_loop().create_task(_end_one_stream(handler, flow, message))
+        _tasks.add(task)
+        task.add_done_callback(_tasks.discard)
+        return "ended this stream only (HTTP/2: the connection's other streams go on)"
+    if server in handler.transports:
+        handler.close_connection(server)
     return "closed the upstream connection (the client gets a 502; a retry is answered)"
 
 
@@ -212,20 +304,11 @@ def answer_in_flight(flow: http.HTTPFlow, response: http.Response | Replay) -> s
     reused). A ``Replay`` is written on its schedule and cut where it is to be cut.
     Returns what was done, for the log.
     """
+    if not can_answer_in_flight(flow):
+        return give_up_in_flight(flow)
     proxyserver = ctx.master.addons.get("proxyserver")
-    handler = proxyserver.connections.get(flow.client_conn.id) if proxyserver else None
-    if handler is None:
-        return "the client is gone"
+    handler = proxyserver.connections[flow.client_conn.id]
     server = flow.server_conn
-    stream = _stream_of(handler.layer, flow)
-    if stream is None or server.alpn == b"h2" or server not in handler.transports:
-        # Inside a CONNECT tunnel (HTTPS through the proxy) mitmproxy turns injected body
-        # events into tunnel bytes, and an HTTP/2 upstream has no single stream to answer
-        # for: close the upstream connection. The client gets mitmproxy's 502; an SDK
-        # retries, and the retry is answered from the cassettes (the upstream is down now).
-        if server in handler.transports:
-            handler.close_connection(server)
-        return "closed the upstream connection (the client gets a 502; a retry is answered)"
     server.state = ConnectionState.CLOSED  # never reused for another request
     task = asyncio.get_running_loop().create_task(_answer(handler, flow, response))
     _tasks.add(task)

@@ -17,7 +17,7 @@ from typing import Any
 from mitmproxy import http
 
 from . import matching
-from .bodies import NotKeyable, keyed_parts
+from .bodies import NotKeyable, keyed_parts, request_content
 from .cassette import MAX_CASSETTE_BYTES
 from .families import classify
 from .plan import Plan
@@ -72,7 +72,7 @@ class Keyer:
             path,
             request.query.items(multi=True) if has_query else [],
             request.headers.get("content-type", ""),
-            (request.get_content(strict=False) or b"") if request.raw_content else b"",
+            request_content(request),  # bounded: NotKeyable past it (a gzip bomb)
         )
         try:
             # Credentials never reach a cassette, nor the key (store.live_key).

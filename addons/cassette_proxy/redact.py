@@ -9,6 +9,7 @@ import base64
 import binascii
 import functools
 import json
+import logging
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -27,13 +28,6 @@ SECRET_HEADERS = frozenset(
         "set-cookie",
         "x-goog-api-key",
         "ocp-apim-subscription-key",
-        # AWS SigV4 (Bedrock): the signature and what it signs change on every call.
-        "x-amz-date",
-        "x-amz-security-token",
-        "x-amz-content-sha256",
-        # A browser's Realtime client sends its key as a subprotocol
-        # ("openai-insecure-api-key.<key>"): sessions.py writes the subprotocols without it.
-        "sec-websocket-protocol",
     }
 )
 REDACTED = "REDACTED"
@@ -49,9 +43,9 @@ REDACTED = "REDACTED"
 # (a count is never a secret), and a string under a credential name at any depth.
 CREDENTIAL_WORDS = frozenset(
     {
-        "key", "token", "secret", "secrets", "password", "passwords", "passwd",
+        "key", "token", "secret", "secrets", "password", "passwords", "passwd", "pwd",
         "passphrase", "signature", "sig", "credential", "credentials", "auth",
-        "authorization", "cookie",
+        "authorization", "cookie", "jwt", "bearer",
     }
 )  # fmt: skip
 # All-lower-case compounds ("apikey", "accesstoken", "x-apikey"): a credential word
@@ -102,7 +96,8 @@ def name_words(name: str) -> list[str]:
 def _credential_word(word: str) -> str | None:
     if word in CREDENTIAL_WORDS:
         return word
-    for base in ("key", "token", "secret", "password", "passwd", "signature", "credentials"):
+    for base in ("key", "token", "secret", "password", "passwd", "signature", "credentials",
+                 "jwt"):  # fmt: skip
         if word.endswith(base) and word[: -len(base)] in COMPOUND_PREFIXES:
             return base
     return None
@@ -194,6 +189,30 @@ def _not_secret_here(parent: dict[str, Any], name: str) -> bool:
     return False
 
 
+# Header lists carried in a body (MCP server configs, tool definitions, webhook specs):
+# ``[["Authorization", "Bearer ..."]]`` and ``[{"name": "X-Api-Key", "value": "..."}]``.
+# The value of a pair whose name is a credential header name is a credential.
+_PAIR_NAMES = ("name", "key", "header")
+
+
+def _named_pair_secret(value: dict[str, Any]) -> bool:
+    """``{"name": "X-Api-Key", "value": ...}``: a header given as a name/value object."""
+    if "value" not in value:
+        return False
+    for field in _PAIR_NAMES:
+        name = value.get(field)
+        if isinstance(name, str):
+            return is_secret_header(name)
+    return False
+
+
+def _pair_list(value: list[Any]) -> bool:
+    """``[["Authorization", "Bearer ..."], ...]``: a list of [name, value] pairs."""
+    return bool(value) and all(
+        isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) for v in value
+    )
+
+
 def redact_body(body: Any, extra: frozenset[str] = frozenset()) -> Any:
     """The body with the string values of credential fields replaced by REDACTED.
 
@@ -215,7 +234,11 @@ _JSON_KEY = re.compile(rb'"([^"\\]*+(?:\\.[^"\\]*+)*+)"\s*:')
 # ASCII letters: a text without any (and without \u escapes, which could spell one) has
 # no credential name at all.
 _CREDENTIAL_HINTS = (b"key", b"token", b"secret", b"pass", b"sig", b"credential", b"auth",
-                     b"cookie")  # fmt: skip
+                     b"cookie", b"jwt", b"bearer", b"pwd")  # fmt: skip
+# A short JSON string: a header name in a header list (``["Authorization", "..."]``,
+# ``{"name": "X-Api-Key", ...}``) is a string value, not a key.
+_JSON_SHORT_STRING = re.compile(rb'"([A-Za-z0-9_-]{1,64})"')
+_PAIR_LIST_START = re.compile(rb'\[\s*\[\s*"')
 
 
 def names_credentials(raw: bytes) -> bool:
@@ -226,7 +249,16 @@ def names_credentials(raw: bytes) -> bool:
         lower = raw.lower()
         if not any(hint in lower for hint in _CREDENTIAL_HINTS):
             return False
-    return _names_credentials(frozenset(_JSON_KEY.findall(raw)))
+    if _names_credentials(frozenset(_JSON_KEY.findall(raw))):
+        return True
+    if b'"value"' not in raw and _PAIR_LIST_START.search(raw) is None:
+        return False  # no header list in it (the common case: usage's "tokens" only)
+    return _names_headers(frozenset(_JSON_SHORT_STRING.findall(raw)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _names_headers(strings: frozenset[bytes]) -> bool:
+    return any(is_secret_header(s.decode("ascii")) for s in strings)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -250,12 +282,17 @@ def _redact(value: Any, extra: frozenset[str], inside: bool, schema: bool) -> An
         return REDACTED if inside and value != REDACTED else value
     if isinstance(value, dict):
         out: dict[str, Any] | None = None
+        pair = not inside and not schema and _named_pair_secret(value)
         for k, v in value.items():
-            secret = inside or (
-                isinstance(k, str)
-                and not schema
-                and (is_credential_name(k) or k in extra)
-                and not _not_secret_here(value, k)
+            secret = (
+                inside
+                or (pair and k == "value")
+                or (
+                    isinstance(k, str)
+                    and not schema
+                    and (is_credential_name(k) or k in extra)
+                    and not _not_secret_here(value, k)
+                )
             )
             if not secret and not isinstance(v, (dict, list)):
                 continue
@@ -268,6 +305,13 @@ def _redact(value: Any, extra: frozenset[str], inside: bool, schema: bool) -> An
         if set(map(type, value)) <= _SCALARS:
             return value  # an embedding: 1,536 floats, checked at C speed
         out_list: list[Any] | None = None
+        if not inside and not schema and _pair_list(value):
+            for i, (name, v) in enumerate(value):
+                if is_secret_header(name) and v != REDACTED:
+                    out_list = list(value) if out_list is None else out_list
+                    out_list[i] = [name, _redact(v, extra, True, False)]
+            if out_list is not None:
+                value = out_list
         for i, v in enumerate(value):
             if isinstance(v, (dict, list)) or (inside and isinstance(v, str)):
                 new = _redact(v, extra, inside, False)
@@ -354,18 +398,6 @@ def _header_values(name: str, value: str) -> list[str]:
     if name.lower() in ("cookie", "set-cookie"):
         for crumb in value.split(";"):
             values.append(crumb.partition("=")[2].strip())
-    if scheme.upper().startswith("AWS4-"):
-        # SigV4: "Credential=AKID/date/region/service/aws4_request, ..., Signature=hex"
-        for part in rest.split(","):
-            field, _, v = part.strip().partition("=")
-            if field == "Credential":
-                values.append(v.partition("/")[0])
-            elif field == "Signature":
-                values.append(v)
-    if name.lower() == "sec-websocket-protocol":
-        for protocol in value.split(","):
-            if protocol.strip().startswith("openai-insecure-api-key."):
-                values.append(protocol.strip().removeprefix("openai-insecure-api-key."))
     return values
 
 
@@ -374,17 +406,31 @@ def _body_values(value: Any, extra: frozenset[str], inside: bool, out: set[str])
         if inside:
             out.add(value)
     elif isinstance(value, dict):
+        pair = not inside and _named_pair_secret(value)
+        if pair and isinstance(value["value"], str):
+            name = next(value[f] for f in _PAIR_NAMES if isinstance(value.get(f), str))
+            out.update(_header_values(name, value["value"]))  # "Bearer X": X too
         for k, v in value.items():
-            secret = inside or (
-                isinstance(k, str)
-                and (is_credential_name(k) or k in extra)
-                and not _not_secret_here(value, k)
+            secret = (
+                inside
+                or (pair and k == "value")
+                or (
+                    isinstance(k, str)
+                    and (is_credential_name(k) or k in extra)
+                    and not _not_secret_here(value, k)
+                )
             )
             if secret or isinstance(v, (dict, list)):
                 _body_values(v, extra, secret, out)
     elif isinstance(value, list):
+        pairs = not inside and _pair_list(value)
         for v in value:
-            _body_values(v, extra, inside, out)
+            if pairs and is_secret_header(v[0]):
+                if isinstance(v[1], str):
+                    out.update(_header_values(v[0], v[1]))  # "Bearer X": X too
+                _body_values(v[1], extra, True, out)
+            else:
+                _body_values(v, extra, inside, out)
 
 
 def request_secrets(
@@ -610,3 +656,60 @@ def _clean_shell(response: dict[str, Any]) -> bool:
     """Whether the response half without its body has nothing for redact_body."""
     shell = {k: v for k, v in response.items() if k != "body"}
     return redact_body(shell) is shell
+
+
+# ---- log lines ---------------------------------------------------------------------------
+#
+# Every line the proxy logs is redacted as a cassette is. A request's path is shown as
+# its cassette would hold it (``shown_path``: keys in segments, and the request's own
+# credential values, e.g. an Azure ``api-key`` that a gateway also takes in the path);
+# and every line, whoever logs it, passes ``redact_line`` on its way out (``LineFilter``).
+
+# ``name=value`` where a URL or a line holds one (``?api-key=...``, ``;key=...``).
+_NAMED_VALUE = re.compile(r"(?<![A-Za-z0-9_-])([A-Za-z][A-Za-z0-9_.-]{0,63})=([^\s&;/#,'\"]+)")
+
+
+def redact_line(text: str) -> str:
+    """A log line with keys in text and credential ``name=value`` pairs redacted."""
+    text = redact_text(text)
+    if "=" not in text:
+        return text
+
+    def one(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if not is_secret_query_param(name) or m.group(2) == REDACTED:
+            return m.group(0)
+        return f"{name}={REDACTED}"
+
+    return _NAMED_VALUE.sub(one, text)
+
+
+class LineFilter(logging.Filter):
+    """Passes every record's text through ``redact_line`` (a filter never drops one)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad record is logging's to report
+            return True
+        clean = redact_line(text)
+        if clean != text:
+            record.msg, record.args = clean, None
+        return True
+
+
+_LINE_FILTER = LineFilter()
+_OUR_LOGGERS = ("cassette_proxy", "cassette_proxy.fallback", "cassette_proxy.pacing",
+                "cassette_proxy.store", "cassette_proxy.index_cache")  # fmt: skip
+
+
+def guard_log_lines() -> None:
+    """Put ``LineFilter`` on our loggers and on every handler the root logger has now
+    (mitmproxy's terminal log: its own lines too). Idempotent."""
+    for name in _OUR_LOGGERS:
+        logger = logging.getLogger(name)
+        if _LINE_FILTER not in logger.filters:
+            logger.addFilter(_LINE_FILTER)
+    for handler in logging.getLogger().handlers:
+        if _LINE_FILTER not in handler.filters:
+            handler.addFilter(_LINE_FILTER)

@@ -32,6 +32,7 @@ from ..plan import (
     Plans,
     is_upgrade,
 )
+from ..printing import shown_path
 from ..shaping import Shaping
 
 log = logging.getLogger("cassette_proxy")
@@ -108,12 +109,12 @@ class Intake:
 
     def _read_fault(self, flow: http.HTTPFlow, plan: Plan, value: str, streamed: bool) -> None:
         request = flow.request
-        path = request.path.split("?", 1)[0]
+        path = request.path.split("?", 1)[0]  # for the error's shape only, never printed
         try:
             plan.fault = parse_fault(value)
         except FaultError as e:
             log.warning("%s bad %s header on %s %s: %s", self.library.mode, FAULT_HEADER_NAME,
-                        request.method, path, e)  # fmt: skip
+                        request.method, shown_path(request), e)  # fmt: skip
             self._answer(flow, plan, answers.bad_fault(path, value, str(e)), streamed)
             flow.comment = "cassette: bad X-Cassette-Fault header"
             flow.marked = ":x:"
@@ -130,20 +131,20 @@ class Intake:
             self._answer(flow, plan, answers.fault(path, fault.status), streamed)
             flow.comment = f"cassette: fault {fault.spec}"
             flow.marked = ":boom:"
-            log.info("%s fault %s %s -> %d (%s)", mode, request.method, path, fault.status,
-                     FAULT_HEADER_NAME)  # fmt: skip
+            log.info("%s fault %s %s -> %d (%s)", mode, request.method, shown_path(request),
+                     fault.status, FAULT_HEADER_NAME)  # fmt: skip
 
     async def _fault(self, flow: http.HTTPFlow, plan: Plan) -> bool:
         """Apply a fault that answers or waits; False when the flow is answered."""
         fault = plan.fault
         assert fault is not None
         request = flow.request
-        path = request.path.split("?", 1)[0]
+        path = request.path.split("?", 1)[0]  # for the error's shape only, never printed
         mode = self.library.mode
         body = hashlib.sha256(request.raw_content or b"").digest()
         if not self.shaping.counter.take(fault, (plan.test_id, request.method, request.path, body)):
             log.info("%s fault %r used up (times=%d) for %s %s: answered as usual", mode,
-                     fault.spec, fault.times, request.method, path)  # fmt: skip
+                     fault.spec, fault.times, request.method, shown_path(request))  # fmt: skip
             plan.fault = None
             return True
         if fault.delay_ms:
@@ -153,8 +154,8 @@ class Intake:
             plan.route = REFUSE
             flow.comment = f"cassette: fault {fault.spec}"
             flow.marked = ":boom:"
-            log.info("%s fault %s %s -> %d (%s)", mode, request.method, path, fault.status,
-                     FAULT_HEADER_NAME)  # fmt: skip
+            log.info("%s fault %s %s -> %d (%s)", mode, request.method, shown_path(request),
+                     fault.status, FAULT_HEADER_NAME)  # fmt: skip
             return False
         if not fault.needs_replay:
             plan.fault = None

@@ -20,7 +20,7 @@ from typing import Any
 from mitmproxy import ctx, exceptions, http
 
 from ..cassette import CassetteError, read_cassette
-from ..decoding import stream_decoder
+from ..decoding import BodyTooLarge, message_content, stream_decoder
 from ..families import NotRecordable
 from ..families.openai import SSEChunkRecorder
 from ..library import Library
@@ -207,8 +207,12 @@ class Recorder:
                 self.scribe.not_recorded(flow, plan, "the stream could not be recorded")
             return  # a stream we chose not to record
         status = flow.response.status_code
-        content = flow.response.get_content(strict=False) or b""
         scribe = self.scribe
+        try:
+            content = message_content(flow.response)  # bounded, before any parse
+        except BodyTooLarge as e:
+            scribe.not_recorded(flow, plan, f"the answer: {e}; passed through as sent", warn=True)
+            return
         if scribe.writer.big(len(content)) and not self._may_replace(flow, plan, status):
             return
         if scribe.writer.big(len(content)) and await scribe.write_big(flow, plan, content, status):

@@ -17,7 +17,7 @@ from ..keying import not_keyable
 from ..library import Library
 from ..matching import Match
 from ..plan import FORWARD, PASS, REFUSE, SERVE, Plan, Plans
-from ..redact import redact_path
+from ..printing import shown_path
 from ..replayer import Replayer
 from ..upstream import BUSY, DOWN, UpstreamProbe
 
@@ -180,7 +180,7 @@ class Router:
         where = await self._no_forwarding(flow, mode)
         if where is None:
             plan.route = PASS
-            shown = redact_path(flow.request.path.partition("?")[0])  # logs never show a key
+            shown = shown_path(flow.request)  # logs never show a key
             log.info("%s passthrough %s %s: %s", mode, flow.request.method, shown, why)
             return
         plan.route = REFUSE
@@ -188,9 +188,9 @@ class Router:
 
     def _refusal(self, flow: http.HTTPFlow, why: str, where: str) -> http.Response:
         request = flow.request
-        shown = redact_path(request.path.partition("?")[0])
+        shown = shown_path(request)  # as its cassette would hold it
         log.warning("%s not forwarded %s %s: %s (%s)", self.library.mode, request.method,
                     shown, why, where)  # fmt: skip
         flow.comment = f"cassette: not forwarded ({why})"
         flow.marked = ":x:"
-        return answers.refusal(request.method, request.path, why, where)
+        return answers.refusal(request.method, shown, why, where)
