@@ -62,6 +62,7 @@ class Entry:
     loose_rules: tuple[str, ...] = ()  # the loose rules of each of ``loose``
     upstream: str | None = None  # host:port it was recorded against (host affinity)
     model: str | None = None  # the request's model (a miss's nearest recording)
+    llama_stack: bool = False  # written by llama-stack's recorder (matching.LLAMA_STACK_RULES)
 
 
 @dataclass
@@ -383,6 +384,7 @@ class CassetteStore:
         return Entry(
             key, path, cassette.test_id, request.method, request.path, loose, merge, rules,
             matching.upstream_of(cassette.request.url), matching.model_of(request.body),
+            eras.recorded_by_llama_stack(cassette),
         )  # fmt: skip
 
     def _insert(self, entry: Entry) -> Entry:
@@ -476,15 +478,18 @@ class CassetteStore:
             return cassette
         cassette = _read_mapped(entry.path)
         if entry.merge_field:
-            # Host affinity: lists recorded against this entry's upstream go last, so
-            # their models win over the same ids from other hosts (a later list wins).
+            # The lists of this entry's upstream only: host affinity chose it because the
+            # request went there, or because the request's upstream has no list. Another
+            # host's models (vLLM's, answering an Ollama request) are never merged in.
             siblings = sorted(
                 (
                     e
                     for e in self._index.get(entry.key, [])
-                    if e.test_id == entry.test_id and e.merge_field == entry.merge_field
+                    if e.test_id == entry.test_id
+                    and e.merge_field == entry.merge_field
+                    and e.upstream == entry.upstream
                 ),
-                key=lambda e: (e.upstream == entry.upstream, str(e.path)),
+                key=lambda e: str(e.path),
             )
             if len(siblings) > 1:
                 group = [
