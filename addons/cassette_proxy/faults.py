@@ -175,6 +175,14 @@ def fault_response(path: str, status: int) -> http.Response:
     return http.Response.make(status, body, headers)
 
 
+def cut_beyond_stream(cut: int, chunks: int) -> str:
+    """Why ``cut-after=N`` cuts nothing: the replayed stream has N chunks or fewer."""
+    return (
+        f"cut-after={cut} cuts nothing: the recorded stream has {chunks} chunk(s) "
+        f"(the end marker included); use cut-after=0 to {max(chunks - 1, 0)}"
+    )
+
+
 def bad_fault_response(path: str, value: str, problem: str) -> http.Response:
     """The 400 for a header value that names no fault (never retried by the SDKs)."""
     message = f"cassette-proxy: bad X-Cassette-Fault header {value[:200]!r}: {problem}"

@@ -30,6 +30,7 @@ from .faults import (
     FaultCounter,
     FaultError,
     bad_fault_response,
+    cut_beyond_stream,
     fault_response,
     parse_fault,
 )
@@ -172,6 +173,15 @@ class ReplayShaper:
         streamed = content_type.lower().startswith(STREAM_TYPES)
         body = response.raw_content or b""
         pieces = schedule(body, content_type, timing, self.factor, streamed)
+        if fault is not None and cut is not None and streamed and cut >= len(pieces):
+            # Nothing would be cut: say so, never log a cut that did not happen.
+            problem = cut_beyond_stream(cut, len(pieces))
+            log.warning("%s fault %r not applied to %s: %s", ctx.options.cassette_mode,
+                        fault.spec, plan.served_from, problem)  # fmt: skip
+            flow.response = bad_fault_response(plan.path, fault.spec, problem)
+            flow.comment = f"cassette: bad X-Cassette-Fault ({problem})"
+            flow.marked = ":x:"
+            return
         delay = fault.delay_ms / 1000 if fault is not None else 0.0
         replay = Replay(
             response=response,
@@ -214,7 +224,7 @@ class ReplayShaper:
         if entry is None:
             return None
         try:
-            return recorded_timing(store.read(entry).response)
+            return recorded_timing(store.read(entry).response, plan.served_from or "")
         except Exception:  # noqa: BLE001 - it was just read for the answer; no pacing then
             return None
 

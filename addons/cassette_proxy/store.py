@@ -36,6 +36,7 @@ from .cassette import (
 )
 from .families import unknown_type
 from .index_cache import IndexCache
+from .printable import printable
 from .sequence import SequenceIndex, position_of
 
 log = logging.getLogger(__name__)
@@ -223,6 +224,7 @@ class CassetteStore:
                     continue
                 cache.put(relative, stat, _entry_record(entry))
         cache.save()
+        report.bad = [printable(problem) for problem in report.bad]  # names reach the log
         for entries in [*self._index.values(), *self._loose.values()]:
             if len(entries) > 1:
                 # Newest first, so a fresh recording wins over an older file with the same key.
@@ -307,7 +309,8 @@ class CassetteStore:
             stat = entry.path.stat()
         except OSError:
             self._forget(entry.path)
-            log.warning("cassette %s is gone from the folder, no longer served", entry.path)
+            log.warning("cassette %s is gone from the folder, no longer served",
+                        self.relative(entry.path))  # fmt: skip
             return True
         if self._files.get(str(entry.path)) == _signature(stat):
             return False
@@ -332,11 +335,12 @@ class CassetteStore:
                 return False
             entry = self._add(path, cassette)
         except CassetteError as e:
-            log.warning("cassette skipped: %s", e)
+            log.warning("cassette skipped: %s", printable(str(e)))
             return False
         except Exception as e:  # noqa: BLE001 - one odd file never stops the proxy
             name = type(e).__name__
-            log.warning("cassette skipped: %s: cannot be indexed: %s: %s", path, name, e)
+            problem = printable(f"{path}: cannot be indexed: {name}: {e}")
+            log.warning("cassette skipped: %s", problem)
             return False
         if position_of(path) == 1:  # later answers live in self.sequences, not the index
             self._first(entry)  # the newest file wins, as at a start
@@ -513,6 +517,11 @@ class CassetteStore:
             self._cache.popitem(last=False)
 
     def relative(self, path: Path) -> str:
+        """A file's name below the folder, as shown in headers and log lines: control
+        characters escaped (``printable``), so a CR/LF in a name ends no header or line."""
+        return printable(self._relative(path))
+
+    def _relative(self, path: Path) -> str:
         for root in (self.root, self._real_root):
             # A path the proxy built under root: no realpath() syscalls on every recording
             # (and string work: pathlib's relative_to cost 0.1 ms a call).
