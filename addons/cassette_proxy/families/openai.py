@@ -14,7 +14,7 @@ import struct
 from typing import Any
 
 from ..cassette import FiniteList, typed
-from ..streams import SSEBytesFramer, json_payload, sse_payload
+from ..streams import NotUTF8, SSEBytesFramer, json_payload, sse_payload
 from .base import NotRecordable, Wire, is_typed, json_wire
 
 CHAT = "openai.types.chat.chat_completion.ChatCompletion"
@@ -113,7 +113,10 @@ class SSEChunkRecorder:
 
     def feed(self, data: bytes) -> None:
         for event in self._framer.feed(data):
-            name, payload = sse_payload(event)
+            try:
+                name, payload = sse_payload(event)
+            except NotUTF8 as e:  # issue 18.14: refused, never stored with U+FFFD
+                raise NotRecordable(f"SSE data is not JSON: {e}") from e
             if payload is None:
                 continue  # a comment or keep-alive
             if payload[:1] not in (b"{", "{"):  # a chunk is an object: only then look
