@@ -52,6 +52,7 @@ from .families.ollama import with_stream_default
 from .families.openai import SSEChunkRecorder
 from .faults import FAULT_HEADER
 from .pacing import with_timing
+from .printable import printable
 from .recording import (
     DEFAULT_RECORDED_ERRORS,
     is_error,
@@ -561,14 +562,16 @@ class CassetteRecorder:
                     raise
                 # A later answer deleted or broken since it was indexed: the sequence
                 # now ends before it, and the last answer still there repeats.
-                log.warning("later answer %s cannot be read; it is no longer served", entry.path)
+                shown = self.store.relative(entry.path)  # a name's CR/LF escaped
+                log.warning("later answer %s cannot be read; it is no longer served", shown)
                 self.store.sequences.remove(entry.path)
                 entry = self.store.sequences.at(first, plan.position or 1)
                 wire, plan.served_from, fields = self._wire(entry, plan)
         except (OSError, ValueError, NotRecordable, CassetteError) as e:
-            log.warning("cassette %s cannot be replayed: %s", entry.path, e)
+            broken = printable(f"{self.store.relative(entry.path)}: {e}")  # names escaped
+            log.warning("cassette %s cannot be replayed", broken)
             self.counts["miss"] += 1
-            return self._miss(plan, broken=f"{self.store.relative(entry.path)}: {e}")
+            return self._miss(plan, broken=broken)
         plan.served_entry = entry
         self.counts["hit"] += 1
         self.usage.note("fallback" if why else "hit", plan.served_from)
