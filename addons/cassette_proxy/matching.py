@@ -13,7 +13,9 @@ Read this file to know why a request got a given cassette (or none).
    tried, each a small named function that forgets one thing about a request. The
    request's loose keys are its forms under every combination of the rules that
    change it, fewest rules first; a recording is indexed under its own forms the same
-   way, so a rule may apply on either side.
+   way, so a rule may apply on either side. The rules made for what llama-stack's
+   recorder dropped (``LLAMA_STACK_RULES``) match llama-stack's files only, and no rule
+   forgets a paging parameter (``PAGING_PARAMS``): see docs/matching.md.
 4. When several recordings answer one key, ``choose`` picks: the request's own test
    id first; then host affinity (recorded against the same upstream host and port);
    then a recording made outside any test; then the lowest test id.
