@@ -601,7 +601,7 @@ class CassetteRecorder:
         """The bytes to send for a hit, the cassette file named in the answer, and the
         answer's header fields (None when Response.make must encode the body itself)."""
         assert self.store is not None
-        cassette = self.store.read(entry)
+        cassette = self.store.read(entry, plan.upstream)  # model lists: per upstream
         # One recording is encoded per what the request asked for, not only per key: the
         # key leaves out encoding_format (embeddings as floats or base64), and a loose
         # match may serve a stream to a request that did not ask for its usage chunk.
