@@ -234,3 +234,9 @@ def test_model_lists_are_merged_per_upstream_only(proxy_factory, upstream_factor
     for up in (a, b):
         models = {m.id: m.owned_by for m in openai_client(replay, up).models.list()}
         assert models == {m: f"fake-{up.tag}" for m in up.models}
+    # An upstream with no list of its own gets every upstream's, merged.
+    c = upstream_factory("C", models=["never-asked"])
+    models = sorted(m.id for m in openai_client(replay, c).models.list())
+    assert models == ["only-a", "only-b", "shared"]
+    again = {m.id: m.owned_by for m in openai_client(replay, a).models.list()}
+    assert again == {m: "fake-A" for m in a.models}  # and A still gets A's alone

@@ -474,36 +474,47 @@ class CassetteStore:
         entries = self._by_path.get(wire_path, [])
         return sorted({e.test_id for e in entries if e.test_id and e.method == method.upper()})
 
-    def read(self, entry: Entry) -> Cassette:
-        """The cassette as it is replayed: ids mapped back, model lists merged."""
+    def read(self, entry: Entry, host: str | None = None) -> Cassette:
+        """The cassette as it is replayed: ids mapped back, model lists merged.
+
+        A model list is merged with the lists recorded against its own upstream only
+        (another host's models, vLLM's answering an Ollama request, never join in); with
+        every upstream's only when ``host``, the request's upstream, has no list of its own.
+        """
+        if entry.merge_field and host is not None:
+            siblings = self._model_lists(entry)
+            if len(siblings) > 1 and all(e.upstream != host for e in siblings):
+                return self._merged(entry, siblings, _read_mapped(entry.path))  # rare: uncached
         cassette = self._cache.get(entry.path)
         if cassette is not None:
             self._cache.move_to_end(entry.path)
             return cassette
         cassette = _read_mapped(entry.path)
         if entry.merge_field:
-            # The lists of this entry's upstream only: host affinity chose it because the
-            # request went there, or because the request's upstream has no list. Another
-            # host's models (vLLM's, answering an Ollama request) are never merged in.
-            siblings = sorted(
-                (
-                    e
-                    for e in self._index.get(entry.key, [])
-                    if e.test_id == entry.test_id
-                    and e.merge_field == entry.merge_field
-                    and e.upstream == entry.upstream
-                ),
-                key=lambda e: str(e.path),
-            )
-            if len(siblings) > 1:
-                group = [
-                    cassette if e.path == entry.path else _read_mapped(e.path) for e in siblings
-                ]
-                merged = eras.merge_model_lists(group, entry.merge_field)
-                response = RecordedResponse.model_validate(merged)
-                cassette = cassette.model_copy(update={"response": response})
+            own = [e for e in self._model_lists(entry) if e.upstream == entry.upstream]
+            cassette = self._merged(entry, own, cassette)
         self._remember(entry.path, cassette)
         return cassette
+
+    def _model_lists(self, entry: Entry) -> list[Entry]:
+        """The model lists recorded for the same request and test id as ``entry``."""
+        return sorted(
+            (
+                e
+                for e in self._index.get(entry.key, [])
+                if e.test_id == entry.test_id and e.merge_field == entry.merge_field
+            ),
+            key=lambda e: str(e.path),
+        )
+
+    def _merged(self, entry: Entry, group: list[Entry], cassette: Cassette) -> Cassette:
+        """``cassette`` (``entry``'s) answering with the union of ``group``'s lists."""
+        if len(group) < 2 or entry.merge_field is None:
+            return cassette
+        read = [cassette if e.path == entry.path else _read_mapped(e.path) for e in group]
+        merged = eras.merge_model_lists(read, entry.merge_field)
+        response = RecordedResponse.model_validate(merged)
+        return cassette.model_copy(update={"response": response})
 
     def uncache(self, path: Path) -> None:
         """Forget the parsed cassette kept for ``path``: the next read is from its file
