@@ -78,12 +78,14 @@ def base_url(request: dict[str, Any]) -> str:
 
 
 def merged_model_list(doc: dict[str, Any]) -> list[dict[str, Any]] | dict[str, Any]:
-    """The model list llama-stack itself replays for a request: every recording of the same
-    request (its hash material: method, URL path, body, test id) merged, union by id,
-    sorted by id; a list recorded once is served as it is."""
+    """The model list replayed for a request: every recording of the same request (its
+    hash material: method, URL path, body, test id) against the same upstream host and
+    port merged, union by id, sorted by id (issue 18.4: another host's models never join
+    in); a list recorded once is served as it is."""
     request = doc["request"]
-    mine = (request["method"], urlsplit(request["url"]).path, json.dumps(request["body"]),
-            doc.get("test_id"))  # fmt: skip
+    url = urlsplit(request["url"])
+    mine = (request["method"], url.path, json.dumps(request["body"]), doc.get("test_id"),
+            url.netloc)  # fmt: skip
     seen: dict[str, Any] = {}
     kind = None
     group = []
@@ -91,7 +93,8 @@ def merged_model_list(doc: dict[str, Any]) -> list[dict[str, Any]] | dict[str, A
         other = load(row["filename"])
         req = other["request"]
         theirs = (req.get("method"), urlsplit(req.get("url") or "").path,
-                  json.dumps(req.get("body")), other.get("test_id"))  # fmt: skip
+                  json.dumps(req.get("body")), other.get("test_id"),
+                  urlsplit(req.get("url") or "").netloc)  # fmt: skip
         if theirs == mine:
             group.append(other["response"]["body"])
     if len(group) == 1:  # nothing to merge: served as recorded, in its own order

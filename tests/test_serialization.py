@@ -103,7 +103,7 @@ SSE_STREAM = (
     b"\r\n\r\n"
     b'event: message\ndata: {"id": "b",\ndata:  "choices": []}\n\n'
     b'data:{"id": "c", "n": 123456789012345678901234567890, "f": 1e-07, "x": NaN}\n\n'
-    b'data: {"id": "d", "bad": "\xff"}\n\n'
+    b'data: {"id": "d", "ok": "\xe2\x82\xac"}\n\n'
     b"data:  [DONE] \n\n"
 )  # fmt: skip
 
@@ -130,6 +130,9 @@ def test_sse_recorder_records_what_the_text_framing_did(size: int):
         (b"data: {not json}\n\n", "SSE data is not JSON"),
         (b'data: {"error": {"message": "boom"}}\n\n', "error inside the stream"),
         (b'event: delta\ndata: {"x": 1}\n\n', "named SSE event 'delta'"),
+        # Issue 18.14: bytes that are not UTF-8 are refused, as in a whole answer.
+        (b'data: {"bad": "\xff"}\n\n', "not valid UTF-8"),
+        (b'event: message\ndata: {"bad": "\xff"}\n\n', "not valid UTF-8"),
     ],
 )
 def test_sse_recorder_refuses_what_it_refused(event: bytes, reason: str):
@@ -159,7 +162,7 @@ def test_sse_recorder_needs_done():
 NDJSON_STREAM = (
     b'{"message": {"content": "caf\xc3\xa9"}, "done": false}\r\n'
     b"\n"
-    b'{"message": {"content": "\xff"}, "n": 12345678901234567890123, "done": false}\n'
+    b'{"message": {"content": "\xe2\x82\xac"}, "n": 12345678901234567890123, "done": false}\n'
     b'{"message": {"content": ""}, "done": true}'
 )
 
@@ -180,13 +183,23 @@ def test_ndjson_recorder_refuses_a_bad_line():
         recorder.feed(b'{"done": false}\n{oops\n')
     with pytest.raises(NotRecordable, match="not a JSON object"):
         NDJSONRecorder(CHAT, _done).feed(b"[1]\n")
+    with pytest.raises(NotRecordable, match="not valid UTF-8"):  # issue 18.14
+        NDJSONRecorder(CHAT, _done).feed(b'{"content": "\xff", "done": false}\n')
 
 
-@pytest.mark.parametrize("payload", [b'{"a": 1}', b"[1, 2.5e-07]", b'"\xff"', b"NaN", b"1" * 25])
+@pytest.mark.parametrize(
+    "payload", [b'{"a": 1}', b"[1, 2.5e-07]", b'"\xe2\x82\xac"', b"NaN", b"1" * 25]
+)
 def test_json_payload_reads_what_json_loads_reads(payload: bytes):
-    want = json.loads(payload.decode("utf-8", "replace"))
+    want = json.loads(payload.decode("utf-8"))
     assert json.dumps(json_payload(payload)[0]) == json.dumps(want)
-    assert json.dumps(json_payload(payload.decode("utf-8", "replace"))[0]) == json.dumps(want)
+    assert json.dumps(json_payload(payload.decode("utf-8"))[0]) == json.dumps(want)
+
+
+def test_json_payload_refuses_bytes_that_are_not_utf8():
+    """Issue 18.14: never U+FFFD in place of what was sent; a JSON error, as json says."""
+    with pytest.raises(json.JSONDecodeError, match="not valid UTF-8"):
+        json_payload(b'"\xff"')
 
 
 def test_a_stream_with_nan_is_written_as_json_writes_it():

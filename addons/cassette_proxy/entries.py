@@ -22,6 +22,7 @@ class Entry:
     loose_rules: tuple[str, ...] = ()  # the loose rules of each of ``loose``
     upstream: str | None = None  # host:port it was recorded against (host affinity)
     model: str | None = None  # the request's model (a miss's nearest recording)
+    llama_stack: bool = False  # written by llama-stack's recorder (matching.LLAMA_STACK_RULES)
 
 
 class Index(Protocol):

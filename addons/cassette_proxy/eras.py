@@ -170,6 +170,24 @@ def written_by_llama_stack(cassette: Cassette) -> bool:
     return isinstance(data, dict) and ("category" in data or "provider" in data)
 
 
+def recorded_by_llama_stack(cassette: Cassette) -> bool:
+    """Whether llama-stack's recorder wrote this file (the loose rules made for what that
+    recorder dropped apply to its files only, ``matching.LLAMA_STACK_RULES``).
+
+    What only that recorder writes: an SDK call's URL (``is_sdk_call``); the request's
+    ``provider_metadata``; a raw-HTTP call's ``payload``; a recorded exception with
+    ``category`` or ``provider``. The proxy writes the wire (URL path equal to the
+    endpoint, ``body``) and none of these.
+    """
+    if is_sdk_call(cassette):
+        return True
+    extra = cassette.request.model_extra or {}
+    if "provider_metadata" in extra or (cassette.request.body is None and "payload" in extra):
+        return True
+    data = (cassette.response.model_extra or {}).get("exception_data")
+    return isinstance(data, dict) and ("category" in data or "provider" in data)
+
+
 def _query_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

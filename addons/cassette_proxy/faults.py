@@ -160,3 +160,11 @@ def error_body(family: str, status: int, message: str) -> dict[str, Any]:
     fallback = "server_error" if status >= 500 else "invalid_request_error"
     kind, code = _OPENAI_TYPES.get(status, (fallback, None))
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def cut_beyond_stream(cut: int, chunks: int) -> str:
+    """Why ``cut-after=N`` cuts nothing: the replayed stream has N chunks or fewer."""
+    return (
+        f"cut-after={cut} cuts nothing: the recorded stream has {chunks} chunk(s) "
+        f"(the end marker included); use cut-after=0 to {max(chunks - 1, 0)}"
+    )

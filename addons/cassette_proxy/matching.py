@@ -13,7 +13,9 @@ Read this file to know why a request got a given cassette (or none).
    tried, each a small named function that forgets one thing about a request. The
    request's loose keys are its forms under every combination of the rules that
    change it, fewest rules first; a recording is indexed under its own forms the same
-   way, so a rule may apply on either side.
+   way, so a rule may apply on either side. The rules made for what llama-stack's
+   recorder dropped (``LLAMA_STACK_RULES``) match llama-stack's files only, and no rule
+   forgets a paging parameter (``PAGING_PARAMS``): see docs/matching.md.
 4. When several recordings answer one key, ``choose`` picks: the request's own test
    id first; then host affinity (recorded against the same upstream host and port);
    then a recording made outside any test; then the lowest test id.
@@ -34,6 +36,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 from . import eras, keys
 from .entries import Entry, Index
 from .equivalence import normal_form
+from .families.openai import asks_for_usage
 from .redact import keyed_query, redact_body, redact_path, wire_text
 
 if TYPE_CHECKING:
@@ -173,11 +176,20 @@ def _is_openai_completions(path: str) -> bool:
 def stream_options_ignored(f: Form) -> Form:
     """A stream's ``stream_options`` (include_usage) is forgotten: llama-stack's recorder
     ignores it for Bedrock, where it varies between runs. The replay then gives what the
-    request asked for (``families.openai``: no usage chunk unless asked)."""
+    request asked for (``families.openai``: no usage chunk unless asked).
+
+    One direction only: a recording's options are forgotten (its usage chunk is stripped
+    for a request that did not ask), but a request that asks for usage keeps them, as a
+    stream recorded without usage cannot give it."""
     body = f.body
     if _is_openai_completions(f.path) and isinstance(body, dict) and body.get("stream"):
         return replace(f, body={k: v for k, v in body.items() if k != "stream_options"})
     return f
+
+
+def stream_options_ignored_request(f: Form) -> Form:
+    """``stream_options_ignored`` on the request's side: never for one asking usage."""
+    return f if asks_for_usage(f.body) else stream_options_ignored(f)
 
 
 def pull_model_ignored(f: Form) -> Form:
@@ -214,8 +226,11 @@ _SEARCH_CITATION = re.compile(r"<\|" + _UUID + r"\|>")
 def _volatile_text(text: str) -> str:
     if "." not in text and ":" not in text and "<|" not in text:
         return text  # most strings: nothing to rewrite, no regex run
-    text = _SEARCH_SCORE.sub("score: *", text)
-    text = _SEARCH_ATTRIBUTES.sub("", text)
+    if "document_id:" in text:
+        # Scores and attributes only in file_search results (which name their documents):
+        # "credit score: 820" in a prompt is the user's text, not a search score.
+        text = _SEARCH_SCORE.sub("score: *", text)
+        text = _SEARCH_ATTRIBUTES.sub("", text)
     text = _SEARCH_DOCUMENT_ID.sub("document_id: *", text)
     text = _SEARCH_CITATION.sub("<|*|>", text)
     return _LONG_DECIMAL.sub(lambda m: f"{float(m.group(0)):.5f}", text)
@@ -237,11 +252,27 @@ def volatile_text_ignored(f: Form) -> Form:
     return replace(f, body=_volatile(f.body))
 
 
+# Query parameters that choose a page of a list: never forgotten by a loose rule (page 2
+# answered with page 1 loops a paginating client for ever). Compared lower-case.
+PAGING_PARAMS = frozenset(
+    {
+        "after", "before", "page", "cursor", "order", "limit", "offset", "starting_after",
+        "ending_before", "page_size", "pagesize", "page_token", "pagetoken", "next_token",
+        "nexttoken", "next_page_token", "nextpagetoken", "continuation_token",
+        "continuationtoken", "marker", "since", "until", "sort", "per_page", "start",
+    }
+)  # fmt: skip
+
+
+def is_paging_param(name: str) -> bool:
+    return name.lower() in PAGING_PARAMS
+
+
 def query_not_recorded(f: Form) -> Form:
-    """The request's query is forgotten, for recordings that have none: llama-stack's
-    recorder never saw parameters an SDK adds by default (watsonx's ``?version=``).
-    A request side rule: a recording with a query keeps it."""
-    return replace(f, query=())
+    """The request's query is forgotten, for llama-stack recordings: that recorder never
+    saw parameters an SDK adds by default (watsonx's ``?version=``). Paging parameters
+    are kept (``PAGING_PARAMS``). A request side rule: a recording keeps its query."""
+    return replace(f, query=tuple((k, v) for k, v in f.query if is_paging_param(k)))
 
 
 @dataclass(frozen=True)
@@ -249,6 +280,9 @@ class LooseRule:
     name: str
     request: Callable[[Form], Form]  # how the rule changes a live request
     recording: Callable[[Form], Form]  # how it changes a recording (often the same)
+    # Made for what llama-stack's recorder dropped: matches its files only
+    # (``eras.recorded_by_llama_stack``), never the proxy's own recordings.
+    llama_stack_only: bool = False
 
 
 def _unchanged(f: Form) -> Form:
@@ -258,12 +292,13 @@ def _unchanged(f: Form) -> Form:
 # In the order they are tried; a request changed by several gets every combination.
 LOOSE_RULES: tuple[LooseRule, ...] = (
     LooseRule("null_insensitive", null_insensitive, null_insensitive),
-    LooseRule("stream_options_ignored", stream_options_ignored, stream_options_ignored),
+    LooseRule("stream_options_ignored", stream_options_ignored_request, stream_options_ignored),
     LooseRule("pull_model_ignored", pull_model_ignored, pull_model_ignored),
     LooseRule("project_id_ignored", project_id_ignored, project_id_ignored),
-    LooseRule("volatile_text_ignored", volatile_text_ignored, volatile_text_ignored),
-    LooseRule("query_not_recorded", query_not_recorded, _unchanged),
+    LooseRule("volatile_text_ignored", volatile_text_ignored, volatile_text_ignored, True),
+    LooseRule("query_not_recorded", query_not_recorded, _unchanged, True),
 )
+LLAMA_STACK_RULES = frozenset(rule.name for rule in LOOSE_RULES if rule.llama_stack_only)
 
 
 def _forms(f: Form, side: str) -> Iterator[tuple[Form, tuple[str, ...]]]:
@@ -352,14 +387,21 @@ def find(
         return Match(entry, EXACT)
     for k, names in loose_keys(request):
         found = store.loose(k) if k == key else [*store.exact(k), *store.loose(k)]
+        # A rule made for llama-stack's files never matches the proxy's own recordings.
+        found = [e for e in found if e.llama_stack or not LLAMA_STACK_RULES & _applied(e, k, names)]
         entry = choose(found, test_id, host)
         if entry is not None:
-            # The rules applied to the request, and those applied to the recording.
-            recorded = entry.loose_rules[entry.loose.index(k)] if k in entry.loose else ""
-            applied = {*names.split("+"), *recorded.split("+")}
+            applied = _applied(entry, k, names)
             rules = [rule.name for rule in LOOSE_RULES if rule.name in applied]
             return Match(entry, "+".join(rules) or EXACT)
     return None
+
+
+def _applied(entry: Entry, k: str, names: str) -> set[str]:
+    """The rules by which ``entry`` answers loose key ``k``: those applied to the request
+    (``names``) and those applied to the recording."""
+    recorded = entry.loose_rules[entry.loose.index(k)] if k in entry.loose else ""
+    return {n for n in (*names.split("+"), *recorded.split("+")) if n}
 
 
 # ---- a miss: what was closest ---------------------------------------------------------------

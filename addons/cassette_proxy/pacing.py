@@ -40,6 +40,9 @@ TOKEN_HEADER = "x-cassette-replay"
 PACING_OFF = "off"
 PACING_RECORDED = "recorded"
 MAX_TIMED_CHUNKS = 100_000  # a cassette holds at most this many chunk times
+# No recorded time is waited longer than this (ms): a hand-edited or corrupt ``timing``
+# (``1e300``) must not hang a paced replay for ever. A real stream this slow is rare.
+MAX_TIMING_MS = 10 * 60 * 1000.0
 
 
 def parse_pacing(value: str) -> float | None:
@@ -84,7 +87,7 @@ class ChunkClock:
 
     def __init__(self, content_type: str, started: float) -> None:
         self._sse = _is_sse(content_type)
-        self._framer: SSEFramer | LineFramer = SSEFramer() if self._sse else LineFramer()
+        self._framer: SSEFramer | LineFramer = SSEFramer(False) if self._sse else LineFramer(False)
         # AWS eventstream: every binary message is a chunk (families/eventstream.py).
         self._frames = FrameSplitter() if is_eventstream(content_type) else None
         self.started = started
@@ -126,8 +129,9 @@ def with_timing(response: dict[str, Any], timing: dict[str, Any]) -> dict[str, A
     return {**{k: v for k, v in response.items() if k != "timing"}, "timing": timing}
 
 
-def recorded_timing(response: Any) -> dict[str, Any] | None:
-    """The timing a cassette's response half holds, if it is well formed."""
+def recorded_timing(response: Any, where: str = "") -> dict[str, Any] | None:
+    """The timing a cassette's response half holds, if it is well formed; times capped
+    (``bounded_timing``; ``where`` names the file in the warning)."""
     timing = getattr(response, "timing", None)
     if timing is None and isinstance(response, dict):
         timing = response.get("timing")
@@ -141,7 +145,33 @@ def recorded_timing(response: Any) -> dict[str, Any] | None:
         return None
     if chunks is None and total is None:
         return None
-    return timing
+    return bounded_timing(timing, where)
+
+
+def bounded_timing(timing: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """``timing`` with every time capped: chunk times at the recording's own total (when
+    it has a sane one) and everything at ``MAX_TIMING_MS``. Logs a warning when it caps."""
+    total = timing.get("total_ms")
+    chunks = timing.get("chunks_ms")
+    cap_total = min(total, MAX_TIMING_MS) if total is not None else MAX_TIMING_MS
+    cap_chunk = cap_total if total is not None else MAX_TIMING_MS
+    capped_chunks = [min(c, cap_chunk) for c in chunks] if chunks is not None else None
+    if capped_chunks == chunks and (total is None or cap_total == total):
+        return timing
+    over = max([*(chunks or []), total or 0.0]) - cap_chunk
+    if over > 1.0:  # a chunk a rounding step after the total is no news
+        log.warning(
+        "recorded timing%s out of bounds (total_ms %s, largest chunk %s ms): capped at "
+            "%g ms (the recording's total, at most %g ms)",
+            f" of {where}" if where else "", total, max(chunks) if chunks else None,
+            cap_chunk, MAX_TIMING_MS,
+        )  # fmt: skip
+    out = dict(timing)
+    if chunks is not None:
+        out["chunks_ms"] = capped_chunks
+    if total is not None:
+        out["total_ms"] = cap_total
+    return out
 
 
 def _number(value: Any) -> bool:

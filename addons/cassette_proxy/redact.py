@@ -55,13 +55,20 @@ COMPOUND_PREFIXES = (
     "security", "session", "subscription", "master", "app", "oauth", "sas", "signing",
     "x", "xapi",
 )  # fmt: skip
+# Paging words: ``pageToken``, ``nextToken``, ``next_page_token``, ``continuation_token``
+# name the cursor of a list's next page, not a credential. Dropped from the key or
+# written as REDACTED, page 2 would get page 1's answer.
+PAGING_WORDS = frozenset(
+    {"page", "next", "prev", "previous", "continuation", "pagination", "cursor", "resume",
+     "resumption", "sync"}
+)  # fmt: skip
 # Words that make the credential word that follows them a non-secret: the special
-# tokens of a chat template (``eos_token``), keys that are identifiers
+# tokens of a chat template (``eos_token``), paging cursors, keys that are identifiers
 # (``prompt_cache_key``, ``idempotency_key``, ``public_key``), Gemini's
 # ``thoughtSignature`` (an opaque blob the client sends back).
 NOT_SECRET_AFTER = {
     "token": frozenset({"eos", "bos", "pad", "unk", "sep", "cls", "mask", "stop", "start",
-                        "end", "special", "image", "audio", "video"}),
+                        "end", "special", "image", "audio", "video", *PAGING_WORDS}),
     "key": frozenset({"cache", "idempotency", "partition", "sort", "primary", "foreign",
                       "object", "routing", "dedup", "dedupe", "group", "public", "lookup",
                       "hash", "row", "column", "field", "map"}),

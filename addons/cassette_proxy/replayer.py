@@ -22,6 +22,7 @@ from .cassette import Cassette, CassetteError
 from .families import NotRecordable, Wire, encode
 from .library import Library
 from .plan import Plan
+from .printable import printable
 
 log = logging.getLogger("cassette_proxy")
 
@@ -84,14 +85,16 @@ class Replayer:
                     raise
                 # A later answer deleted or broken since it was indexed: the sequence
                 # now ends before it, and the last answer still there repeats.
-                log.warning("later answer %s cannot be read; it is no longer served", entry.path)
+                shown = store.relative(entry.path)  # a name's CR/LF escaped
+                log.warning("later answer %s cannot be read; it is no longer served", shown)
                 store.sequences.remove(entry.path)
                 entry = store.sequences.at(first, plan.position or 1)
                 wire, plan.served_from, fields = self._wire(entry, plan)
         except (OSError, ValueError, NotRecordable, CassetteError) as e:
-            log.warning("cassette %s cannot be replayed: %s", entry.path, e)
+            broken = printable(f"{store.relative(entry.path)}: {e}")  # names escaped
+            log.warning("cassette %s cannot be replayed", broken)
             library.counts["miss"] += 1
-            return self._miss(plan, broken=f"{store.relative(entry.path)}: {e}")
+            return self._miss(plan, broken=broken)
         plan.served_entry = entry
         library.counts["hit"] += 1
         library.usage.note("fallback" if why else "hit", plan.served_from)
@@ -122,7 +125,7 @@ class Replayer:
         answer's header fields (None when Response.make must encode the body itself)."""
         store = self.library.store
         assert store is not None
-        cassette = store.read(entry)
+        cassette = store.read(entry, plan.upstream)  # model lists: per upstream
         # One recording is encoded per what the request asked for, not only per key: the
         # key leaves out encoding_format (embeddings as floats or base64), and a loose
         # match may serve a stream to a request that did not ask for its usage chunk.

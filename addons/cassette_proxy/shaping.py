@@ -16,7 +16,8 @@ from typing import Any
 
 from mitmproxy import ctx, http
 
-from .faults import FaultCounter
+from . import answers
+from .faults import FaultCounter, cut_beyond_stream
 from .library import Library
 from .pacing import ChunkClock, Replay, recorded_timing, schedule, whole_timing, with_timing
 from .plan import Plan
@@ -52,9 +53,12 @@ class Shaping:
 
     # ---- replay -------------------------------------------------------------------
 
-    def shape(self, plan: Plan, response: http.Response, started: float) -> Replay | None:
+    def shape(
+        self, plan: Plan, response: http.Response, started: float
+    ) -> Replay | http.Response | None:
         """The answer as pieces on a schedule when it is to be cut or paced, else None
-        (the common case: the whole answer goes as it is). Logs what was done."""
+        (the common case: the whole answer goes as it is). Logs what was done. A cut
+        beyond the stream's end cuts nothing: the 400 saying so, never a cut logged."""
         if plan.served_from is None:
             return None  # a miss, a refusal: never shaped
         fault = plan.fault
@@ -69,6 +73,12 @@ class Shaping:
         streamed = content_type.lower().startswith(STREAM_TYPES)
         body = response.raw_content or b""
         pieces = schedule(body, content_type, timing, self.factor, streamed)
+        if cut is not None and streamed and cut >= len(pieces):
+            problem = cut_beyond_stream(cut, len(pieces))
+            log.warning("%s fault %r not applied to %s: %s", self.library.mode,
+                        fault.spec if fault else "", plan.served_from, problem)  # fmt: skip
+            plan.notes.append(f"bad X-Cassette-Fault ({problem})")
+            return answers.bad_fault(plan.path, fault.spec if fault else "", problem)
         replay = Replay(
             response=response,
             pieces=pieces,
@@ -93,7 +103,7 @@ class Shaping:
         if store is None or entry is None:
             return None
         try:
-            return recorded_timing(store.read(entry).response)
+            return recorded_timing(store.read(entry).response, plan.served_from or "")
         except Exception:  # noqa: BLE001 - it was just read for the answer; no pacing then
             return None
 

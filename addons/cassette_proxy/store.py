@@ -37,6 +37,7 @@ from .cassette import (
 from .entries import Entry
 from .families import unknown_type
 from .index_cache import IndexCache
+from .printable import printable
 from .sequence import SequenceIndex, position_of
 
 log = logging.getLogger(__name__)
@@ -209,6 +210,7 @@ class CassetteStore:
                     continue
                 cache.put(relative, stat, _entry_record(entry))
         cache.save()
+        report.bad = [printable(problem) for problem in report.bad]  # names reach the log
         for entries in [*self._index.values(), *self._loose.values()]:
             if len(entries) > 1:
                 # Newest first, so a fresh recording wins over an older file with the same key.
@@ -293,7 +295,8 @@ class CassetteStore:
             stat = entry.path.stat()
         except OSError:
             self._forget(entry.path)
-            log.warning("cassette %s is gone from the folder, no longer served", entry.path)
+            log.warning("cassette %s is gone from the folder, no longer served",
+                        self.relative(entry.path))  # fmt: skip
             return True
         if self._files.get(str(entry.path)) == _signature(stat):
             return False
@@ -318,11 +321,12 @@ class CassetteStore:
                 return False
             entry = self._add(path, cassette)
         except CassetteError as e:
-            log.warning("cassette skipped: %s", e)
+            log.warning("cassette skipped: %s", printable(str(e)))
             return False
         except Exception as e:  # noqa: BLE001 - one odd file never stops the proxy
             name = type(e).__name__
-            log.warning("cassette skipped: %s: cannot be indexed: %s: %s", path, name, e)
+            problem = printable(f"{path}: cannot be indexed: {name}: {e}")
+            log.warning("cassette skipped: %s", problem)
             return False
         if position_of(path) == 1:  # later answers live in self.sequences, not the index
             self._first(entry)  # the newest file wins, as at a start
@@ -370,6 +374,7 @@ class CassetteStore:
         return Entry(
             key, path, cassette.test_id, request.method, request.path, loose, merge, rules,
             matching.upstream_of(cassette.request.url), matching.model_of(request.body),
+            eras.recorded_by_llama_stack(cassette),
         )  # fmt: skip
 
     def _insert(self, entry: Entry) -> Entry:
@@ -459,33 +464,47 @@ class CassetteStore:
         entries = self._by_path.get(wire_path, [])
         return sorted({e.test_id for e in entries if e.test_id and e.method == method.upper()})
 
-    def read(self, entry: Entry) -> Cassette:
-        """The cassette as it is replayed: ids mapped back, model lists merged."""
+    def read(self, entry: Entry, host: str | None = None) -> Cassette:
+        """The cassette as it is replayed: ids mapped back, model lists merged.
+
+        A model list is merged with the lists recorded against its own upstream only
+        (another host's models, vLLM's answering an Ollama request, never join in); with
+        every upstream's only when ``host``, the request's upstream, has no list of its own.
+        """
+        if entry.merge_field and host is not None:
+            siblings = self._model_lists(entry)
+            if len(siblings) > 1 and all(e.upstream != host for e in siblings):
+                return self._merged(entry, siblings, _read_mapped(entry.path))  # rare: uncached
         cassette = self._cache.get(entry.path)
         if cassette is not None:
             self._cache.move_to_end(entry.path)
             return cassette
         cassette = _read_mapped(entry.path)
         if entry.merge_field:
-            # Host affinity: lists recorded against this entry's upstream go last, so
-            # their models win over the same ids from other hosts (a later list wins).
-            siblings = sorted(
-                (
-                    e
-                    for e in self._index.get(entry.key, [])
-                    if e.test_id == entry.test_id and e.merge_field == entry.merge_field
-                ),
-                key=lambda e: (e.upstream == entry.upstream, str(e.path)),
-            )
-            if len(siblings) > 1:
-                group = [
-                    cassette if e.path == entry.path else _read_mapped(e.path) for e in siblings
-                ]
-                merged = eras.merge_model_lists(group, entry.merge_field)
-                response = RecordedResponse.model_validate(merged)
-                cassette = cassette.model_copy(update={"response": response})
+            own = [e for e in self._model_lists(entry) if e.upstream == entry.upstream]
+            cassette = self._merged(entry, own, cassette)
         self._remember(entry.path, cassette)
         return cassette
+
+    def _model_lists(self, entry: Entry) -> list[Entry]:
+        """The model lists recorded for the same request and test id as ``entry``."""
+        return sorted(
+            (
+                e
+                for e in self._index.get(entry.key, [])
+                if e.test_id == entry.test_id and e.merge_field == entry.merge_field
+            ),
+            key=lambda e: str(e.path),
+        )
+
+    def _merged(self, entry: Entry, group: list[Entry], cassette: Cassette) -> Cassette:
+        """``cassette`` (``entry``'s) answering with the union of ``group``'s lists."""
+        if len(group) < 2 or entry.merge_field is None:
+            return cassette
+        read = [cassette if e.path == entry.path else _read_mapped(e.path) for e in group]
+        merged = eras.merge_model_lists(read, entry.merge_field)
+        response = RecordedResponse.model_validate(merged)
+        return cassette.model_copy(update={"response": response})
 
     def uncache(self, path: Path) -> None:
         """Forget the parsed cassette kept for ``path``: the next read is from its file
@@ -499,6 +518,11 @@ class CassetteStore:
             self._cache.popitem(last=False)
 
     def relative(self, path: Path) -> str:
+        """A file's name below the folder, as shown in headers and log lines: control
+        characters escaped (``printable``), so a CR/LF in a name ends no header or line."""
+        return printable(self._relative(path))
+
+    def _relative(self, path: Path) -> str:
         for root in (self.root, self._real_root):
             # A path the proxy built under root: no realpath() syscalls on every recording
             # (and string work: pathlib's relative_to cost 0.1 ms a call).

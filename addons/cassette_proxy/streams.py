@@ -26,15 +26,40 @@ except ImportError:  # pragma: no cover - a dependency; json alone works, slower
     orjson = None  # type: ignore[assignment]
 
 
-class _Text:
-    """UTF-8 reads to text with CRLF made LF, also when a read ends between CR and LF."""
+class NotUTF8(json.JSONDecodeError):
+    """A stream's bytes are not UTF-8: it is refused as a whole answer with the same
+    bytes is (not JSON), never recorded with U+FFFD in place of what was sent. A
+    JSONDecodeError, so every stream recorder reports it as data that is not JSON."""
 
-    def __init__(self) -> None:
-        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    def __init__(self, error: UnicodeDecodeError) -> None:
+        bad = error.object[error.start : error.start + 4]
+        text = bytes(bad).decode("latin-1")
+        message = f"not valid UTF-8 (bytes {bytes(bad)!r})"
+        super().__init__(message, text, 0)
+        self.args = (message,)  # without json's "line 1 column 1": no position is meant
+
+
+def utf8(data: bytes) -> str:
+    """``data`` decoded as UTF-8, strictly: raises NotUTF8 (a ValueError)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise NotUTF8(e) from None
+
+
+class _Text:
+    """UTF-8 reads to text with CRLF made LF, also when a read ends between CR and LF.
+    Bytes that are not UTF-8 raise NotUTF8 (a character split across reads is fine)."""
+
+    def __init__(self, strict: bool = True) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")("strict" if strict else "replace")
         self._cr = False  # the last read ended with a CR: it may be half of a CRLF
 
     def decode(self, data: bytes) -> str:
-        text = self._decoder.decode(data)
+        try:
+            text = self._decoder.decode(data)
+        except UnicodeDecodeError as e:
+            raise NotUTF8(e) from None
         if self._cr:
             text, self._cr = "\r" + text, False
         if text.endswith("\r"):
@@ -45,8 +70,9 @@ class _Text:
 class SSEFramer:
     """Server-sent events: an event ends at a blank line."""
 
-    def __init__(self) -> None:
-        self._decoder = _Text()
+    def __init__(self, strict: bool = True) -> None:
+        # strict: bytes that are not UTF-8 raise NotUTF8 (what is recorded); else U+FFFD.
+        self._decoder = _Text(strict)
         self._buffer = ""
 
     def feed(self, data: bytes) -> list[str]:
@@ -74,8 +100,9 @@ def sse_data(event: str) -> tuple[str | None, str | None]:
 class LineFramer:
     """Newline-delimited JSON (Ollama) and, for raw recordings, the lines of any stream."""
 
-    def __init__(self) -> None:
-        self._decoder = _Text()
+    def __init__(self, strict: bool = True) -> None:
+        # strict: bytes that are not UTF-8 raise NotUTF8 (what is recorded); else U+FFFD.
+        self._decoder = _Text(strict)
         self._buffer = ""
 
     def feed(self, data: bytes) -> list[str]:
@@ -144,13 +171,14 @@ def sse_payload(event: bytes) -> tuple[str | None, bytes | str | None]:
     decoding it; any other as ``sse_data`` reads its decoded text."""
     if event.startswith(b"data: ") and b"\n" not in event:
         return None, event[6:]
-    return sse_data(event.decode("utf-8", "replace"))
+    return sse_data(utf8(event))
 
 
 def json_payload(payload: bytes | str) -> tuple[Any, bool]:
-    """``json.loads`` of one event's data or one line, as decoded text (bad UTF-8 bytes
-    replaced), through orjson where it reads the same value (about 5 times faster); and
-    whether orjson read it (then it holds no NaN or infinity: see cassette.FiniteList).
+    """``json.loads`` of one event's data or one line, as decoded text (bytes that are
+    not UTF-8 raise NotUTF8), through orjson where it reads the same value (about 5
+    times faster); and whether orjson read it (then it holds no NaN or infinity: see
+    cassette.FiniteList).
 
     orjson refuses what it would read differently (NaN, bad UTF-8, lone surrogates,
     deep nesting): json then decides, so the value and the error are json's.
@@ -162,5 +190,5 @@ def json_payload(payload: bytes | str) -> tuple[Any, bool]:
                 return orjson.loads(payload), True
             except orjson.JSONDecodeError:
                 pass
-        payload = payload.decode("utf-8", "replace")
+        payload = utf8(payload)
     return json.loads(payload), False

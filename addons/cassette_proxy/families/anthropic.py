@@ -14,7 +14,7 @@ import json
 from typing import Any
 
 from ..streams import LineFramer
-from .base import NotRecordable, Wire
+from .base import NotRecordable, Wire, frames
 
 END_EVENT = "message_stop"
 
@@ -34,7 +34,7 @@ class MessagesStreamRecorder:
         self._event: str | None = None  # the event being read: its name, or its data's type
 
     def feed(self, data: bytes) -> None:
-        for line in self._framer.feed(data):
+        for line in frames(self._framer, data):
             if self.complete:
                 return  # nothing after message_stop belongs to the answer
             self._lines.append(line)

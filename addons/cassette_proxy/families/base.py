@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..streams import NotUTF8
+
 
 @dataclass
 class Wire:
@@ -27,6 +29,15 @@ def json_wire(status: int, data: Any) -> Wire:
 
 class NotRecordable(Exception):
     """A response the family cannot store faithfully; the message says why."""
+
+
+def frames(framer: Any, data: bytes) -> list[Any]:
+    """``framer.feed(data)``; a stream that is not UTF-8 is NotRecordable (issue 18.14:
+    refused as a whole answer with those bytes is, never stored with U+FFFD)."""
+    try:
+        return framer.feed(data)
+    except NotUTF8 as e:
+        raise NotRecordable(f"stream is {e}") from e
 
 
 class StreamRecorder(Protocol):

@@ -14,7 +14,7 @@ import struct
 from typing import Any
 
 from ..cassette import FiniteList, typed
-from ..streams import SSEBytesFramer, json_payload, sse_payload
+from ..streams import NotUTF8, SSEBytesFramer, json_payload, sse_payload
 from .base import NotRecordable, Wire, is_typed, json_wire
 
 CHAT = "openai.types.chat.chat_completion.ChatCompletion"
@@ -37,6 +37,14 @@ def endpoint_kind(path: str) -> str | None:
     if path.endswith("/models"):
         return "models"
     return None
+
+
+def is_gemini_native_models(path: str) -> bool:
+    """Gemini's native model list (``/v1beta/models``, ``/v1alpha/models``): a version
+    segment right before ``models``, where Gemini's OpenAI-compatible API has ``openai``
+    (``/v1beta/openai/models``). Its answer is ``{"models": [...]}``, not an OpenAI list."""
+    parts = path.rstrip("/").split("/")
+    return len(parts) >= 2 and parts[-2] in ("v1beta", "v1alpha")
 
 
 def wants_base64(request_body: Any) -> bool:
@@ -105,7 +113,10 @@ class SSEChunkRecorder:
 
     def feed(self, data: bytes) -> None:
         for event in self._framer.feed(data):
-            name, payload = sse_payload(event)
+            try:
+                name, payload = sse_payload(event)
+            except NotUTF8 as e:  # issue 18.14: refused, never stored with U+FFFD
+                raise NotRecordable(f"SSE data is not JSON: {e}") from e
             if payload is None:
                 continue  # a comment or keep-alive
             if payload[:1] not in (b"{", "{"):  # a chunk is an object: only then look
@@ -160,7 +171,7 @@ class OpenAIFamily:
     def claims(self, method: str, path: str) -> bool:
         kind = endpoint_kind(path)
         if kind == "models":
-            return method == "GET"
+            return method == "GET" and not is_gemini_native_models(path)
         return kind is not None and method == "POST"
 
     def record(self, path: str, request_body: Any, status: int, data: Any) -> dict[str, Any]:
@@ -170,7 +181,10 @@ class OpenAIFamily:
         if kind == "models":
             models = data.get("data")
             if data.get("object") != "list" or not isinstance(models, list):
-                raise NotRecordable("model list is not {'object': 'list', 'data': [...]}")
+                # Another API's list under a ``/models`` path (Gemini's native
+                # ``{"models": [...]}``, Anthropic's ``{"data", "has_more"}``): recorded
+                # as the raw JSON it is, and replayed as it came.
+                return {"status": status, "body": data, "is_streaming": False}
             return {"body": [typed(MODEL, m) for m in models], "is_streaming": False}
         if kind == "embeddings":
             # Stored as floats, as the SDK parses them; re-encoded on replay if asked.

@@ -16,7 +16,7 @@ import json
 from typing import Any
 
 from ..streams import LineFramer
-from .base import NotRecordable, Wire, json_wire
+from .base import NotRecordable, Wire, frames, json_wire
 from .eventstream import EventStreamRecorder, is_eventstream
 
 END_EVENTS = ("message_stop", "response.completed", "response.failed", "response.incomplete")
@@ -61,7 +61,7 @@ class RawLinesRecorder:
         self._in_end_event = False
 
     def feed(self, data: bytes) -> None:
-        for line in self._framer.feed(data):
+        for line in frames(self._framer, data):
             self._lines.append(line)
             if self.complete:
                 continue

@@ -24,7 +24,7 @@ from typing import Any
 
 from ..cassette import typed
 from ..streams import SSEFramer, sse_data
-from .base import NotRecordable, Wire, is_typed, json_wire
+from .base import NotRecordable, Wire, frames, is_typed, json_wire
 
 PACKAGE = "openai.types.responses."
 RESPONSE = PACKAGE + "response.Response"
@@ -90,7 +90,7 @@ class ResponseEventsRecorder:
         self._form: dict[str, Any] = {"content_type": content_type}
 
     def feed(self, data: bytes) -> None:
-        for event in self._framer.feed(data):
+        for event in frames(self._framer, data):
             if self.complete:
                 return  # nothing after the terminal event belongs to the answer
             name, payload = sse_data(event)

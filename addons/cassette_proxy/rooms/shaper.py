@@ -72,6 +72,11 @@ class ReplayShaper:
         replay = self.shaping.shape(plan, response, started)
         if replay is None:
             return  # the common case: the whole answer goes as it is
+        if isinstance(replay, http.Response):  # a cut that cuts nothing: the 400
+            flow.response = replay
+            flow.comment = f"cassette: {plan.notes[-1]}"
+            flow.marked = ":x:"
+            return
         flow.response = None  # sent by the local replay server instead
         await self.server.redirect(flow, replay)
         flow.comment += f" ({plan.notes[-1]})"
