@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "addons" / "cassette_proxy"
-MAX_CLASS_LINES = 420
+MAX_CLASS_LINES = 440  # "no class much over 400 lines" (issue 17)
 
 
 def _module_name(path: Path) -> str:
