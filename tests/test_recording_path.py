@@ -52,6 +52,9 @@ def test_answers_not_recorded_give_their_temp_files_back(proxy_factory, upstream
     with httpx.Client(proxy=proxy.url, trust_env=False, timeout=30) as http:
         assert http.post(upstream.url + CHAT_PATH, json=chat("kept")).status_code == 200
         wait_until(lambda: len(cassette_files(folder)) == 1, what="the first cassette")
+    proxy.stop()  # a new run: "kept" is asked at its first position again
+    proxy = proxy_factory(mode="auto", cassette_dir=folder)
+    with httpx.Client(proxy=proxy.url, trust_env=False, timeout=30) as http:
         for status in (503, 429, 401):  # not recorded, not recorded, kept (a success is)
             upstream.configure(fail_mode="status", fail_status=status)
             prompt = "kept" if status == 401 else f"status {status}"
@@ -105,16 +108,26 @@ def test_a_recording_lands_though_its_temp_file_was_taken_away_meanwhile(
 
 
 def test_what_was_just_recorded_answers_the_next_request(proxy_factory, upstream):
-    """The index is updated after the answer has gone out, before the next request:
-    record-if-missing asks the upstream once per request, however fast they come."""
+    """The index is updated after the answer has gone out, before the next request,
+    however fast they come: in record-if-missing the same request again is its sequence's
+    second position (forwarded and recorded beside the first, never over it), and the
+    third is answered from what the first two just recorded."""
     proxy = proxy_factory(mode="record-if-missing")
     with httpx.Client(proxy=proxy.url, trust_env=False, timeout=30) as http:
-        for i in range(20):
+        for i in range(10):
             first = http.post(upstream.url + CHAT_PATH, json=chat(f"q{i}"))
             second = http.post(upstream.url + CHAT_PATH, json=chat(f"q{i}"))
             assert first.status_code == second.status_code == 200
-            assert "x-cassette-file" in second.headers
-            assert second.json() == first.json()
+            assert "x-cassette-file" not in second.headers  # forwarded: position 2
+    proxy.stop()
+    names = sorted(p.name for p in cassette_files(proxy.cassette_dir))
+    assert len(names) == 20 and sum(n.endswith(".2.json") for n in names) == 10
+    proxy = proxy_factory(mode="record-if-missing", cassette_dir=proxy.cassette_dir)
+    with httpx.Client(proxy=proxy.url, trust_env=False, timeout=30) as http:
+        for i in range(10):
+            for _ in range(2):
+                again = http.post(upstream.url + CHAT_PATH, json=chat(f"q{i}"))
+                assert "x-cassette-file" in again.headers
     asked = [r for r in upstream.requests if r.path == CHAT_PATH]
     assert len(asked) == 20
 

@@ -92,18 +92,24 @@ def test_an_upstream_error_never_replaces_a_recorded_success_in_auto_mode(
 ):
     proxy = proxy_factory(mode="auto")
     recorded = record_five(proxy, upstream)
+    proxy.stop()
 
-    # The key is revoked, the model gone, or the server says so in a 200 body.
+    # A new run: the key is revoked, the model gone, or the server says so in a 200 body.
+    # Each request is asked once (a second time in a run is its sequence's position 2).
+    proxy = proxy_factory(mode="auto", cassette_dir=proxy.cassette_dir)
     upstream.configure(fail_mode="status", fail_status=status)
     with httpx.Client(proxy=proxy.url, trust_env=False) as http:
-        live = [http.post(upstream.url + CHAT_PATH, json=chat(p)) for p in PROMPTS]
-    assert [r.status_code for r in live] == [status] * 5  # the client gets the live error
+        live = [http.post(upstream.url + CHAT_PATH, json=chat(p)) for p in PROMPTS[1:]]
+    assert [r.status_code for r in live] == [status] * 4  # the client gets the live error
     assert all("injected failure" in r.json()["error"]["message"] for r in live)
     assert all("x-cassette-file" not in r.headers for r in live)
     if status != 200:  # the openai SDK too
         with pytest.raises(openai.APIStatusError) as raised:
             openai_client(proxy, upstream).chat.completions.create(**chat(PROMPTS[0]))
         assert raised.value.status_code == status
+    else:
+        with httpx.Client(proxy=proxy.url, trust_env=False) as http:
+            assert http.post(upstream.url + CHAT_PATH, json=chat(PROMPTS[0])).status_code == 200
     proxy.wait_for_log("kept ")
     assert proxy.log_text().count("an error never replaces a success") >= 5
 
