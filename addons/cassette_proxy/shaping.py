@@ -137,6 +137,8 @@ class ReplayShaper:
             log.info("%s fault %r used up (times=%d) for %s %s: answered as usual", mode,
                      fault.spec, fault.times, request.method, path)  # fmt: skip
             return False
+        if fault.status is not None or fault.delay_ms:
+            self._injected()  # a cut-after alone is counted when it cuts (request below)
         if fault.delay_ms:
             await asyncio.sleep(fault.delay_ms / 1000)
         if fault.status is not None:
@@ -184,6 +186,8 @@ class ReplayShaper:
         flow.response = None  # sent by the local replay server instead
         await self.server.redirect(flow, replay)
         how = []
+        if cut is not None and fault is not None and not fault.delay_ms:
+            self._injected()
         if cut is not None:
             how.append(f"cut after {cut} chunk(s)" if streamed else "cut mid-body")
         if timing is not None:
@@ -191,6 +195,11 @@ class ReplayShaper:
         flow.comment += f" ({', '.join(how)})"
         mode = ctx.options.cassette_mode
         log.info("%s shaped replay of %s: %s", mode, plan.served_from, ", ".join(how))
+
+    def _injected(self) -> None:
+        """One more request that got a fault: the proxy's summary line counts them."""
+        counts = self.recorder.counts
+        counts["fault"] = counts.get("fault", 0) + 1
 
     def _forwarded(self, flow: http.HTTPFlow) -> None:
         """A request on its way upstream: the position its recorded answer takes."""
