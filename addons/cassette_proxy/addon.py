@@ -33,7 +33,7 @@ from mitmproxy.proxy import server_hooks
 from mitmproxy.tls import TlsData
 from OpenSSL import SSL
 
-from . import keys, matching
+from . import answers, keys, matching
 from .bodies import NotKeyable, keyed_parts, message_secrets
 from .cassette import (
     MAX_CASSETTE_BYTES,
@@ -170,6 +170,7 @@ class CassetteRecorder:
         # Options read on every request, kept here by configure: mitmproxy deep-copies
         # an option's value on each read (a tenth of a millisecond a recording).
         self.mode = "auto"
+        self.test_scope = matching.LENIENT  # option cassette_test_scope
         self.normalize = False
         self.record_headers: list[str] = []
         self.stopping = False  # set when the proxy shuts down
@@ -220,6 +221,13 @@ class CassetteRecorder:
             "retryable 408, 409, 429), 5xx, or statuses, comma-separated (4xx,429).",
         )
         loader.add_option(
+            "cassette_test_scope",
+            str,
+            matching.LENIENT,
+            "strict: a request with a test id is answered only from its own test's "
+            "recordings; lenient: from another test's when its own has none.",
+        )
+        loader.add_option(
             "cassette_usage_log",
             str,
             "",
@@ -234,6 +242,10 @@ class CassetteRecorder:
                 f"cassette_mode must be one of {', '.join(MODES)}, not {opts.cassette_mode!r}"
             )
         self.mode = opts.cassette_mode
+        try:
+            self.test_scope = matching.check_scope(opts.cassette_test_scope)
+        except ValueError as e:
+            raise exceptions.OptionsError(str(e)) from e
         self.normalize = opts.cassette_normalize
         self.record_headers = list(opts.cassette_record_headers)
         if updated & {"cassette_probe_timeout_ms", "cassette_probe_ttl_ms"}:
@@ -298,13 +310,7 @@ class CassetteRecorder:
         self.temps.close()
         if not self.log_summary:
             return
-        log.info(
-            "cassettes: %d hits, %d misses, %d recorded, %d offline fallbacks",
-            self.counts["hit"],
-            self.counts["miss"],
-            self.counts["recorded"],
-            self.counts["fallback"],
-        )
+        log.info("%s", answers.summary_line(self.counts))
 
     # ---- request: classify, key, look up or forward --------------------------------
 
@@ -322,6 +328,9 @@ class CassetteRecorder:
         if flow.response is None and _FAULT_NAME in names:
             if await self.shaper.take_fault(flow, test_id):
                 return  # X-Cassette-Fault: an error answer, or a bad header
+        if mode == "passthrough" and flow.response is None:
+            shown = redact_path(flow.request.path.partition("?")[0])  # logs never show a key
+            log.info("passthrough %s %s (nothing recorded or replayed)", flow.request.method, shown)
         if mode == "passthrough" or flow.response is not None:
             return
         if _TOKEN_NAME in names:
@@ -524,14 +533,14 @@ class CassetteRecorder:
     def _lookup(self, plan: Plan) -> matching.Match | None:
         """The recording that answers the plan's request (``matching.find``), and why."""
         assert self.store is not None
-        request = _matched_request(plan)
-        match = matching.find(self.store, request, plan.key, plan.test_id, plan.upstream)
+        request, scope = _matched_request(plan), self.test_scope
+        match = matching.find(self.store, request, plan.key, plan.test_id, plan.upstream, scope)
         # Other proxies and people change the folder: a hit's file is checked, a miss
         # rescans it (both rate-limited, see store.refresh), then the lookup is redone.
         if match is not None and self.store.changed(match.entry):
-            match = matching.find(self.store, request, plan.key, plan.test_id, plan.upstream)
+            match = matching.find(self.store, request, plan.key, plan.test_id, plan.upstream, scope)
         if match is None and self.store.refresh():
-            match = matching.find(self.store, request, plan.key, plan.test_id, plan.upstream)
+            match = matching.find(self.store, request, plan.key, plan.test_id, plan.upstream, scope)
         return match
 
     # ---- replay -------------------------------------------------------------------
@@ -550,7 +559,7 @@ class CassetteRecorder:
         match = self._lookup(plan)
         if match is None:
             self.counts["miss"] += 1
-            return self._miss(plan)
+            return self._miss(plan, why=why)
         first, plan.rule = match.entry, match.rule
         entry = self.sequencer.answer(self.store, first, plan)  # the n-th of a sequence
         try:
@@ -568,17 +577,16 @@ class CassetteRecorder:
         except (OSError, ValueError, NotRecordable, CassetteError) as e:
             log.warning("cassette %s cannot be replayed: %s", entry.path, e)
             self.counts["miss"] += 1
-            return self._miss(plan, broken=f"{self.store.relative(entry.path)}: {e}")
+            return self._miss(plan, f"{self.store.relative(entry.path)}: {e}", why)
         plan.served_entry = entry
         self.counts["hit"] += 1
         self.usage.note("fallback" if why else "hit", plan.served_from)
         if log.isEnabledFor(logging.INFO):  # a quiet proxy skips building the line
             log.info(
-                "%s hit %s %s key %s -> %s%s (%s)",
+                "%s hit %s %s -> %s%s (%s)",
                 self.mode,
                 plan.method,
                 plan.path,
-                plan.key[:12],
                 plan.served_from,
                 f" (fallback: {why})" if why else "",
                 plan.rule if plan.rule == matching.EXACT else f"loose: {plan.rule}",
@@ -615,48 +623,19 @@ class CassetteRecorder:
             self._wires.popitem(last=False)
         return wire, served_from, fields
 
-    def _miss(self, plan: Plan, broken: str | None = None) -> http.Response:
+    def _miss(self, plan: Plan, broken: str | None = None, why: str = "") -> http.Response:
         assert self.store is not None
-        message = f"cassette-proxy: no recording for {plan.method} {plan.path} (key {plan.key})"
-        error: dict[str, Any] = {
-            "type": "cassette_miss",
-            "code": "cassette_miss",
-            "param": None,
-            "method": plan.method,
-            "path": plan.path,
-            "request_key": plan.key,
-        }
-        if broken:
-            message += f"; the matching cassette is unreadable: {broken}"
         request = _matched_request(plan)
-        tried = matching.rules_tried(request)
-        error["rules_tried"] = tried
-        message += f"; tried {', '.join(tried)}"
         nearest = matching.nearest(self.store, request, plan.test_id)
-        if nearest is not None:
-            entry, diff = nearest
-            where = self.store.relative(entry.path)
-            error["nearest"] = {"file": where, "first_difference": diff}
-            message += f"; nearest recording {where} differs first at {diff}"
-        else:
-            message += "; nothing is recorded for this path"
         # Which tests recorded this path: a wrong or missing X-Cassette-Test-Id shows here.
-        # A real suite records hundreds of tests per path: a count and a few, not all.
         own, shown, others = matching.test_id_summary(self.store, request, plan.test_id)
-        error["test_ids"] = shown
-        error["other_test_ids"] = others
-        if plan.test_id:
-            error["test_id"] = plan.test_id
-            error["test_id_recordings"] = own
-            has = f"has {own} recording(s)" if own else "has no recording"
-            message += f"; this request's test id: {plan.test_id} ({has} for this path)"
-        if others:
-            more = f" (+{others - len(shown)} more)" if others > len(shown) else ""
-            label = "other test ids" if plan.test_id else "test ids"
-            message += f"; {others} {label} recorded for this path: {', '.join(shown)}{more}"
-        error["message"] = message
-        mode = self.mode
-        log.warning("%s miss %s", mode, message.removeprefix("cassette-proxy: "))
+        miss = answers.Miss(
+            plan.method, plan.path, plan.key, self.mode, matching.rules_tried(request),
+            None if nearest is None else (self.store.relative(nearest[0].path), nearest[1]),
+            plan.test_id, own, shown, others, broken, why, self.test_scope,
+        )  # fmt: skip
+        error = answers.miss_error(miss)  # the wording: answers.py
+        log.warning("%s miss %s", self.mode, error["message"].removeprefix(answers.PREFIX))
         body = b"" if plan.method == "HEAD" else json.dumps({"error": error})  # HEAD: no body
         return http.Response.make(
             MISS_STATUS, body, {"content-type": "application/json", MISS_HEADER: plan.key}
@@ -1403,11 +1382,10 @@ class CassetteRecorder:
             return
         self.usage.note("recorded", relative)
         log.info(
-            "%s recorded %s %s key %s -> %s",
+            "%s recorded %s %s -> %s",
             self.mode,
             plan.method,
             plan.path,
-            plan.key[:12],
             relative,
         )
 
