@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 PREFIX = "cassette-proxy: "
+MISS_START = f"{PREFIX}no recording for"  # how every miss message begins
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def how_to_record(mode: str, offline: str = "") -> str:
 
 def miss_message(miss: Miss) -> str:
     """The miss's one line: what was asked, what is near, why, and how to record it."""
-    parts = [f"{PREFIX}no recording for {miss.method} {miss.path} (key {miss.key})"]
+    parts = [f"{MISS_START} {miss.method} {miss.path} (key {miss.key})"]
     if miss.offline:
         parts.append(f"the upstream was offline ({miss.offline}), so it could not be recorded")
     if miss.broken:

@@ -329,9 +329,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     proxy = item.config.stash.get(_SUMMARY, None)
     if proxy is None or not report.failed or call.excinfo is None:
         return
-    if "cassette_miss" in str(call.excinfo.value) or "cassette_miss" in report.longreprtext:
-        from .answers import pytest_miss_hint
+    from .answers import MISS_START, pytest_miss_hint
 
+    if MISS_START in str(call.excinfo.value) or MISS_START in report.longreprtext:
         report.sections.append(("cassette-proxy", pytest_miss_hint(proxy.mode)))
 
 
