@@ -294,7 +294,7 @@ def test_ls_whole_names_when_piped_sorted_by_time_with_prompts(
         shutil.copy(first, folder / (first.name[:4] + "0" * 60 + ".json"))
         common = first.name[:4]
     many = cli("show", common, "-d", str(folder))
-    assert many.returncode == 1 and many.stderr.startswith("Error: ambiguous: ")
+    assert many.returncode == 1 and many.stderr.startswith("cassette-proxy: ambiguous: ")
 
 
 def test_ls_on_a_terminal_shows_a_pasteable_unique_prefix(tmp_path: Path) -> None:

@@ -97,8 +97,9 @@ def recorded_at(cassette: Cassette) -> float | None:
             continue
         for name in ("created", "created_at"):
             value = data.get(name)
-            if isinstance(value, int | float) and value > 0:
-                return float(value)
+            if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+                seconds = value / 1000 if value > 1e11 else value  # some servers write ms
+                return float(seconds) if seconds < 4.1e9 else None  # past 2100: not a time
             if isinstance(value, str) and not value.startswith("1970"):
                 # Ollama writes nanoseconds; Python reads at most microseconds.
                 value = re.sub(r"(\.\d{6})\d+", r"\1", value.replace("Z", "+00:00"))
