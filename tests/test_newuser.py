@@ -462,8 +462,9 @@ def test_an_empty_bearer_over_http2_is_logged_with_its_reason(
 
 
 def readme_block(after: str, lang: str, nth: int = 0) -> str:
-    """The nth ```lang block after the README text ``after``."""
-    text = (REPO / "README.md").read_text()
+    """The nth ```lang block after the text ``after`` of the client recipes (moved from
+    the README to docs/clients.md by issue 20)."""
+    text = (REPO / "docs" / "clients.md").read_text()
     rest = text[text.index(after):]
     blocks = rest.split(f"```{lang}\n")[1:]
     return blocks[nth].split("```", 1)[0]
