@@ -993,8 +993,8 @@ def _in_own_clone(folder: Path) -> Path | None:
     if not (clone / "pyproject.toml").is_file() or not (clone / "addons").is_dir():
         return None  # installed from a wheel: there is no clone to protect
     where = folder.expanduser().absolute()
-    if where.exists() or not where.is_relative_to(clone):
-        return None
+    if where.exists() or not where.is_relative_to(clone) or where == clone / DEFAULT_DIR:
+        return None  # the shipped cassettes/ folder is the clone's own, asked for by the README
     return where
 
 
