@@ -129,8 +129,10 @@ def test_ls_lists_and_filters(folder: Path) -> None:
 
 def test_ls_missing_folder_is_a_one_line_error(tmp_path: Path) -> None:
     code, out, err = invoke("ls", "-d", str(tmp_path / "nope"))
-    assert code == 1
-    assert err.strip().splitlines() == [f"Error: no cassette folder at {tmp_path / 'nope'}"]
+    assert code == 2  # bad usage, as for a missing PATH and for ``run --mode replay``
+    assert err.strip().splitlines() == [
+        f"cassette-proxy: no cassette folder at {tmp_path / 'nope'} (see cassette-proxy ls --help)"
+    ]
 
 
 def test_show_puts_the_stream_back_together(folder: Path) -> None:

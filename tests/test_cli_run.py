@@ -68,19 +68,16 @@ def test_run_prints_client_lines_logs_each_interaction_and_sums_up(
     assert "# cassette-proxy auto mode, cassettes in" in out
     # quiet by default: no connect/disconnect chatter, one line per interaction
     assert "client connect" not in out and "client disconnect" not in out
-    recorded = re.findall(
-        r"auto recorded POST /v1/chat/completions key ([0-9a-f]{12}) -> (\S+)", out
-    )
-    hits = re.findall(
-        r"auto hit POST /v1/chat/completions key ([0-9a-f]{12}) -> (\S+) \(fallback", out
-    )
+    # One hash per line: the file, named by its request's hash (issue 20).
+    recorded = re.findall(r"auto recorded POST /v1/chat/completions -> (\S+)", out)
+    hits = re.findall(r"auto hit POST /v1/chat/completions -> (\S+) \(fallback", out)
     assert len(recorded) == 2 and sorted(recorded) == sorted(hits)
     assert len(re.findall(r"auto miss no recording for POST /v1/chat/completions", out)) == 1
-    for key, _file in recorded:
-        assert len([line for line in out.splitlines() if key in line]) == 2  # recorded, hit
+    for file in recorded:
+        assert len([line for line in out.splitlines() if f"-> {file}" in line]) == 2  # rec., hit
 
     names = sorted(p.name for p in cassette_files(folder))
-    assert sorted(f for _, f in recorded) == names
+    assert sorted(recorded) == names
     lines = usage_log.read_text().splitlines()
     assert sorted(lines) == sorted(
         [f"recorded\t{n}\t{folder.resolve()}" for n in names]

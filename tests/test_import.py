@@ -133,6 +133,7 @@ def test_import_errors_are_one_line(tmp_path: Path) -> None:
     junk.write_bytes(b"\x00\x01 this is not a flow file")
     code, _, err = import_cli(str(junk), "-d", str(tmp_path / "c"))
     assert code == 1
-    assert err.count("\n") == 1 and err.startswith(f"Error: {junk}: not a mitmproxy flow file")
+    assert err.count("\n") == 1
+    assert err.startswith(f"cassette-proxy: {junk}: not a mitmproxy flow file")
     code, _, err = import_cli(str(tmp_path / "missing.har"))
     assert code == 2 and "does not exist" in err

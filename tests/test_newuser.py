@@ -294,7 +294,7 @@ def test_ls_whole_names_when_piped_sorted_by_time_with_prompts(
         shutil.copy(first, folder / (first.name[:4] + "0" * 60 + ".json"))
         common = first.name[:4]
     many = cli("show", common, "-d", str(folder))
-    assert many.returncode == 1 and many.stderr.startswith("Error: ambiguous: ")
+    assert many.returncode == 1 and many.stderr.startswith("cassette-proxy: ambiguous: ")
 
 
 def test_ls_on_a_terminal_shows_a_pasteable_unique_prefix(tmp_path: Path) -> None:
@@ -462,8 +462,9 @@ def test_an_empty_bearer_over_http2_is_logged_with_its_reason(
 
 
 def readme_block(after: str, lang: str, nth: int = 0) -> str:
-    """The nth ```lang block after the README text ``after``."""
-    text = (REPO / "README.md").read_text()
+    """The nth ```lang block after the text ``after`` of the client recipes (moved from
+    the README to docs/clients.md by issue 20)."""
+    text = (REPO / "docs" / "clients.md").read_text()
     rest = text[text.index(after):]
     blocks = rest.split(f"```{lang}\n")[1:]
     return blocks[nth].split("```", 1)[0]

@@ -12,8 +12,10 @@ import hashlib
 import importlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -80,6 +82,32 @@ def typed_objects(cassette: Cassette) -> list[dict[str, Any]]:
     if isinstance(body, list):
         return [x for x in body if is_typed(x)]
     return []
+
+
+def recorded_at(cassette: Cassette) -> float | None:
+    """When the answer was made, from the answer itself (``created``, ``created_at``):
+    a copied or checked-out file keeps it, where its modification time does not. None
+    when the answer has no time (raw answers, normalised recordings: 0)."""
+    body = cassette.response.body
+    datas = [o.get("__data__") for o in typed_objects(cassette)]
+    if not datas and isinstance(body, dict):
+        datas = [body.get("body") if isinstance(body.get("body"), dict) else body]
+    for data in datas[:1]:
+        if not isinstance(data, dict):
+            continue
+        for name in ("created", "created_at"):
+            value = data.get(name)
+            if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+                seconds = value / 1000 if value > 1e11 else value  # some servers write ms
+                return float(seconds) if seconds < 4.1e9 else None  # past 2100: not a time
+            if isinstance(value, str) and not value.startswith("1970"):
+                # Ollama writes nanoseconds; Python reads at most microseconds.
+                value = re.sub(r"(\.\d{6})\d+", r"\1", value.replace("Z", "+00:00"))
+                try:
+                    return datetime.fromisoformat(value).timestamp()
+                except ValueError:
+                    continue
+    return None
 
 
 def short_type(type_name: str) -> str:

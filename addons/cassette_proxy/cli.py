@@ -23,10 +23,11 @@ from typing import Any
 
 import click
 
-from . import __version__, catalog, sequence
+from . import __version__, answers, catalog, sequence
 from .store import key_of
 
 DEFAULT_DIR = "cassettes"
+PREFIX = answers.PREFIX  # every error line starts with it
 MODES = ("auto", "record", "replay", "record-if-missing", "passthrough")
 
 dir_option = click.option(
@@ -40,7 +41,39 @@ dir_option = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class Commands(click.Group):
+    """The command group, with one error prefix for every command: ``cassette-proxy: ``,
+    for click's usage errors too (they said ``Error:``, the proxy ``cassette-proxy:``)."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            returned = super().main(args, prog_name, complete_var, False, **extra)
+        except click.UsageError as e:
+            where = f"{e.ctx.command_path} --help" if e.ctx is not None else "--help"
+            click.echo(f"{PREFIX}{e.format_message()} (see {where})", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            click.echo(f"{PREFIX}{e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo(f"{PREFIX}aborted", err=True)
+            sys.exit(1)
+        sys.exit(returned if isinstance(returned, int) else 0)
+
+
+@click.group(
+    cls=Commands,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(__version__, prog_name="cassette-proxy")
 def cli() -> None:
     """Record LLM inference traffic into cassettes and replay it offline.
@@ -118,9 +151,15 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Iterable
     return "\n".join([line(headers), *(line(r) for r in rows)])
 
 
+def no_folder(path: Path) -> click.UsageError:
+    """A folder (or file) that is not there: bad usage (exit 2) for every command, given
+    as -d, $CASSETTE_DIR or an argument (``run --mode replay`` says the same)."""
+    return click.UsageError(f"no cassette folder at {path}")
+
+
 def read_folder(cassette_dir: Path, label: str = "reading cassettes") -> list[catalog.Item]:
     if not cassette_dir.exists():
-        raise fail(f"no cassette folder at {cassette_dir}")
+        raise no_folder(cassette_dir)
     paths = catalog.cassette_paths(cassette_dir)
     with progress(paths, label) as bar:
         return [catalog.load_item(p, cassette_dir) for p in bar]
@@ -142,7 +181,7 @@ def read_roots(
 
 
 paths_argument = click.argument(
-    "paths", nargs=-1, type=click.Path(exists=True, path_type=Path), metavar="[PATH]..."
+    "paths", nargs=-1, type=click.Path(path_type=Path), metavar="[PATH]..."
 )
 
 
@@ -190,7 +229,7 @@ def ls_command(
     items = read_roots(paths, cassette_dir)
     report_bad(items)
     rows: list[dict[str, Any]] = []
-    for item in sorted(items, key=lambda i: (_mtime(i.path), i.rel)):
+    for item in sorted(items, key=lambda i: (_recorded(i), i.rel)):
         if item.cassette is None:
             continue
         s = catalog.summarize(item.cassette)
@@ -205,7 +244,7 @@ def ls_command(
         rows.append(
             {
                 "file": item.rel,
-                "recorded": _when(item.path),
+                "recorded": _when(_recorded(item)),
                 "method": s.method,
                 "endpoint": s.endpoint,
                 "model": s.model,
@@ -257,9 +296,15 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
-def _when(path: Path) -> str:
-    """When a cassette was recorded (written), local time, to the second."""
-    stamp = datetime.fromtimestamp(_mtime(path)).astimezone()
+def _recorded(item: catalog.Item) -> float:
+    """When a cassette was recorded: its answer's own time, or else when it was written."""
+    when = catalog.recorded_at(item.cassette) if item.cassette is not None else None
+    return when if when is not None else _mtime(item.path)
+
+
+def _when(stamp_s: float) -> str:
+    """A time, local, to the second."""
+    stamp = datetime.fromtimestamp(stamp_s).astimezone()
     return stamp.isoformat(timespec="seconds")
 
 
@@ -697,7 +742,7 @@ def prune_command(
                 path.unlink()
             except OSError as e:
                 failed += 1
-                click.echo(f"error: cannot remove {path}: {e.strerror or e}", err=True)
+                click.echo(f"{PREFIX}cannot remove {path}: {e.strerror or e}", err=True)
     _remove_empty_folders(cassette_dir)
     click.echo(f"{len(unused) - failed} removed, {kept} kept", err=True)
     if failed:
@@ -775,7 +820,7 @@ def import_command(
         removed += result.removed
         skipped.update(result.skipped)
         for problem in result.failed:
-            click.echo(f"error: {problem}", err=True)
+            click.echo(f"{PREFIX}{problem}", err=True)
         if result.failed:
             raise fail(f"{len(result.failed)} cassette(s) from {source} could not be written")
     for path in written:
@@ -956,14 +1001,58 @@ def client_lines(url: str, reverse: str | None, ca: Path | None) -> list[str]:
     return lines
 
 
+# run's own options and the mitmproxy option each one sets.
+_OWN_OPTIONS = {
+    "mode": ("--mode", "cassette_mode"),
+    "cassette_dir": ("--cassette-dir", "cassette_dir"),
+    "listen_host": ("--listen-host", "listen_host"),
+    "listen_port": ("--listen-port", "listen_port"),
+    "reverse": ("--reverse", "mode"),
+    "confdir": ("--confdir", "confdir"),
+    "usage_log": ("--usage-log", "cassette_usage_log"),
+}
+
+
+def _defaulted(ctx: click.Context) -> bool:
+    """No folder was asked for: neither -d, $CASSETTE_DIR nor --set cassette_dir."""
+    given = ctx.get_parameter_source("cassette_dir") != click.core.ParameterSource.DEFAULT
+    return not given and _setting(ctx.params["sets"], "cassette_dir") is None
+
+
+def _in_own_clone(folder: Path) -> Path | None:
+    """The folder, absolute, when it does not exist yet and would be made inside the clone
+    this package runs from (an editable install); None otherwise."""
+    clone = Path(__file__).resolve().parents[2]
+    if not (clone / "pyproject.toml").is_file() or not (clone / "addons").is_dir():
+        return None  # installed from a wheel: there is no clone to protect
+    where = folder.expanduser().absolute()
+    if where.exists() or not where.is_relative_to(clone) or where == clone / DEFAULT_DIR:
+        return None  # the shipped cassettes/ folder is the clone's own, asked for by the README
+    return where
+
+
+def _conflict(ctx: click.Context, settings: Sequence[str], sets: Sequence[str]) -> str | None:
+    """Two values for one setting (``--mode replay --set cassette_mode=record``): which
+    one was meant cannot be guessed, so the command names both and stops."""
+    explicit = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+    for param, (flag, name) in _OWN_OPTIONS.items():
+        if ctx.get_parameter_source(param) not in explicit:
+            continue
+        ours = _setting(settings, name)
+        theirs = _setting(sets, name)
+        if theirs is not None and ours is not None and theirs != ours:
+            shown = ctx.params[param]
+            return f"{flag} {shown} and --set {name}={theirs} disagree; give only one of them"
+    return None
+
+
 def _cassette_mode(ctx: click.Context, param: click.Parameter, value: str) -> str:
     if value in MODES:
         return value
     choices = ", ".join(MODES)
-    if value.startswith(("reverse:", "regular", "upstream:", "socks5", "transparent", "wire")):
-        hint = f"; for reverse mode use --reverse {value.removeprefix('reverse:')}" if (
-            value.startswith("reverse:")
-        ) else ""
+    if value.startswith(("reverse", "regular", "upstream", "socks5", "transparent", "wire")):
+        url = value.removeprefix("reverse").removeprefix(":") or "URL"
+        hint = f"; for reverse mode use --reverse {url}" if value.startswith("reverse") else ""
         raise click.BadParameter(
             f"{value!r} is a mitmproxy proxy mode; --mode is the cassette mode ({choices}){hint}"
         )
@@ -1059,7 +1148,11 @@ def run_command(
             settings.append("flow_detail=0")
     elif verbose:
         settings.append("termlog_verbosity=debug")
-    # A --set wins over the option it overrides (mitmproxy refuses two values for one).
+    conflict = _conflict(click.get_current_context(), settings, sets)
+    if conflict:
+        click.echo(f"{PREFIX}{conflict}", err=True)
+        sys.exit(2)
+    # A --set of an option not given explicitly wins over its default.
     given = {spec.partition("=")[0] for spec in sets}
     settings = [spec for spec in settings if spec.partition("=")[0] not in given] + list(sets)
 
@@ -1086,13 +1179,22 @@ def run_command(
         sys.exit(2)
     if cassette_mode == "replay" and not folder.expanduser().exists():
         click.echo(
-            f"cassette-proxy: cassette folder {folder} does not exist, and replay answers "
+            f"{PREFIX}cassette folder {folder} does not exist, and replay answers "
             "only from it (check the path given to -d / CASSETTE_DIR, or record first)",
             err=True,
         )
         sys.exit(2)
+    unasked = _in_own_clone(folder) if _defaulted(click.get_current_context()) else None
+    if unasked is not None and cassette_mode != "passthrough":
+        click.echo(
+            f"{PREFIX}no cassette folder given, and the default {unasked} would be made inside "
+            "cassette-proxy's own clone: give -d FOLDER (or run from your project's folder)",
+            err=True,
+        )
+        sys.exit(2)
     banner = [
-        f"# cassette-proxy {_setting(settings, 'cassette_mode')} mode, cassettes in {folder}, "
+        f"# cassette-proxy {_setting(settings, 'cassette_mode')} mode, "
+        f"cassettes in {folder.expanduser().absolute()}, "
         f"{'lean' if not full else 'full'} master at {url}",
         *client_lines(url, reverse_to, ca),
     ]
@@ -1111,10 +1213,7 @@ def run_command(
     status = run_proxy(settings, lean=not full, addon=addon, on_listening=listening)
     c = addon.counts
     if status == 0 or any(c.values()):  # not after a failed start: the error says it all
-        click.echo(
-            f"cassette-proxy: {c['hit']} hits, {c['miss']} misses, {c['recorded']} recorded, "
-            f"{c['fallback']} offline fallbacks"
-        )
+        click.echo(answers.summary_line(c))
     sys.exit(status)
 
 

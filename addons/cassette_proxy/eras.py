@@ -215,9 +215,28 @@ def unservable_reason(cassette: Cassette) -> str | None:
     names = [n for n in _typed_names(cassette) if n.startswith("openai.")]
     if kind and names:
         short = names[0].rsplit(".", 1)[-1]
-        if short not in OPENAI_TYPES_BY_KIND[kind]:
+        if short not in OPENAI_TYPES_BY_KIND[kind] and short in _KNOWN_OPENAI_TYPES:
             return f"stale: a {short} recorded under the {kind} endpoint"
     return None
+
+
+_KNOWN_OPENAI_TYPES = {name for names in OPENAI_TYPES_BY_KIND.values() for name in names}
+
+
+def unknown_openai_type(cassette: Cassette) -> str | None:
+    """An answer typed with an openai class the proxy does not know for its endpoint
+    (a newer SDK's, a typo): not stale, an error worth reporting at start-up."""
+    kind = _openai_kind(wire_path(cassette))
+    names = [n for n in _typed_names(cassette) if n.startswith("openai.")]
+    if not kind or not names:
+        return None
+    short = names[0].rsplit(".", 1)[-1]
+    if short in _KNOWN_OPENAI_TYPES:
+        return None
+    return (
+        f"unknown __type__ {names[0][:200]!r} for the {kind} endpoint (written by a newer "
+        f"SDK?): expected one of {', '.join(OPENAI_TYPES_BY_KIND[kind])}; not served"
+    )
 
 
 def _openai_kind(path: str) -> str | None:

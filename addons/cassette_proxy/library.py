@@ -15,6 +15,7 @@ from typing import Any
 
 from mitmproxy import ctx, exceptions
 
+from . import answers, matching
 from .sequence import Sequencer
 from .store import CassetteStore
 from .usage import UsageLog
@@ -29,14 +30,22 @@ class Library:
         self.store: CassetteStore | None = None
         self.sequencer = Sequencer()
         self.usage = UsageLog()
-        self.counts = {"hit": 0, "miss": 0, "recorded": 0, "fallback": 0}
+        self.counts = {"hit": 0, "miss": 0, "recorded": 0, "fallback": 0, "fault": 0}
         self.log_summary = True  # `cassette-proxy run` prints the summary itself
         self.mode = "auto"  # cassette_mode, kept here: options are deep-copied on each read
+        self.test_scope = matching.LENIENT  # cassette_test_scope
 
     def load(self, loader: Any) -> None:
         loader.add_option("cassette_dir", str, "cassettes", "Folder of cassettes (JSON files).")
         loader.add_option(
             "cassette_mode", str, "auto", f"One of: {', '.join(MODES)}. See the README."
+        )
+        loader.add_option(
+            "cassette_test_scope",
+            str,
+            matching.LENIENT,
+            "strict: a request with a test id is answered only from its own test's "
+            "recordings; lenient: from another test's when its own has none.",
         )
         loader.add_option(
             "cassette_usage_log",
@@ -53,6 +62,11 @@ class Library:
                 f"cassette_mode must be one of {', '.join(MODES)}, not {opts.cassette_mode!r}"
             )
         self.mode = opts.cassette_mode
+        if "cassette_test_scope" in updated:
+            try:
+                self.test_scope = matching.check_scope(opts.cassette_test_scope)
+            except ValueError as e:
+                raise exceptions.OptionsError(str(e)) from e
         if updated & {"cassette_dir", "cassette_mode"}:
             ensure_folder(Path(opts.cassette_dir).expanduser(), opts.cassette_mode)
         if "cassette_dir" in updated:
@@ -92,11 +106,8 @@ class Library:
             log.info("%s", self.summary())
 
     def summary(self) -> str:
-        c = self.counts
-        return (
-            f"cassettes: {c['hit']} hits, {c['miss']} misses, {c['recorded']} recorded, "
-            f"{c['fallback']} offline fallbacks"
-        )
+        """The one line a proxy prints when it stops, under every host."""
+        return answers.summary_line(self.counts)
 
 
 def ensure_folder(root: Path, mode: str) -> None:

@@ -374,22 +374,43 @@ def choose(
     return min(entries, key=lambda e: _rank(e, test_id, host))
 
 
+LENIENT, STRICT = "lenient", "strict"
+SCOPES = (LENIENT, STRICT)
+
+
+def check_scope(scope: str) -> str:
+    """The option ``cassette_test_scope``, checked: ``lenient`` or ``strict``."""
+    if scope not in SCOPES:
+        raise ValueError(f"cassette_test_scope must be one of {', '.join(SCOPES)}, not {scope!r}")
+    return scope
+
+
+def in_scope(entries: list[Entry] | None, test_id: str | None, scope: str) -> list[Entry] | None:
+    """The recordings a request may be answered from. ``strict``: a request with a test id
+    only from its own test's recordings (model lists too: a test's own lists, merged);
+    ``lenient``, or no test id: all of them (``choose`` still prefers the request's own)."""
+    if scope != STRICT or test_id is None or not entries:
+        return entries
+    return [e for e in entries if e.test_id == test_id]
+
+
 def find(
     store: Index,
     request: Request,
     key: str,
     test_id: str | None,
     host: str | None = None,
+    scope: str = LENIENT,
 ) -> Match | None:
     """The recording that answers ``request`` (whose exact key is ``key``), and why."""
-    entry = choose(store.exact(key), test_id, host)
+    entry = choose(in_scope(store.exact(key), test_id, scope), test_id, host)
     if entry is not None:
         return Match(entry, EXACT)
     for k, names in loose_keys(request):
         found = store.loose(k) if k == key else [*store.exact(k), *store.loose(k)]
         # A rule made for llama-stack's files never matches the proxy's own recordings.
         found = [e for e in found if e.llama_stack or not LLAMA_STACK_RULES & _applied(e, k, names)]
-        entry = choose(found, test_id, host)
+        entry = choose(in_scope(found, test_id, scope), test_id, host)
         if entry is not None:
             applied = _applied(entry, k, names)
             rules = [rule.name for rule in LOOSE_RULES if rule.name in applied]

@@ -37,6 +37,7 @@ from typing import Any
 import pytest
 
 MODES = ("auto", "record", "replay", "record-if-missing", "passthrough")
+SCOPES = ("lenient", "strict")
 TEST_ID_HEADER = "X-Cassette-Test-Id"
 FAULT_HEADER = "X-Cassette-Fault"
 _PROXY_VARS = (
@@ -52,9 +53,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--cassette-dir", help="Overrides ini cassette_dir.")
     group.addoption("--cassette-reverse", metavar="URL", help="Overrides ini cassette_reverse.")
     group.addoption("--cassette-usage-log", help="Log the cassettes used (for `prune`).")
+    group.addoption(
+        "--cassette-test-scope", choices=SCOPES, help="Overrides ini cassette_test_scope."
+    )
     parser.addini("cassette_mode", f"Proxy mode: {', '.join(MODES)}.", default="auto")
     parser.addini("cassette_dir", "Cassette folder, relative to the rootdir.", default="cassettes")
     parser.addini("cassette_reverse", "Reverse mode: the upstream's base URL.", default="")
+    parser.addini(
+        "cassette_test_scope",
+        "strict: a test is answered only from its own recordings; lenient (default): "
+        "from another test's when it has none.",
+        default="lenient",
+    )
     parser.addini(
         "cassette_openai_base_url",
         "Base URL of cassette_openai_client in forward mode.",
@@ -111,6 +121,26 @@ def _setting(config: pytest.Config, name: str) -> Any:
     return given if given not in (None, "") else config.getini(name)
 
 
+def _given_port(args: list[str]) -> int | None:
+    """A port the user put in ``cassette_proxy_args`` (``--listen-port N``, ``-p N``,
+    ``--listen-port=N``, ``--set listen_port=N``): the proxy listens there, as asked."""
+    port = None
+    for i, arg in enumerate(args):
+        nxt = args[i + 1] if i + 1 < len(args) else ""
+        if arg in ("--listen-port", "-p"):
+            port = nxt
+        elif arg.startswith("--listen-port="):
+            port = arg.partition("=")[2]
+        elif arg == "--set" and nxt.startswith("listen_port="):
+            port = nxt.partition("=")[2]
+    if port is None:
+        return None
+    try:
+        return int(port)
+    except ValueError:
+        raise pytest.UsageError(f"cassette_proxy_args: {port!r} is not a port") from None
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -133,15 +163,24 @@ def start_proxy(config: pytest.Config, workdir: Path, timeout: float = 30.0) -> 
     usage = config.getoption("--cassette-usage-log", default=None)
     if usage:
         base += ["--usage-log", str(Path(usage).resolve())]
-    base += list(config.getini("cassette_proxy_args") or [])
+    scope = str(_setting(config, "cassette_test_scope"))
+    if scope not in SCOPES:
+        raise pytest.UsageError(
+            f"cassette_test_scope must be one of {', '.join(SCOPES)}, not {scope!r}"
+        )
+    if scope != "lenient":
+        base += ["--set", f"cassette_test_scope={scope}"]
+    extra = list(config.getini("cassette_proxy_args") or [])
+    base += extra
+    wanted = _given_port(extra)
     env = {k: v for k, v in os.environ.items() if k not in _PROXY_VARS}
     env["PYTHONUNBUFFERED"] = "1"
     for attempt in range(3):  # a free port can be taken before the proxy binds it
-        port = _free_port()
+        port = wanted or _free_port()
         log_path = workdir / f"cassette-proxy-{port}.log"
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
-                [*base, "--listen-port", str(port)],
+                base if wanted else [*base, "--listen-port", str(port)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -178,8 +217,10 @@ def start_proxy(config: pytest.Config, workdir: Path, timeout: float = 30.0) -> 
             )
         if proc.poll() is None:
             proc.kill()
-        if "address already in use" not in output or attempt == 2:
-            raise pytest.UsageError(f"cassette-proxy did not start:\n{output}")
+        if "address already in use" not in output or attempt == 2 or wanted:
+            # Once for the session, not once per test that asks for the proxy: the
+            # reason (a replay folder that is not there, a port taken) is the same.
+            pytest.exit(f"cassette-proxy did not start:\n{output.strip()}", returncode=4)
     raise AssertionError("unreachable")
 
 
@@ -278,6 +319,20 @@ def cassette_openai_client(
         api_key=os.environ.get("OPENAI_API_KEY") or "sk-cassette-placeholder",
         http_client=cassette_http_client,
     )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A test that failed on a cassette miss is told how to record its request."""
+    outcome = yield
+    report = outcome.get_result()
+    proxy = item.config.stash.get(_SUMMARY, None)
+    if proxy is None or not report.failed or call.excinfo is None:
+        return
+    from .answers import MISS_START, pytest_miss_hint
+
+    if MISS_START in str(call.excinfo.value) or MISS_START in report.longreprtext:
+        report.sections.append(("cassette-proxy", pytest_miss_hint(proxy.mode)))
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:

@@ -44,13 +44,14 @@ class Replayer:
         store = self.library.store
         assert store is not None and plan.request is not None
         request = plan.request
-        match = matching.find(store, request, plan.key, plan.test_id, plan.upstream)
+        find, scope = matching.find, self.library.test_scope
+        match = find(store, request, plan.key, plan.test_id, plan.upstream, scope)
         # Other proxies and people change the folder: a hit's file is checked, a miss
         # rescans it (both rate-limited, see store.refresh), then the lookup is redone.
         if match is not None and store.changed(match.entry):
-            match = matching.find(store, request, plan.key, plan.test_id, plan.upstream)
+            match = find(store, request, plan.key, plan.test_id, plan.upstream, scope)
         if match is None and store.refresh():
-            match = matching.find(store, request, plan.key, plan.test_id, plan.upstream)
+            match = find(store, request, plan.key, plan.test_id, plan.upstream, scope)
         return match
 
     def has_next(self, plan: Plan, match: matching.Match) -> bool:
@@ -100,11 +101,10 @@ class Replayer:
         library.usage.note("fallback" if why else "hit", plan.served_from)
         if log.isEnabledFor(logging.INFO):  # a quiet proxy skips building the line
             log.info(
-                "%s hit %s %s key %s -> %s%s (%s)",
+                "%s hit %s %s -> %s%s (%s)",
                 library.mode,
                 plan.method,
                 plan.path,
-                plan.key[:12],
                 plan.served_from,
                 f" (fallback: {why})" if why else "",
                 plan.rule if plan.rule == matching.EXACT else f"loose: {plan.rule}",
@@ -144,8 +144,9 @@ class Replayer:
 
     def _miss(self, plan: Plan, broken: str | None = None) -> http.Response:
         store = self.library.store
-        response, message = answers.miss(store, plan, broken)
-        log.warning("%s miss %s", self.library.mode, message.removeprefix("cassette-proxy: "))
+        library = self.library
+        response, message = answers.miss(store, plan, library.mode, library.test_scope, broken)
+        log.warning("%s miss %s", library.mode, message.removeprefix(answers.PREFIX))
         return response
 
 

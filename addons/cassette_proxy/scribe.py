@@ -422,11 +422,10 @@ class Scribe:
             return
         library.usage.note("recorded", relative)
         log.info(
-            "%s recorded %s %s key %s -> %s",
+            "%s recorded %s %s -> %s",
             library.mode,
             plan.method,
             plan.path,
-            plan.key[:12],
             relative,
         )
 

@@ -88,6 +88,8 @@ class Shaping:
             streamed=streamed,
         )
         how = []
+        if cut is not None and fault is not None and not fault.delay_ms:
+            self.library.counts["fault"] += 1  # (with a delay, counted when it was waited)
         if cut is not None:
             how.append(f"cut after {cut} chunk(s)" if streamed else "cut mid-body")
         if timing is not None:

@@ -61,6 +61,11 @@ class LoadReport:
     unservable: list[str] = field(default_factory=list)
 
 
+def _unknown_type(cassette: Cassette) -> str | None:
+    """Why a cassette's typed answer cannot be replayed: a type no family or era knows."""
+    return unknown_type(cassette.response.body) or eras.unknown_openai_type(cassette)
+
+
 def wire_path_of(request: Any) -> str:
     """The wire path of a recorded request: the URL's path with a doubled version undone.
 
@@ -193,7 +198,7 @@ class CassetteStore:
                 try:
                     cassette = read_cassette(path)
                     reason = eras.unservable_reason(cassette)
-                    odd = unknown_type(cassette.response.body) if reason is None else None
+                    odd = _unknown_type(cassette) if reason is None else None
                     if odd is not None:  # a typed answer no family can put on the wire
                         raise CassetteError(f"{path}: {odd}")
                     entry = self._add(path, cassette) if reason is None else None
@@ -313,7 +318,7 @@ class CassetteStore:
         try:
             cassette = read_cassette(path)
             reason = eras.unservable_reason(cassette)
-            odd = unknown_type(cassette.response.body) if reason is None else None
+            odd = _unknown_type(cassette) if reason is None else None
             if odd is not None:
                 raise CassetteError(f"{path}: {odd}")
             if reason is not None:

@@ -81,6 +81,9 @@ class Intake:
             return
         if self.library.mode == "passthrough":
             plan.route = PASS
+            shown = shown_path(flow.request)  # logs never show a key
+            log.info("passthrough %s %s (nothing recorded or replayed)", flow.request.method,
+                     shown)  # fmt: skip
             return
         try:
             self.keyer.key(flow.request, plan)
@@ -128,6 +131,7 @@ class Intake:
                                                      hashlib.sha256(b"").digest())):  # fmt: skip
                 plan.fault = None
                 return
+            self.library.counts["fault"] += 1
             self._answer(flow, plan, answers.fault(path, fault.status), streamed)
             flow.comment = f"cassette: fault {fault.spec}"
             flow.marked = ":boom:"
@@ -147,6 +151,8 @@ class Intake:
                      fault.spec, fault.times, request.method, shown_path(request))  # fmt: skip
             plan.fault = None
             return True
+        if fault.status is not None or fault.delay_ms:
+            self.library.counts["fault"] += 1  # a cut-after alone is counted when it cuts
         if fault.delay_ms:
             await asyncio.sleep(fault.delay_ms / 1000)
         if fault.status is not None:
