@@ -172,6 +172,7 @@ class CassetteRecorder:
         self.mode = "auto"
         self.normalize = False
         self.record_headers: list[str] = []
+        self.answer_headers: list[str] = []  # option cassette_answer_headers (issue 19)
         self.stopping = False  # set when the proxy shuts down
         # Faults on demand and recorded pacing; a child addon: its hooks run after ours.
         self.shaper = ReplayShaper(self)
@@ -206,6 +207,13 @@ class CassetteRecorder:
             "Request headers to record by name. Credentials are never recorded.",
         )
         loader.add_option(
+            "cassette_answer_headers",
+            Sequence[str],
+            [],
+            "Answer headers to record and replay beside the documented ones (x-request-id, "
+            "request-id, x-ratelimit-*, ...). Credentials and cookies are never recorded.",
+        )
+        loader.add_option(
             "cassette_normalize",
             bool,
             False,
@@ -236,6 +244,7 @@ class CassetteRecorder:
         self.mode = opts.cassette_mode
         self.normalize = opts.cassette_normalize
         self.record_headers = list(opts.cassette_record_headers)
+        self.answer_headers = list(opts.cassette_answer_headers)
         if updated & {"cassette_probe_timeout_ms", "cassette_probe_ttl_ms"}:
             if opts.cassette_probe_timeout_ms <= 0 or opts.cassette_probe_ttl_ms < 0:
                 raise exceptions.OptionsError(
@@ -1133,7 +1142,7 @@ class CassetteRecorder:
         if temp is not None:
             plan.temp = None
         try:
-            stat = write_cassette(path, cassette, durable=False, temp=temp)
+            stat = write_cassette(path, cassette, durable=False, temp=temp, keep_unchanged=True)
         except NotJSONError as e:
             self._not_recorded(flow, plan, f"not valid JSON: {e}", warn=True)
             return
@@ -1191,7 +1200,10 @@ class CassetteRecorder:
         """Finish a stream written as it passed: its last lines, the rename, the index.
         Whether that was done, and response.timing (taken here either way); when not,
         the temp file is gone and the stream is to be recorded the ordinary way."""
-        placeholder = self.shaper.timed(flow, {"body": [PLACEHOLDER], "is_streaming": True})
+        form = recorder.wire_form()  # the stream's JSON layout (issue 19)
+        shell = {"body": [PLACEHOLDER], "is_streaming": True}
+        shell.update({"wire_form": form} if form else {})
+        placeholder = self.shaper.timed(flow, shell)
         timing = placeholder.get("timing")
         if not recorder.complete:
             spool.discard()
@@ -1354,6 +1366,9 @@ class CassetteRecorder:
             response=redact_answer(response, secrets, raw),
             file=self.first_answer_path(flow, plan) if unchanged else None,
             body_redacted=True,  # plan.body is as the key saw it (matching.live_request)
+            raw=raw,  # a whole answer's bytes: its wire_form (issue 19)
+            answer_headers=flow.response.headers if flow.response is not None else None,
+            header_names=self.answer_headers,
         )
         path = self.sequencer.recording_path(flow, path)  # <hash>.<n>.json
         return path, cassette
