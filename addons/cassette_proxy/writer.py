@@ -70,6 +70,16 @@ class CassetteWriter:
     def big(self, size: int) -> bool:
         return size > self.offload_bytes
 
+    def start(self) -> None:
+        """Start the writer and fsync threads now (``warmup``): created on the first
+        recording, their start held that recording's answer up."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cassette-writer")
+        if self._sync_pool is None:
+            self._sync_pool = ThreadPoolExecutor(1, thread_name_prefix="cassette-fsync")
+        for pool in (self._pool, self._sync_pool):
+            pool.submit(int).result()  # a thread starts on its first job
+
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the writer thread, awaited."""
         if self._pool is None:
