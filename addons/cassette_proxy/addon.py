@@ -80,6 +80,7 @@ from .streams import STREAM_TYPES
 from .tempfiles import Temp, TempFiles, opened, ready
 from .upstream import BUSY, CONNECT_TIMEOUT_S, DOWN, UpstreamProbe
 from .usage import UsageLog
+from .warmup import WarmStart
 from .writer import CassetteWriter, WholeAnswer
 
 log = logging.getLogger("cassette_proxy")
@@ -176,7 +177,7 @@ class CassetteRecorder:
         self.stopping = False  # set when the proxy shuts down
         # Faults on demand and recorded pacing; a child addon: its hooks run after ours.
         self.shaper = ReplayShaper(self)
-        self.addons = [self.shaper]
+        self.addons = [self.shaper, WarmStart(self)]  # warmup: nothing starts late
         self.sequencer = Sequencer()  # identical requests answered in recorded order
 
     # ---- options -----------------------------------------------------------------
