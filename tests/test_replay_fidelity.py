@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import ssl
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -285,3 +287,51 @@ def test_ogx_tavily_recording_answers_tavily_http_search(
             json={"api_key": "tvly-dev-abcdef1234567890", "query": "something else"},
         )
     assert miss.status_code != 200
+
+
+def _first_event_after(port: int, url: str, body: dict[str, Any]) -> float:
+    """Seconds from sending a streamed request through the proxy to its first SSE event."""
+    data = json.dumps(body).encode()
+    head = (
+        f"POST {url} HTTP/1.1\r\nHost: {url.split('/')[2]}\r\ncontent-type: application/json"
+        f"\r\ncontent-length: {len(data)}\r\nconnection: close\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        start = time.monotonic()
+        s.sendall(head + data)
+        seen = b""
+        while b"data: " not in seen:
+            more = s.recv(65536)
+            assert more, seen
+            seen += more
+        return time.monotonic() - start
+
+
+def test_a_fresh_proxy_answers_its_first_request_on_time(
+    proxy_factory: Callable[..., Any], fidelity: FidelityUpstream, tmp_path: Path
+) -> None:
+    """Nothing starts on a fresh proxy's first request: not the CA mitmproxy read again
+    once the port listened (a 4096-bit CA here: its key check took 0.6 s on the test
+    machine, on the event loop), nor threads or servers made on first use. The margins
+    are generous: 0.15 s over what the upstream (or the recording) takes."""
+    from mitmproxy.certs import CertStore
+
+    confdir = tmp_path / "ca4096"
+    CertStore.from_store(confdir, "mitmproxy", 4096)  # made once, read by each proxy
+    fidelity.first_event_delay = 0.3
+    url = fidelity.url + "/v1/chat/completions"
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+
+    recorder = proxy_factory(mode="record", confdir=confdir)
+    first_recorded = _first_event_after(recorder.port, url, chat)  # right after it listens
+    assert 0.3 <= first_recorded < 0.3 + 0.15, first_recorded
+    [file] = wait_for_files(recorder.cassette_dir, 1)
+    recorder.stop()
+    recorded = read_cassette(file).response.model_dump()["timing"]["chunks_ms"][0] / 1000
+    assert 0.3 <= recorded < 0.45
+
+    replayer = proxy_factory(
+        mode="replay", confdir=confdir, options={"cassette_pacing": "recorded"}
+    )
+    first_replayed = _first_event_after(replayer.port, url, chat)
+    assert recorded - 0.02 <= first_replayed < recorded + 0.15, (first_replayed, recorded)
