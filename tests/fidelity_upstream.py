@@ -108,7 +108,9 @@ class _Handler(BaseHTTPRequestHandler):
             }
             return self._send(200, "application/json", compact(answer), self._openai_headers(n))
         chunks = []
-        for i, piece in enumerate([text[: len(text) // 2], text[len(text) // 2 :]]):
+        n = self.server.n_chunks
+        pieces = [text[: len(text) // 2], text[len(text) // 2 :]] if n == 2 else [text] * n
+        for i, piece in enumerate(pieces):
             delta: dict[str, Any] = {"content": piece}
             if i == 0:
                 delta = {"role": "assistant", **delta}
@@ -204,6 +206,7 @@ class FidelityUpstream(ThreadingHTTPServer):
         self.run = 1  # bump to give every volatile field a new value
         self.text = "Hello, wörld!"
         self.first_event_delay = 0.0
+        self.n_chunks = 2  # chunks of a chat stream (more: each says the whole text)
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)
         self._thread.start()
 

@@ -335,3 +335,24 @@ def test_a_fresh_proxy_answers_its_first_request_on_time(
     )
     first_replayed = _first_event_after(replayer.port, url, chat)
     assert recorded - 0.02 <= first_replayed < recorded + 0.15, (first_replayed, recorded)
+
+
+def test_a_big_stream_written_as_it_passes_replays_its_bytes(
+    proxy_factory: Callable[..., Any], fidelity: FidelityUpstream
+) -> None:
+    """Over 128 KiB a chat stream is written to its cassette as it passes (spool.py):
+    its wire form is in the file's tail, and the replay sends the live bytes."""
+    fidelity.n_chunks = 1500  # ~270 KB of compact chunks
+    body = {"model": "m", "messages": [{"role": "user", "content": "big"}], "stream": True}
+    recorder = proxy_factory(mode="record", options={"termlog_verbosity": "debug"})
+    with _client(recorder) as client:
+        live = client.post(fidelity.url + "/v1/chat/completions", json=body).content
+    [file] = wait_for_files(recorder.cassette_dir, 1)
+    recorder.stop()
+    assert len(live) > 200_000
+    assert "written at its end" not in recorder.log_text()  # it was spooled
+    assert read_cassette(file).response.model_dump()["wire_form"] == {"json": "orjson"}
+    replayer = proxy_factory(mode="replay")
+    with _client(replayer) as client:
+        again = client.post(fidelity.url + "/v1/chat/completions", json=body).content
+    assert again == live
