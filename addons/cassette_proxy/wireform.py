@@ -126,6 +126,19 @@ class StreamForm:
         self.layout: str | None = None
         self.texts: dict[str, str] = {}
         self.crlf = False
+        self._eol_seen = False
+        self._last = b""
+
+    def feed(self, data: bytes) -> None:
+        """Take a read of the stream: its first line end (CRLF or LF) is the stream's."""
+        if self._eol_seen or not data:
+            return
+        at = data.find(b"\n")
+        if at < 0:
+            self._last = data[-1:]
+            return
+        self._eol_seen = True
+        self.crlf = (data[at - 1 : at] if at else self._last) == b"\r"
 
     def see(self, index: int, raw: bytes | str, value: Any) -> None:
         data = raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogateescape")

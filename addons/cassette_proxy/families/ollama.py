@@ -93,8 +93,7 @@ class NDJSONRecorder:
         self._form = StreamForm()  # how the server wrote its lines (wireform)
 
     def feed(self, data: bytes) -> None:
-        if not self._form.crlf and b"\r\n" in data:
-            self._form.crlf = True
+        self._form.feed(data)
         for line in self._framer.feed(data):
             self._take(line)
 

@@ -98,7 +98,7 @@ class SSEChunkRecorder:
         self._framer = SSEBytesFramer()
         self._payloads: list[bytes | str] = []
         self.size = 0  # bytes of event data kept so far
-        self._crlf = False  # lines ended in CRLF (wireform)
+        self._ends = StreamForm()  # the stream's line ends (wireform)
 
     @property
     def payloads(self) -> list[bytes | str]:
@@ -106,8 +106,7 @@ class SSEChunkRecorder:
         return self._payloads
 
     def feed(self, data: bytes) -> None:
-        if not self._crlf and b"\r\n" in data:
-            self._crlf = True
+        self._ends.feed(data)
         for event in self._framer.feed(data):
             name, payload = sse_payload(event)
             if payload is None:
@@ -147,7 +146,7 @@ class SSEChunkRecorder:
         if pause:
             gc.disable()
         form = StreamForm()
-        form.crlf = self._crlf
+        form.crlf = self._ends.crlf
         try:
             read, see = self.read, form.see
             for i, payload in enumerate(self._payloads):
@@ -168,7 +167,7 @@ class SSEChunkRecorder:
         """The stream's layout and line ends, from its first chunk (a stream written as
         it passed, ``spool.py``: its chunks are gone; no verbatim chunk texts)."""
         form = StreamForm()
-        form.crlf = self._crlf
+        form.crlf = self._ends.crlf
         if self._payloads:
             first = self._payloads[0]
             try:
