@@ -87,6 +87,13 @@ class WarmStart:
         self.recorder = recorder
 
     def load(self, loader: Any) -> None:
+        self._seed()  # mitmdump -s: tlsconfig has read its store already
+
+    def configure(self, updated: set[str]) -> None:
+        if not _last:
+            self._seed()  # the lean master: tlsconfig reads it in the first configure
+
+    def _seed(self) -> None:
         seed = _tls_seed()
         if seed is not None:  # else tlsconfig reads its store as it always did
             reuse_ca_store(seed)
