@@ -356,3 +356,28 @@ def test_a_big_stream_written_as_it_passes_replays_its_bytes(
     with _client(replayer) as client:
         again = client.post(fidelity.url + "/v1/chat/completions", json=body).content
     assert again == live
+
+
+def test_a_big_stream_written_as_it_passes_does_not_churn(
+    proxy_factory: Callable[..., Any], fidelity: FidelityUpstream, tmp_path: Path
+) -> None:
+    """A spooled stream (over 128 KiB) equal to its recording but for ids and created
+    leaves the file as it was; one with another text is rewritten."""
+    fidelity.n_chunks = 1500
+    body = {"model": "m", "messages": [{"role": "user", "content": "big"}], "stream": True}
+
+    def suite_run() -> None:
+        proxy = proxy_factory()  # auto
+        with _client(proxy) as client:
+            assert client.post(fidelity.url + "/v1/chat/completions", json=body).status_code == 200
+        proxy.stop()
+
+    suite_run()
+    [file] = cassette_files(tmp_path / "cassettes")  # proxy_factory's folder
+    before = (file.read_bytes(), file.stat().st_mtime_ns)
+    fidelity.run = 2
+    suite_run()
+    assert (file.read_bytes(), file.stat().st_mtime_ns) == before
+    fidelity.text = "Changed"
+    suite_run()
+    assert file.read_bytes() != before[0]
