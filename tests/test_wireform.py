@@ -89,3 +89,14 @@ def test_churn_ignores_volatile_fields_and_names_real_changes() -> None:
     assert churn.changed_fields(churn.comparable(old), churn.comparable(new)) == [
         "response.body.__data__.text"
     ]
+
+
+def test_a_chunk_sent_over_several_data_lines_is_written_on_one() -> None:
+    live = b'data: {"id": "c",\ndata:  "choices": []}\n\ndata: [DONE]\n\n'
+    recorder = OpenAIFamily().stream_recorder("/v1/chat/completions", {}, "text/event-stream")
+    recorder.feed(live)
+    response = answer_extras("/v1/chat/completions", {}, recorder.response(clean_end=True))
+    body = encode("/v1/chat/completions", {"stream": True}, response).body
+    events = [e for e in body.split(b"\n\n") if e]
+    assert all(e.count(b"\n") == 0 and e.startswith(b"data: ") for e in events)
+    assert json.loads(events[0][6:]) == {"id": "c", "choices": []}

@@ -149,7 +149,8 @@ class StreamForm:
             self.layout = layout_of(data, value) or DEFAULT
             if render(value, self.layout) == data:
                 return
-        text = _text(data)
+        # A chunk over several ``data:`` lines is not one line: written by the layout.
+        text = _text(data) if b"\n" not in data and b"\r" not in data else None
         if text is not None:
             self.texts[str(index)] = text
 
@@ -197,7 +198,8 @@ def chunk_bytes(values: list[Any], form: dict[str, Any]) -> list[bytes]:
     out = []
     for i, value in enumerate(values):
         text = texts.get(str(i))
-        if isinstance(text, str) and _same(text, value):
+        one_line = isinstance(text, str) and "\n" not in text and "\r" not in text
+        if one_line and _same(text, value):
             out.append(text.encode("utf-8", "surrogateescape"))
             continue
         data = render(value, layout)
