@@ -255,7 +255,10 @@ def test_an_upload_replays_whatever_content_type_the_client_gave_its_part(
     done = curl(moved)
     body, _, status = done.stdout.rpartition("\n")
     assert status != "200"
-    assert "sha256" in body, body
+    import hashlib
+
+    sent, recorded = hashlib.sha256(wav + b"\x01").hexdigest(), hashlib.sha256(wav).hexdigest()
+    assert "body.file.sha256" in body and sent in body and recorded in body, body
 
 
 def test_ogx_tavily_recording_answers_tavily_http_search(
