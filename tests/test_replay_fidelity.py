@@ -9,6 +9,7 @@ upstream on loopback (tests/fidelity_upstream.py).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import socket
@@ -255,8 +256,6 @@ def test_an_upload_replays_whatever_content_type_the_client_gave_its_part(
     done = curl(moved)
     body, _, status = done.stdout.rpartition("\n")
     assert status != "200"
-    import hashlib
-
     sent, recorded = hashlib.sha256(wav + b"\x01").hexdigest(), hashlib.sha256(wav).hexdigest()
     assert "body.file.sha256" in body and sent in body and recorded in body, body
 
