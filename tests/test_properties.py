@@ -105,7 +105,7 @@ def dumps_wire(value: Any, ascii_only: bool = False) -> str:
 
 
 def sse_payloads(raw: bytes) -> list[str]:
-    events = raw.decode().split("\n\n")
+    events = raw.decode().replace("\r\n", "\n").split("\n\n")  # CRLF replays as sent
     return [e.removeprefix("data: ") for e in events if e.startswith("data: ")]
 
 
@@ -348,7 +348,8 @@ def test_an_ollama_ndjson_stream_survives_however_it_is_cut_into_reads(
         recorder.feed(read)
     assert recorder.complete
     wire = roundtrip(scratch(tmp_path_factory, "o"), path, body, recorder.response(True))
-    assert [json.loads(line) for line in wire.body.decode().splitlines()] == objects
+    lines = [line for line in wire.body.decode().split("\n") if line]  # NDJSON: \n only
+    assert [json.loads(line) for line in lines] == objects
 
 
 LINE = st.text(st.characters(exclude_characters="\r\n", codec="utf-8"), max_size=20)

@@ -862,5 +862,6 @@ def test_llama_stack_messages_recordings_verify_and_count_their_usage():
 
 def untimed(response: dict[str, Any]) -> dict[str, Any]:
     """A recorded response half without its recorded pacing (``response.timing``,
-    test_agent_replay.py): the shape llama-stack's raw recordings have."""
-    return {k: v for k, v in response.items() if k != "timing"}
+    test_agent_replay.py) and the other additive fields (``wire_form``, ``headers``:
+    issue 19): the shape llama-stack's raw recordings have."""
+    return {k: v for k, v in response.items() if k not in ("timing", "wire_form", "headers")}

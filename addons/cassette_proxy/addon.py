@@ -24,7 +24,7 @@ from typing import Any
 from mitmproxy import ctx, http
 
 from .answers import FILE_HEADER, MISS_HEADER, MISS_STATUS
-from .fallback import FallbackServer
+from .fallback import FallbackServer, start_stand_in
 from .library import MODES, Library, unservable_summary
 from .plan import TEST_ID_HEADER, TOKEN_HEADER, Plan, Plans
 from .printing import guard_flow_lines
@@ -38,6 +38,7 @@ from .sessions import SessionRoom
 from .shaping import Shaping
 from .tunnels import RawTunnelGuard
 from .upstream import UpstreamProbe
+from .warmup import WarmStart
 
 
 class CassetteRecorder:
@@ -67,10 +68,21 @@ class CassetteRecorder:
             self.recorder,
             self.sessions,
             RawTunnelGuard(),  # raw TCP tunnels: never relayed where nothing may be forwarded
+            WarmStart(self),  # what a first request would start, started at running
         ]
 
     def load(self, loader: Any) -> None:
         guard_flow_lines(getattr(ctx, "master", None))  # flow lines never print a credential
+
+    async def warm_start(self) -> None:
+        """Start what a first request would otherwise start (warmup.py): threads, the
+        local replay server, the offline stand-in where it may be needed."""
+        scribe = self.recorder.scribe
+        scribe.writer.start()
+        scribe.temps.start()
+        await self.shaper.server.start()  # paced and cut replays
+        if self.library.mode in ("auto", "replay"):
+            await start_stand_in(self.stand_in)
 
     # What callers outside the rooms read: the CLI's summary, the benchmarks.
     @property

@@ -349,6 +349,7 @@ def write_cassette(
     cassette: Cassette,
     durable: bool = True,
     temp: tuple[int, str] | None = None,
+    keep_unchanged: bool = False,
 ) -> os.stat_result:
     """Write atomically: temp file in the same folder, fsync, rename, fsync the folder.
 
@@ -360,10 +361,19 @@ def write_cassette(
     the disk refuses; nothing is left behind either way. Returns the file's stat (what
     the store keeps to see it change). ``temp``: a temp file opened for it beforehand
     (``open_temp`` in the same folder or one on the same file system); it is used up
-    either way.
+    either way. ``keep_unchanged``: a file at ``path`` that holds the same answer, volatile
+    fields aside, is left as it is (``churn.kept``), and its stat returned.
     """
     try:
         data = cassette.to_json_bytes()
+        if keep_unchanged:
+            from .churn import kept  # churn logs; cassette.py stays free of logging
+
+            stat = kept(path, data, plain(cassette))
+            if stat is not None:
+                if temp is not None:
+                    discard_temp(temp)
+                return stat
         if len(data) > MAX_CASSETTE_BYTES:
             raise CassetteError(
                 f"{path}: the cassette would be {len(data) / 2**20:.1f} MiB, over the "

@@ -29,10 +29,43 @@ def _falsy(value: Any) -> bool:
     return value is None or value is False or value == "" or value == [] or value == {}
 
 
+FILE_PART = frozenset({"filename", "content_type", "size", "sha256"})  # bodies._part's
+
+
+def _file_part(value: Any) -> bool:
+    return type(value) is dict and "sha256" in value and value.keys() == FILE_PART
+
+
+def _without_part_types(body: dict[str, Any]) -> dict[str, Any]:
+    """A multipart body with each file part's content type left out: it is the client's
+    guess (curl -F says application/octet-stream where the openai SDK says audio/x-wav
+    for the same WAV); the server reads the bytes (sha256), field names and file name."""
+
+    def one(value: Any) -> Any:
+        if _file_part(value):
+            return {k: v for k, v in value.items() if k != "content_type"}
+        if type(value) is list and any(map(_file_part, value)):
+            return [one(v) for v in value]
+        return value
+
+    return {k: one(v) for k, v in body.items()}
+
+
+def _has_file_part(body: dict[str, Any]) -> bool:
+    for value in body.values():
+        if type(value) is dict and "sha256" in value:
+            return True
+        if type(value) is list and value and type(value[0]) is dict and "sha256" in value[0]:
+            return True
+    return False
+
+
 def normal_form(path: str, body: Any) -> Any:
     """The body with client defaults made explicit or dropped, as the server reads it."""
     if not isinstance(body, dict):
         return body
+    if _has_file_part(body):
+        body = _without_part_types(body)
     if _is_ollama(path, "generate", "chat", "pull", "push"):
         body = dict(body)
         # The Ollama server streams unless told otherwise; clients differ in spelling it.

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from . import tools
 from .cassette import Cassette
 
 # Endpoints that are GET on the wire; llama-stack recorded them as POST with ``{}``.
@@ -116,6 +117,9 @@ def recorded_body(cassette: Cassette) -> Any:
 
 def recorded_wire(cassette: Cassette) -> WireRequest:
     """The wire request for a recording of any era. Total: never raises for a cassette."""
+    tool = tools.tavily_request(cassette)
+    if tool is not None:  # OGX's tool-level web_search: Tavily's HTTP search (tools.py)
+        return WireRequest(tool[0], tool[1], tool[2], [])
     request = cassette.request
     _, _, query_text = _url_parts(request.url)
     query = parse_qsl(query_text, keep_blank_values=True)
@@ -201,6 +205,8 @@ def unservable_reason(cassette: Cassette) -> str | None:
     if "websocket_session" in (cassette.model_extra or {}):
         return "a WebSocket session (played by sessions.py, not answered as HTTP)"
     if not request.url:
+        if tools.tavily_request(cassette) is not None:
+            return None  # answers POST https://api.tavily.com/search (tools.py)
         if "tool_name" in extra or "provider" in extra:
             return "a tool or provider call, not an HTTP request"
         if not request.endpoint:

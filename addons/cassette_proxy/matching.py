@@ -472,7 +472,23 @@ def nearest(
     diff = keys.first_difference(wanted.body, recorded.body)
     if diff is None:
         diff = "query string" if recorded.query != wanted.query else "test id"
+    elif diff.endswith(".sha256"):  # another file: which one was sent, which recorded
+        sent, kept = _value_at(wanted.body, diff), _value_at(recorded.body, diff)
+        if isinstance(sent, str) and isinstance(kept, str):
+            diff += f" (the file sent has sha256 {sent}, the recorded one {kept})"
     return entry, diff
+
+
+def _value_at(body: Any, where: str) -> Any:
+    """The value at a ``first_difference`` path (``body.file.sha256``, ``body.f[1].x``)."""
+    value = {"body": body}
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", where):
+        if part.startswith("["):
+            index = int(part[1:-1])
+            value = value[index] if isinstance(value, list) and index < len(value) else None
+        else:
+            value = value.get(part) if isinstance(value, dict) else None
+    return value
 
 
 def test_id_summary(

@@ -12,9 +12,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from . import matching
+from . import answerheaders, matching, wireform
 from .cassette import Cassette, make_cassette
-from .families import Family, NotRecordable, error_response, is_typed
+from .families import Family, NotRecordable, encode_value, error_response, is_typed
 from .families.ollama import with_stream_default
 from .redact import (
     recordable_headers,
@@ -140,6 +140,8 @@ def interaction(
     response: dict[str, Any],
     raw: bytes | None = None,
     file: Path | None = None,
+    answer_headers: Mapping[str, str] | None = None,
+    header_names: Iterable[str] = (),
 ) -> tuple[Path, Cassette]:
     """One interaction the proxy saw -> its cassette and the file of its first answer.
 
@@ -147,8 +149,9 @@ def interaction(
     credential fields redacted); ``url`` is redacted. Every credential value the request
     carried (``secrets``) is scrubbed from all that is written; ``marker`` names what the
     body was parsed from (bodies.py). ``raw``: the answer's bytes ``response`` was read
-    from. ``file``: the name worked out when the answer began, used when scrubbing
-    changed nothing of what names the file.
+    from (and its ``wire_form``). ``file``: the name worked out when the answer began,
+    used when scrubbing changed nothing of what names the file. ``answer_headers``: the
+    answer's headers, of which those clients read are kept (``header_names`` adds names).
     """
     headers = recordable_headers(request_headers, record_headers)
     if marker:
@@ -166,6 +169,9 @@ def interaction(
         response=redact_answer(response, secrets, raw),
         file=file if unchanged else None,
         body_redacted=True,
+        raw=raw,
+        answer_headers=answer_headers,
+        header_names=header_names,
     )
 
 
@@ -181,6 +187,9 @@ def new_recording(
     response: dict[str, Any],
     file: Path | None = None,
     body_redacted: bool = False,
+    raw: bytes | None = None,
+    answer_headers: Mapping[str, str] | None = None,
+    header_names: Iterable[str] = (),
 ) -> tuple[Path, Cassette]:
     """The cassette for one interaction and the file it belongs in below ``root``.
 
@@ -192,9 +201,13 @@ def new_recording(
     (``families.ollama.with_stream_default``). ``file``: that name, when the caller
     has worked it out already for this very request (the proxy, when the answer began).
     ``body_redacted``: the body went through ``redact_body`` already (the proxy's key).
+    ``raw``: a whole answer's bytes as they came, for its ``wire_form`` (a stream's
+    recorder gives its own). ``answer_headers``: the answer's headers, of which those
+    clients read are kept (``answerheaders``; ``header_names`` adds names).
     """
     body = with_stream_default(path, body if body_redacted else redact_body(body))
     path = redact_path(path)
+    response = answer_extras(path, body, response, raw, answer_headers, header_names)
     model = body.get("model") if isinstance(body, dict) else None
     cassette = make_cassette(
         test_id=test_id,
@@ -210,6 +223,36 @@ def new_recording(
         return file, cassette
     query = matching.recorded_query(url)
     return recording_path(root, method, path, body, test_id, query), cassette
+
+
+def answer_extras(
+    path: str,
+    body: Any,
+    response: dict[str, Any],
+    raw: bytes | None = None,
+    answer_headers: Mapping[str, str] | None = None,
+    header_names: Iterable[str] = (),
+) -> dict[str, Any]:
+    """The response half with what makes a replay the live answer: how its JSON was
+    written (``wire_form``) and the headers clients read; verbatim texts that no longer
+    read as the recorded value (normalised, redacted) left out (``wireform.settle``)."""
+    if raw is not None and not response.get("is_streaming") and wireform.FIELD not in response:
+        form = wireform.whole_form(raw)
+        if form is not None:
+            response = {**response, wireform.FIELD: form}
+    if answer_headers is not None and answerheaders.FIELD not in response:
+        headers = answerheaders.recorded_headers(answer_headers, header_names)
+        if headers:
+            response = {**response, answerheaders.FIELD: headers}
+    form = response.get(wireform.FIELD)
+    if isinstance(form, dict) and ("text" in form or "chunks" in form):
+        try:
+            wire = encode_value(path, body, response)
+            sent = wire.events if wire.events is not None else wire.data
+        except (NotRecordable, ValueError, TypeError):
+            sent = None
+        response = wireform.settle(response, sent)
+    return response
 
 
 def recording_path(

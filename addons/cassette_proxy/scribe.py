@@ -59,6 +59,7 @@ class Scribe:
         self.normalize = False  # option cassette_normalize
         self.record_headers: list[str] = []  # option cassette_record_headers
         self.record_errors: frozenset[int] = frozenset()  # option cassette_record_errors
+        self.answer_headers: list[str] = []  # option cassette_answer_headers
 
     def close(self) -> None:
         self.writer.close()
@@ -160,8 +161,10 @@ class Scribe:
             marker=marker,
             secrets=secrets,
             response=response,
-            raw=raw,
+            raw=raw,  # a whole answer's bytes: its wire_form (replay byte for byte)
             file=self.first_answer_path(flow, plan),
+            answer_headers=flow.response.headers if flow.response is not None else None,
+            header_names=self.answer_headers,
         )
         return self.library.sequencer.recording_path(flow, path), cassette
 
@@ -203,7 +206,7 @@ class Scribe:
         if temp is not None:
             plan.temp = None
         try:
-            stat = write_cassette(path, cassette, durable=False, temp=temp)
+            stat = write_cassette(path, cassette, durable=False, temp=temp, keep_unchanged=True)
         except NotJSONError as e:
             self.not_recorded(flow, plan, f"not valid JSON: {e}", warn=True)
             return
@@ -305,7 +308,10 @@ class Scribe:
         """Finish a stream written as it passed: its last lines, the rename, the index.
         Whether that was done, and response.timing (taken here either way); when not,
         the temp file is gone and the stream is to be recorded the ordinary way."""
-        placeholder = self.shaping.timed(flow, {"body": [PLACEHOLDER], "is_streaming": True})
+        form = recorder.wire_form()  # the stream's JSON layout (wireform.py)
+        shell: dict[str, Any] = {"body": [PLACEHOLDER], "is_streaming": True}
+        shell.update({"wire_form": form} if form else {})
+        placeholder = self.shaping.timed(flow, shell)
         timing = placeholder.get("timing")
         if not recorder.complete:
             spool.discard()

@@ -21,6 +21,7 @@ stream is recorded the ordinary way, from its kept event data, at its end.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets as _secrets
 import weakref
@@ -135,6 +136,9 @@ class StreamSpool:
         try:
             self._file.write(tail)
             self._file.close()
+            if _unchanged(path, self.temp):
+                self.discard()  # the same answer is on disk: the file stays (churn.py)
+                return
             os.replace(self.temp, path)
         except BaseException:
             self.discard()
@@ -150,6 +154,19 @@ class StreamSpool:
         except OSError:
             pass
         self._cleanup()
+
+
+def _unchanged(path: Path, temp: Path) -> bool:
+    """Whether ``path`` holds the answer just written to ``temp``, volatile fields aside."""
+    if not path.exists():
+        return False
+    from .churn import kept  # churn logs
+
+    try:
+        data = temp.read_bytes()
+        return kept(path, data, json.loads(data)) is not None
+    except (OSError, ValueError):
+        return False
 
 
 def _remove(path: Path) -> None:

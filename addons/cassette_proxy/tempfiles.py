@@ -39,6 +39,12 @@ class TempFiles:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="cassette-temp")
         return self._pool.submit(open_temp, folder, False)
 
+    def start(self) -> None:
+        """Start the thread now (``warmup``), not on the first request to record."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="cassette-temp")
+        self._pool.submit(int).result()
+
     def discard(self, opening: Future[Temp]) -> None:
         """Give back a temp file that will not be used, once it is open (on the thread)."""
         if self._pool is not None:

@@ -70,6 +70,16 @@ class CassetteWriter:
     def big(self, size: int) -> bool:
         return size > self.offload_bytes
 
+    def start(self) -> None:
+        """Start the writer and fsync threads now (``warmup``): created on the first
+        recording, their start held that recording's answer up."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cassette-writer")
+        if self._sync_pool is None:
+            self._sync_pool = ThreadPoolExecutor(1, thread_name_prefix="cassette-fsync")
+        for pool in (self._pool, self._sync_pool):
+            pool.submit(int).result()  # a thread starts on its first job
+
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the writer thread, awaited."""
         if self._pool is None:
@@ -85,11 +95,12 @@ class CassetteWriter:
     async def write(
         self, path: Path, cassette: Cassette, size: int, temp: tuple[int, str] | None = None
     ) -> os.stat_result:
-        """``write_cassette(path, cassette, durable=False, temp)``, off the loop when
+        """``write_cassette(path, cassette, durable=False, temp, keep_unchanged=True)``
+        (an unchanged answer leaves its file alone: ``churn``), off the loop when
         ``size`` (the answer's body) is big. Returns and raises what write_cassette does."""
         if not self.big(size):
-            return write_cassette(path, cassette, False, temp)
-        return await self.run(write_cassette, path, cassette, False, temp)
+            return write_cassette(path, cassette, False, temp, keep_unchanged=True)
+        return await self.run(write_cassette, path, cassette, False, temp, True)
 
     def sync_later(self, path: Path, failed: Callable[[Path, OSError], None]) -> None:
         """fsync a cassette written with ``durable=False`` and its folder entry soon, on
@@ -240,7 +251,7 @@ def record_whole(job: WholeAnswer) -> WholeResult:
     from . import eras
     from .families import NotRecordable, classify
     from .pacing import with_timing
-    from .recording import is_error, whole_response
+    from .recording import answer_extras, is_error, whole_response
     from .redact import redact_answer
     from .stable import normalize_response
 
@@ -264,6 +275,10 @@ def record_whole(job: WholeAnswer) -> WholeResult:
     if job.timing is not None:
         response = with_timing(response, job.timing)
     response = redact_answer(response, job.secrets)
+    # How the JSON was written and the answer's headers, as ``new_recording`` adds them
+    # (the headers are in the frame's stand-in response, made by it).
+    headers = (job.frame.get("response") or {}).get("headers") or {}
+    response = answer_extras(job.path, job.body, response, job.content, headers, list(headers))
     cassette = Cassette.model_validate({**job.frame, "response": response})
     if eras.model_list_field(cassette) is not None:
         return WholeResult("ordinary")  # merged with its siblings on replay: the proxy's way

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
+from .. import answerheaders, tools, wireform
 from .anthropic import AnthropicFamily
-from .base import Family, NotRecordable, StreamRecorder, Wire, is_typed
+from .base import Family, NotRecordable, StreamRecorder, Wire, is_typed, json_wire
 from .bedrock import EventStreamFamily
 from .ollama import OllamaFamily
 from .openai import OpenAIFamily
@@ -36,6 +38,7 @@ __all__ = [
     "Wire",
     "classify",
     "encode",
+    "encode_value",
     "error_response",
     "is_typed",
     "unknown_type",
@@ -61,6 +64,8 @@ def unknown_type(body: Any) -> str | None:
 
     Looks at the body itself and, for a stream, every chunk: cheap next to parsing.
     """
+    if tools.is_tool_result(body):
+        return None  # OGX's web_search, replayed as Tavily's answer (tools.py)
     for item in body if isinstance(body, list) else [body]:
         if is_typed(item) and not str(item["__type__"]).startswith(TYPE_MODULES):
             return f"unknown __type__ {str(item['__type__'])[:200]!r}: no family can replay it"
@@ -68,10 +73,30 @@ def unknown_type(body: Any) -> str | None:
 
 
 def encode(path: str, request_body: Any, response: dict[str, Any]) -> Wire:
-    """Put a recorded response back on the wire as its upstream would have sent it."""
+    """Put a recorded response back on the wire as its upstream would have sent it: its
+    JSON written as the upstream wrote it (``wireform``), with the answer's recorded
+    headers (``answerheaders``)."""
+    wire = encode_value(path, request_body, response)
+    form = response.get(wireform.FIELD)
+    if isinstance(form, dict):
+        wire = with_wire_form(wire, form)
+    return answerheaders.with_headers(wire, response)
+
+
+def encode_value(path: str, request_body: Any, response: dict[str, Any]) -> Wire:
+    """``encode`` in json.dumps's layout, without recorded headers: what a replay sends
+    (``Wire.data`` / ``Wire.events``), before how it is written."""
     if response.get("is_exception"):
         return encode_exception(response)
-    odd = unknown_type(response.get("body"))
+    body = response.get("body")
+    if tools.is_tool_result(body):
+        if not path.rstrip("/").endswith(tools.SEARCH_PATH):
+            raise NotRecordable("a tool's result answers only Tavily's search (tools.py)")
+        try:  # OGX's recorded web_search, answered as Tavily's HTTP search
+            return json_wire(200, tools.tavily_answer(body["__data__"]))
+        except ValueError as e:
+            raise NotRecordable(str(e)) from e
+    odd = unknown_type(body)
     if odd is not None:
         raise NotRecordable(odd)
     for family in FAMILIES:
@@ -79,3 +104,22 @@ def encode(path: str, request_body: Any, response: dict[str, Any]) -> Wire:
         if wire is not None:
             return wire
     raise NotRecordable("no family can replay this response")
+
+
+def with_wire_form(wire: Wire, form: dict[str, Any]) -> Wire:
+    """The wire's body written as ``form`` says (the bytes the upstream sent)."""
+    if wire.events is not None and wire.framing in ("sse", "ndjson"):
+        eol = wireform.eol(form)
+        chunks = wireform.chunk_bytes(wire.events, form)
+        if wire.framing == "sse":
+            sep = eol.encode()
+            parts = [b"data: " + c + sep + sep for c in chunks]
+            parts.append(b"data: [DONE]" + sep + sep)
+        else:
+            parts = [c + eol.encode() for c in chunks]
+        return dataclasses.replace(wire, body=b"".join(parts))
+    if wire.has_data:
+        body = wireform.whole_bytes(wire.data, form)
+        if body is not None:
+            return dataclasses.replace(wire, body=body)
+    return wire

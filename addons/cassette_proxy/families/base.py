@@ -12,6 +12,8 @@ from typing import Any, Protocol
 
 from ..streams import NotUTF8
 
+NO_DATA: Any = object()  # a Wire whose body is not one JSON value
+
 
 @dataclass
 class Wire:
@@ -21,10 +23,20 @@ class Wire:
     content_type: str
     body: bytes
     headers: dict[str, str] = field(default_factory=dict)
+    # What the body was written from, for ``wireform``: a whole answer's JSON value
+    # (``NO_DATA`` when the body is not one), or a stream's chunk values with its framing
+    # ("sse": ``data: <json>`` events ending in ``data: [DONE]``; "ndjson": one a line).
+    data: Any = field(default=NO_DATA, repr=False)
+    events: list[Any] | None = field(default=None, repr=False)
+    framing: str = ""
+
+    @property
+    def has_data(self) -> bool:
+        return self.data is not NO_DATA
 
 
 def json_wire(status: int, data: Any) -> Wire:
-    return Wire(status, "application/json", json.dumps(data).encode())
+    return Wire(status, "application/json", json.dumps(data).encode(), data=data)
 
 
 class NotRecordable(Exception):

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..cassette import FiniteList, typed
 from ..streams import LineBytesFramer, json_payload
+from ..wireform import FIELD, StreamForm
 from .base import NotRecordable, Wire, is_typed, json_wire
 
 PREFIX = "ollama._types."
@@ -89,8 +90,10 @@ class NDJSONRecorder:
         self._framer = LineBytesFramer()
         self._objects: list[dict[str, Any]] = []
         self._finite = True  # every line read by orjson (see cassette.FiniteList)
+        self._form = StreamForm()  # how the server wrote its lines (wireform)
 
     def feed(self, data: bytes) -> None:
+        self._form.feed(data)
         for line in self._framer.feed(data):
             self._take(line)
 
@@ -106,6 +109,7 @@ class NDJSONRecorder:
             raise NotRecordable("NDJSON line is not a JSON object")
         if "error" in obj:
             raise NotRecordable("the upstream sent an error inside the stream")
+        self._form.see(len(self._objects), line, obj)
         self._objects.append(typed(self.type_name, obj))
         self.complete = bool(self.is_end(obj))  # only the last object counts
 
@@ -118,7 +122,11 @@ class NDJSONRecorder:
         if not self.complete:
             raise NotRecordable("stream ended before its last object said it was done")
         body = FiniteList(self._objects) if self._finite else self._objects
-        return {"body": body, "is_streaming": True}
+        response: dict[str, Any] = {"body": body, "is_streaming": True}
+        form = self._form.form()
+        if form is not None:
+            response[FIELD] = form
+        return response
 
 
 def _whole_object(line: str) -> bool:
@@ -158,8 +166,9 @@ class OllamaFamily:
         if isinstance(body, list) and body and all(is_typed(x) for x in body):
             if not str(body[0]["__type__"]).startswith(PREFIX):
                 return None
-            lines = "".join(json.dumps(_wire_data(x)) + "\n" for x in body)
-            return Wire(200, NDJSON, lines.encode())
+            values = [_wire_data(x) for x in body]
+            lines = "".join(json.dumps(v) + "\n" for v in values)
+            return Wire(200, NDJSON, lines.encode(), events=values, framing="ndjson")
         if is_typed(body) and str(body["__type__"]).startswith(PREFIX):
             return json_wire(200, _wire_data(body))
         return None

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..cassette import FiniteList, typed
 from ..streams import NotUTF8, SSEBytesFramer, json_payload, sse_payload
+from ..wireform import FIELD, StreamForm
 from .base import NotRecordable, Wire, is_typed, json_wire
 
 CHAT = "openai.types.chat.chat_completion.ChatCompletion"
@@ -105,6 +106,7 @@ class SSEChunkRecorder:
         self._framer = SSEBytesFramer()
         self._payloads: list[bytes | str] = []
         self.size = 0  # bytes of event data kept so far
+        self._ends = StreamForm()  # the stream's line ends (wireform)
 
     @property
     def payloads(self) -> list[bytes | str]:
@@ -112,6 +114,7 @@ class SSEChunkRecorder:
         return self._payloads
 
     def feed(self, data: bytes) -> None:
+        self._ends.feed(data)
         for event in self._framer.feed(data):
             try:
                 name, payload = sse_payload(event)
@@ -153,16 +156,36 @@ class SSEChunkRecorder:
         pause = len(self._payloads) > BIG_STREAM and gc.isenabled()
         if pause:
             gc.disable()
+        form = StreamForm()
+        form.crlf = self._ends.crlf
         try:
-            read = self.read
-            for payload in self._payloads:
+            read, see = self.read, form.see
+            for i, payload in enumerate(self._payloads):
                 chunk, by_orjson = read(payload)
                 chunks.append(chunk)
+                see(i, payload, chunk["__data__"])
                 finite = finite and by_orjson
         finally:
             if pause:
                 gc.enable()
-        return {"body": FiniteList(chunks) if finite else chunks, "is_streaming": True}
+        response = {"body": FiniteList(chunks) if finite else chunks, "is_streaming": True}
+        wire_form = form.form()
+        if wire_form is not None:
+            response[FIELD] = wire_form
+        return response
+
+    def wire_form(self) -> dict[str, Any] | None:
+        """The stream's layout and line ends, from its first chunk (a stream written as
+        it passed, ``spool.py``: its chunks are gone; no verbatim chunk texts)."""
+        form = StreamForm()
+        form.crlf = self._ends.crlf
+        if self._payloads:
+            first = self._payloads[0]
+            try:
+                form.see(0, first, json_payload(first)[0])
+            except ValueError:
+                pass
+        return form.form(texts=False)
 
 
 class OpenAIFamily:
@@ -216,12 +239,14 @@ class OpenAIFamily:
             if not asks_for_usage(request_body):
                 chunks = without_usage(chunks)
             events = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks)
-            return Wire(200, "text/event-stream", (events + "data: [DONE]\n\n").encode())
+            body_bytes = (events + "data: [DONE]\n\n").encode()
+            return Wire(200, "text/event-stream", body_bytes, events=chunks, framing="sse")
         if body == [] and endpoint_kind(path) == "models":
             return json_wire(200, {"object": "list", "data": []})
         streamed = endpoint_kind(path) in ("chat", "completions")
         if body == [] and response.get("is_streaming") and streamed:
-            return Wire(200, "text/event-stream", b"data: [DONE]\n\n")  # a stream of no chunk
+            # A stream of no chunk.
+            return Wire(200, "text/event-stream", b"data: [DONE]\n\n", events=[], framing="sse")
         if is_typed(body) and str(body["__type__"]).startswith("openai."):
             data = body["__data__"]
             if body["__type__"] == EMBEDDINGS:

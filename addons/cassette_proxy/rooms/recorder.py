@@ -59,6 +59,13 @@ class Recorder:
             "Request headers to record by name. Credentials are never recorded.",
         )
         loader.add_option(
+            "cassette_answer_headers",
+            Sequence[str],
+            [],
+            "Answer headers to record and replay beside the documented ones (x-request-id, "
+            "request-id, x-ratelimit-*, ...). Credentials and cookies are never recorded.",
+        )
+        loader.add_option(
             "cassette_normalize",
             bool,
             False,
@@ -75,6 +82,7 @@ class Recorder:
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
+        self.scribe.answer_headers = list(opts.cassette_answer_headers)
         self.scribe.normalize = opts.cassette_normalize
         self.scribe.record_headers = list(opts.cassette_record_headers)
         if "cassette_record_errors" in updated:
