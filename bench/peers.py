@@ -98,7 +98,8 @@ def install_node_peers(folder: Path) -> tuple[dict[str, Path], list[str]]:
                     capture_output=True, text=True, timeout=300,
                 )  # fmt: skip
                 failed = done.returncode != 0
-                why = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                lines = [x for x in done.stderr.splitlines() if "complete log" not in x]
+                why = (lines or ["no output"])[0]  # npm's first line names the cause
             except (OSError, subprocess.TimeoutExpired) as e:
                 failed, why = True, str(e)
             if failed or not meta.exists():
