@@ -14,6 +14,7 @@ BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH_DIR))
 
 from peers import answers_cell, compare, dechunk, peers_table  # noqa: E402
+from report import render  # noqa: E402
 
 PYTHON_TOOLS = ("cassette-proxy run", "mitmdump + recorder", "mitmproxy --server-replay")
 NODE_TOOLS = ("Proxay", "Talkback")
@@ -27,7 +28,9 @@ def test_peers_section_prints_a_row_per_tool(tmp_path):
         capture_output=True, text=True, timeout=600, env=dict(os.environ),
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    peers = json.loads(out.read_text())["peers"]
+    result = json.loads(out.read_text())
+    peers = result["peers"]
+    assert peers["table"] in render(result)  # bench/report.py shows it too
     table_rows = [line for line in done.stdout.splitlines() if line.startswith("| ")][1:]
     shown = [line.split("|")[1].strip() for line in table_rows]
     assert shown == peers["tools"], done.stdout
