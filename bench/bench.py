@@ -13,6 +13,9 @@ Hosts compared (all quiet: errors only on the terminal, as ``mitmdump -q``):
   lean+baseline      the baseline addon in cassette-proxy's lean master
   lean+recorder      python -m cassette_proxy.lean, as scripts/run starts it
   direct             the fast upstream itself, no proxy: the limit
+
+The ``peers`` section (bench/peers.py) measures replay against Proxay, Talkback and
+mitmproxy's own server replay, all in reverse mode (issue 21).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ sys.path.insert(0, str(BENCH))
 
 from corpus import make_cassettes  # noqa: E402
 from pacing_bench import section_pacing  # noqa: E402
+from peers import section_peers  # noqa: E402
 
 HOST = "127.0.0.1"
 PY = sys.executable
@@ -1119,7 +1123,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "bench-results" / "latest.json"))
     ap.add_argument(
         "--only",
-        default="replay,record,stall,ttft,cold,soak,profile,pacing",
+        default="replay,record,stall,ttft,cold,soak,profile,pacing,peers",
         help="comma-separated sections",
     )
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
@@ -1178,6 +1182,10 @@ def main() -> int:
             section_profile(b, up, cassettes, out)
         if "pacing" in only:
             section_pacing(b, out, start_upstream, chat_body, RECORDER)
+        if "peers" in only:
+            section_peers(
+                b, out, start_upstream, load, wait_listening, chat_body, RECORDER, Path(PY).parent
+            )
     finally:
         b.stop_all()
         out["seconds"] = time.monotonic() - t0

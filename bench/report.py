@@ -252,6 +252,9 @@ def render(d: dict[str, Any]) -> str:
                 table(["area", "share of busy samples"], rows),
                 "",
             ]
+    if isinstance(d.get("peers"), dict) and "table" in d["peers"]:
+        out += ["### Replay against peers (reverse mode)", "", d["peers"]["table"], ""]
+        out += [f"- {note}" for note in d["peers"].get("notes", [])]
     return "\n".join(out)
 
 
