@@ -1123,8 +1123,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "bench-results" / "latest.json"))
     ap.add_argument(
         "--only",
-        default="replay,record,stall,ttft,cold,soak,profile,pacing,peers",
-        help="comma-separated sections",
+        default="replay,record,stall,ttft,cold,soak,profile,pacing",
+        help="comma-separated sections (peers: only when asked, it installs from npm)",
     )
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     ap.add_argument(
