@@ -28,6 +28,13 @@ SECRET_HEADERS = frozenset(
         "set-cookie",
         "x-goog-api-key",
         "ocp-apim-subscription-key",
+        # AWS SigV4 (Bedrock): the signature and what it signs change on every call.
+        "x-amz-date",
+        "x-amz-security-token",
+        "x-amz-content-sha256",
+        # A browser's Realtime client sends its key as a subprotocol
+        # ("openai-insecure-api-key.<key>"): sessions.py writes the subprotocols without it.
+        "sec-websocket-protocol",
     }
 )
 REDACTED = "REDACTED"
@@ -405,6 +412,18 @@ def _header_values(name: str, value: str) -> list[str]:
     if name.lower() in ("cookie", "set-cookie"):
         for crumb in value.split(";"):
             values.append(crumb.partition("=")[2].strip())
+    if scheme.upper().startswith("AWS4-"):
+        # SigV4: "Credential=AKID/date/region/service/aws4_request, ..., Signature=hex"
+        for part in rest.split(","):
+            field, _, v = part.strip().partition("=")
+            if field == "Credential":
+                values.append(v.partition("/")[0])
+            elif field == "Signature":
+                values.append(v)
+    if name.lower() == "sec-websocket-protocol":
+        for protocol in value.split(","):
+            if protocol.strip().startswith("openai-insecure-api-key."):
+                values.append(protocol.strip().removeprefix("openai-insecure-api-key."))
     return values
 
 
