@@ -140,7 +140,7 @@ def test_a_bad_vcr_file_is_one_clear_line(tmp_path: Path) -> None:
     evil.write_text("interactions:\n- request: !!python/object/apply:os.system ['touch pwned']\n")
     out = import_cli(str(evil), "-d", str(tmp_path / "c"))
     assert out.returncode == 1
-    assert out.stderr.count("\n") == 1 and out.stderr.startswith(f"Error: {evil}: ")
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith(f"cassette-proxy: {evil}: ")
     assert "python/object/apply" in out.stderr
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "c").exists()
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-from mitmproxy import http
+from typing import TYPE_CHECKING, Any
 
 from . import matching
+
+if TYPE_CHECKING:  # the wording is read by the CLI too, which must not load mitmproxy
+    from mitmproxy import http
 from .faults import FAULT_HEADER_NAME, RETRY_AFTER_STATUSES, api_family, error_body
 
 FILE_HEADER = "x-cassette-file"  # a replayed answer's cassette
@@ -142,7 +143,7 @@ def _json(
     status: int, error: dict[str, Any], headers: dict[str, str], head: bool = False
 ) -> http.Response:
     body = b"" if head else json.dumps({"error": error})  # HEAD: no body
-    return http.Response.make(status, body, {"content-type": "application/json", **headers})
+    return _response(status, body, {"content-type": "application/json", **headers})
 
 
 def miss(
@@ -212,7 +213,7 @@ def upstream_timeout(miss_answer: http.Response, timeout_ms: int) -> http.Respon
 
 def unreachable_in_record(host: str, port: int) -> http.Response:
     """record mode: the upstream cannot be reached, and nothing is replayed."""
-    return http.Response.make(
+    return _response(
         502,
         f"cassette-proxy: upstream {host}:{port} is unreachable and cassette_mode is record",
         {"content-type": "text/plain", MISS_HEADER: "unreachable"},
@@ -221,7 +222,7 @@ def unreachable_in_record(host: str, port: int) -> http.Response:
 
 def stand_in_unknown() -> http.Response:
     """The stand-in got a request it was not expecting (a stale or forged token)."""
-    return http.Response.make(
+    return _response(
         502, b"cassette-proxy: upstream offline", {"content-type": "text/plain"}
     )
 
@@ -233,7 +234,7 @@ def fault(path: str, status: int) -> http.Response:
     if status in RETRY_AFTER_STATUSES:
         headers["retry-after"] = "1"
     body = json.dumps(error_body(api_family(path), status, message))
-    return http.Response.make(status, body, headers)
+    return _response(status, body, headers)
 
 
 def bad_fault(path: str, value: str, problem: str) -> http.Response:
@@ -243,4 +244,11 @@ def bad_fault(path: str, value: str, problem: str) -> http.Response:
     if isinstance(body.get("error"), dict) and "code" in body["error"]:
         body["error"].update(type="cassette_bad_fault", code="cassette_bad_fault",
                              param="X-Cassette-Fault")  # fmt: skip
-    return http.Response.make(400, json.dumps(body), {"content-type": "application/json"})
+    return _response(400, json.dumps(body), {"content-type": "application/json"})
+
+
+def _response(status: int, body: str | bytes, headers: dict[str, str]) -> http.Response:
+    """``http.Response.make``, mitmproxy imported only when an answer is made."""
+    from mitmproxy import http
+
+    return http.Response.make(status, body, headers)

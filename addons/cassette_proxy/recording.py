@@ -106,8 +106,21 @@ def is_error(response: dict[str, Any]) -> bool:
     if response.get("is_streaming") and isinstance(body, list):
         # An error ends a stream: its last events say (a recorder of 60,000 chunks need
         # not walk them all to know).
-        return any(chunk_is_error(chunk) for chunk in body[-3:])
+        return any(chunk_is_error(chunk) for chunk in last_events(body))
     return _error_body(body["__data__"] if is_typed(body) else body)
+
+
+def last_events(chunks: list[Any], n: int = 3) -> list[Any]:
+    """A stream's last ``n`` chunks that carry something: a raw stream's blank lines,
+    ``event:`` lines and ``data: [DONE]`` left out."""
+    found: list[Any] = []
+    for chunk in reversed(chunks):
+        if isinstance(chunk, str) and not chunk.startswith("data:") or chunk == "data: [DONE]":
+            continue
+        found.append(chunk)
+        if len(found) == n:
+            break
+    return found
 
 
 def chunk_is_error(chunk: Any) -> bool:
