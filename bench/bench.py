@@ -621,22 +621,26 @@ def section_stall(
 ) -> None:
     """Another client's replay latency while one huge stream and one huge answer are
     recorded, against the same client's latency with nothing being recorded (rounds
-    interleaved: idle, busy, idle, busy, ...). One proxy in record-if-missing mode: the
-    client's requests are hits, the big ones are recorded."""
+    interleaved: idle, busy, idle, busy, ...). One proxy in auto mode: the client's
+    requests go to an upstream that is not there, so they are answered from cassettes
+    (the host is not in the key); the big ones go to the live upstream and are recorded.
+    (Not record-if-missing: there the same request again is its sequence's next position,
+    forwarded and recorded.)"""
     import threading
 
     chunks, mb = (2000, 1.0) if b.smoke else (60000, 25.0)
     up = start_upstream(b, "big-upstream", "--big-chunks", str(chunks), "--big-json-mb", str(mb))
     url = f"http://{HOST}:{up.port}/v1/chat/completions"
+    offline = f"http://{HOST}:{free_port()}/v1/chat/completions"  # nothing listens there
     folder = b.work / f"{label}-cassettes"
     shutil.copytree(cassettes, folder)
     p = b.proxy(label, "lean-recorder", [f"cassette_dir={folder}",
-                                         "cassette_mode=record-if-missing"], env)  # fmt: skip
+                                         "cassette_mode=auto"], env)  # fmt: skip
     bodies = [chat_body(f"Question {i}: what is {i} plus {i}?", False)
               for i in range(4 if b.smoke else N_DISTINCT)]  # fmt: skip
     never = threading.Event()
     never.set()
-    replay_latencies(p.port, url, bodies, never, 1.0)  # warm: every request is a hit after
+    replay_latencies(p.port, offline, bodies, never, 1.0)  # warm: every request is a hit
     # The upstream makes its big answers once: not inside a measured round.
     for body in (chat_body("BIG-STREAM warm-up", True), chat_body("BIG-JSON warm-up", False)):
         fetch_big(up.port, "/v1/chat/completions", body, folder)
@@ -644,7 +648,7 @@ def section_stall(
     idle: list[dict[str, Any]] = []
     busy: list[dict[str, Any]] = []
     for i in range(rounds):
-        lat = replay_latencies(p.port, url, bodies, never, 3.0 if not b.smoke else 1.0)
+        lat = replay_latencies(p.port, offline, bodies, never, 3.0 if not b.smoke else 1.0)
         idle.append({"n": len(lat), "p50_ms": _pct(lat, 0.5), "p99_ms": _pct(lat, 0.99),
                      "max_ms": max(lat)})  # fmt: skip
         stop = threading.Event()
@@ -662,7 +666,7 @@ def section_stall(
         lat_box: list[list[float]] = []
 
         def measure(box: list[list[float]] = lat_box, stop: Any = stop) -> None:
-            box.append(replay_latencies(p.port, url, bodies, stop, 0.5))
+            box.append(replay_latencies(p.port, offline, bodies, stop, 0.5))
 
         client = threading.Thread(target=measure)
         t = time.monotonic()
