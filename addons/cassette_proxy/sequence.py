@@ -23,6 +23,7 @@ import glob
 import logging
 import os
 import re
+import time
 import weakref
 from pathlib import Path
 from typing import Any
@@ -179,6 +180,7 @@ class Sequencer:
         self._arrivals: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         self._requests: dict[Path, tuple[str, str | None]] = {}  # first file -> key, test id
         self._interrupted: set[tuple[str, str | None]] = set()
+        self._started = time.time()  # files newer than this were written during this run
 
     def answer(self, store: Any, entry: Any, plan: Any) -> Any:
         """The entry that answers this request now: the n-th for its n-th arrival.
@@ -241,6 +243,8 @@ class Sequencer:
             stale = [p for p in store.sequences.files(first) if position_of(p) > last]
             for path in stale:
                 try:
+                    if path.stat().st_mtime >= self._started:
+                        continue  # written during this run: another proxy's, on a shared folder
                     path.unlink()
                     log.info("removed %s: a later answer of an older recording run", path)
                 except FileNotFoundError:
