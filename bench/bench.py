@@ -42,7 +42,7 @@ sys.path.insert(0, str(BENCH))
 
 from corpus import make_cassettes  # noqa: E402
 from pacing_bench import section_pacing  # noqa: E402
-from peers import section_peers  # noqa: E402
+from peers import dechunk, section_peers  # noqa: E402
 
 HOST = "127.0.0.1"
 PY = sys.executable
@@ -217,7 +217,7 @@ def post(
     head, _, rest = raw.partition(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1]) if head else 0
     if b"transfer-encoding: chunked" in head.lower():
-        rest = _dechunk(rest)
+        rest = dechunk(rest)
     return status, rest, first if first is not None else time.monotonic() - t
 
 
@@ -233,20 +233,6 @@ def _complete(raw: bytes) -> bool:
     if b"transfer-encoding: chunked" in lower:
         return rest.endswith(b"\r\n0\r\n\r\n") or rest == b"0\r\n\r\n"
     return False
-
-
-def _dechunk(data: bytes) -> bytes:
-    out, i = [], 0
-    while i < len(data):
-        j = data.find(b"\r\n", i)
-        if j < 0:
-            break
-        size = int(data[i:j].split(b";")[0], 16)
-        if size == 0:
-            break
-        out.append(data[j + 2 : j + 2 + size])
-        i = j + 2 + size + 2
-    return b"".join(out)
 
 
 def chat_body(text: str, stream: bool) -> str:

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from mitmproxy import ctx, http
+from mitmproxy import ctx
 
 from .answers import FILE_HEADER, MISS_HEADER, MISS_STATUS
 from .fallback import FallbackServer, start_stand_in
 from .library import MODES, Library, unservable_summary
-from .plan import TEST_ID_HEADER, TOKEN_HEADER, Plan, Plans
+from .plan import TEST_ID_HEADER, TOKEN_HEADER, Plans
 from .printing import guard_flow_lines
 from .replayer import Replayer
 from .rooms.intake import Intake
@@ -79,8 +79,7 @@ class CassetteRecorder:
         local replay server, the offline stand-in where it may be needed."""
         scribe = self.recorder.scribe
         scribe.writer.start()
-        scribe.temps.start()
-        await self.shaper.server.start()  # paced and cut replays
+        scribe.temps.start()  # (the replay server of paced answers: ReplayShaper.running)
         if self.library.mode in ("auto", "replay"):
             await start_stand_in(self.stand_in)
 
@@ -108,9 +107,6 @@ class CassetteRecorder:
     @property
     def temps(self) -> Any:
         return self.recorder.scribe.temps
-
-    def plan_of(self, flow: http.HTTPFlow) -> Plan | None:
-        return self.plans.get(flow)
 
 
 __all__ = [

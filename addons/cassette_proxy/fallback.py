@@ -80,9 +80,6 @@ class FallbackServer:
         self._expected[token] = answer
         return token
 
-    def forget(self, token: str) -> None:
-        self._expected.pop(token, None)
-
     def route(self, flow: http.HTTPFlow, answer: Answer) -> None:
         """Send a flow whose connection is not made yet to the stand-in (its request
         body may still be on its way: a streamed body)."""

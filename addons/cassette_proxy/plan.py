@@ -19,7 +19,6 @@ from . import matching
 from .families import Family, StreamRecorder
 from .faults import Fault
 from .spool import StreamSpool
-from .tempfiles import Temp
 
 # Our own request headers: read and taken off at intake, never forwarded.
 TEST_ID_HEADER = "x-cassette-test-id"
@@ -98,20 +97,9 @@ class Plans:
         # Every room looks its plan up in every hook: the map's own method, no call of ours.
         self.get = self._plans.get
 
-    def keyed(self, flow: http.HTTPFlow) -> Plan | None:
-        """The flow's Plan when its request has a key."""
-        plan = self._plans.get(flow)
-        return plan if plan is not None and plan.family is not None else None
-
     def open(self, flow: http.HTTPFlow) -> Plan:
         """The flow's Plan, made now if it has none yet."""
         plan = self._plans.get(flow)
         if plan is None:
             plan = self._plans[flow] = Plan()
         return plan
-
-    def __contains__(self, flow: object) -> bool:
-        return flow in self._plans
-
-
-__all__ = ["Plan", "Plans", "Temp"]
