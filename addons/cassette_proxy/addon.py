@@ -11,6 +11,8 @@ hook order, the way mitmproxy builds itself from many small addons:
   Recorder      a forwarded answer -> a cassette
   SessionRoom   WebSocket sessions, recorded and played whole (sessions.py)
   RawTunnelGuard  a tunnel of neither HTTP nor TLS: refused where nothing may be forwarded
+  Lane          the fast lane (lane.py): plain HTTP/1.1 replays answered before
+                mitmproxy's layers, by the same services; hosted by the lean master only
 
 The way of a request: intake (key), route, replay or forward, record, answer. The
 rooms share only the flow's Plan (plan.py) and the services handed to them.
@@ -25,6 +27,7 @@ from mitmproxy import ctx
 
 from .answers import FILE_HEADER, MISS_HEADER, MISS_STATUS
 from .fallback import FallbackServer, start_stand_in
+from .lane import Lane
 from .library import MODES, Library, unservable_summary
 from .plan import TEST_ID_HEADER, TOKEN_HEADER, Plans
 from .printing import guard_flow_lines
@@ -59,6 +62,8 @@ class CassetteRecorder:
         self.shaper = ReplayShaper(self.plans, self.shaping)
         self.recorder = Recorder(self.plans, self.library, self.shaping)
         self.sessions = SessionRoom()  # WebSocket sessions (Realtime): docs/sessions.md
+        # Plain HTTP/1.1 replays answered before mitmproxy (cassette-proxy run only).
+        self.lane = Lane(self.library, self.intake.keyer, self.replayer, self.shaping, self.probe)
         self.addons = [
             self.library,
             self.intake,
@@ -69,6 +74,7 @@ class CassetteRecorder:
             self.sessions,
             RawTunnelGuard(),  # raw TCP tunnels: never relayed where nothing may be forwarded
             WarmStart(self),  # what a first request would start, started at running
+            self.lane,
         ]
 
     def load(self, loader: Any) -> None:

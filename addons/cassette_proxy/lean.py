@@ -351,6 +351,9 @@ async def _serve(
 
         m = DumpMaster(opts)
     m.addons.add(addon, _FreezeStartup())
+    lane = getattr(addon, "lane", None)
+    if lean and lane is not None:
+        lane.host()  # before the servers start: the port's connections go to it first
     if on_listening is not None:
         m.addons.add(_Listening(on_listening))
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mitmproxy import http
 from mitmproxy.net.http import status_codes
 
-from . import answers, matching
+from . import answers, http1, matching
 from .cassette import Cassette, CassetteError
 from .families import NotRecordable, Wire, encode
 from .library import Library
@@ -35,9 +36,7 @@ class Replayer:
         self.library = library
         # Encoded answers by cassette file: a hit re-sends bytes, no model_dump/encode.
         # Valid while the store still holds the same Cassette object for that file.
-        self._wires: OrderedDict[Path, tuple[Cassette, Any, Wire, str, HeaderFields | None]] = (
-            OrderedDict()
-        )
+        self._wires: OrderedDict[Path, _Encoded] = OrderedDict()
 
     def find(self, plan: Plan) -> matching.Match | None:
         """The recording that answers the plan's request (``matching.find``), and why."""
@@ -65,6 +64,26 @@ class Replayer:
         self, plan: Plan, why: str = "", match: matching.Match | None = None
     ) -> http.Response:
         """The recorded answer for a plan, or the miss error; ``why`` names a fallback."""
+        served = self._serve(plan, why, match)
+        if isinstance(served, http.Response):
+            return served  # the miss error
+        return _response(served)
+
+    def answer_http1(self, plan: Plan, why: str = "") -> tuple[bytes, bool]:
+        """``answer`` as the bytes mitmproxy's HTTP/1 server would write for it, and
+        whether the connection closes after them (the fast lane's, lane.py). A hit's bytes
+        are made once per cassette, as its header fields are."""
+        served = self._serve(plan, why, None)
+        if isinstance(served, http.Response):
+            return http1.encode(served, plan.method)
+        if served.http1 is None:
+            served.http1 = http1.encode(_response(served), plan.method)
+        return served.http1
+
+    def _serve(
+        self, plan: Plan, why: str, match: matching.Match | None
+    ) -> _Encoded | http.Response:
+        """A hit's encoded answer, its counts, usage and log line taken; or the miss."""
         library = self.library
         store = library.store
         assert store is not None
@@ -80,7 +99,7 @@ class Replayer:
         entry = library.sequencer.answer(store, first, plan)  # the n-th of a sequence
         try:
             try:
-                wire, plan.served_from, fields = self._wire(entry, plan)
+                encoded = self._wire(entry, plan)
             except (OSError, CassetteError):
                 if entry is first:
                     raise
@@ -90,12 +109,13 @@ class Replayer:
                 log.warning("later answer %s cannot be read; it is no longer served", shown)
                 store.sequences.remove(entry.path)
                 entry = store.sequences.at(first, plan.position or 1)
-                wire, plan.served_from, fields = self._wire(entry, plan)
+                encoded = self._wire(entry, plan)
         except (OSError, ValueError, NotRecordable, CassetteError) as e:
             broken = printable(f"{store.relative(entry.path)}: {e}")  # names escaped
             log.warning("cassette %s cannot be replayed", broken)
             library.counts["miss"] += 1
             return self._miss(plan, broken=broken)
+        plan.served_from = encoded.served_from
         plan.served_entry = entry
         library.counts["hit"] += 1
         library.usage.note("fallback" if why else "hit", plan.served_from)
@@ -109,18 +129,9 @@ class Replayer:
                 f" (fallback: {why})" if why else "",
                 plan.rule if plan.rule == matching.EXACT else f"loose: {plan.rule}",
             )
-        if fields is None:
-            headers = {"content-type": wire.content_type, answers.FILE_HEADER: plan.served_from}
-            headers.update(wire.headers)
-            return http.Response.make(wire.status, wire.body, headers)
-        # What Response.make builds, from header bytes made once per cassette (a third of
-        # the addon's time per hit went to re-encoding the same few headers).
-        now = time.time()
-        reason = status_codes.RESPONSES.get(wire.status, "").encode()
-        headers = http.Headers(fields)
-        return http.Response(b"HTTP/1.1", wire.status, reason, headers, wire.body, None, now, now)
+        return encoded
 
-    def _wire(self, entry: Any, plan: Plan) -> tuple[Wire, str, HeaderFields | None]:
+    def _wire(self, entry: Any, plan: Plan) -> _Encoded:
         """The bytes to send for a hit, the cassette file named in the answer, and the
         answer's header fields (None when Response.make must encode the body itself)."""
         store = self.library.store
@@ -131,16 +142,16 @@ class Replayer:
         # match may serve a stream to a request that did not ask for its usage chunk.
         asked = (plan.key, _asked_for(plan.body))
         cached = self._wires.get(entry.path)
-        if cached is not None and cached[0] is cassette and cached[1] == asked:
+        if cached is not None and cached.cassette is cassette and cached.asked == asked:
             self._wires.move_to_end(entry.path)
-            return cached[2], cached[3], cached[4]
+            return cached
         wire = encode(plan.path, plan.body, cassette.response.model_dump())
         served_from = store.relative(entry.path)
-        fields = _header_fields(wire, served_from)
-        self._wires[entry.path] = (cassette, asked, wire, served_from, fields)
+        encoded = _Encoded(cassette, asked, wire, served_from, _header_fields(wire, served_from))
+        self._wires[entry.path] = encoded
         if len(self._wires) > WIRE_CACHE_SIZE:
             self._wires.popitem(last=False)
-        return wire, served_from, fields
+        return encoded
 
     def _miss(self, plan: Plan, broken: str | None = None) -> http.Response:
         store = self.library.store
@@ -148,6 +159,33 @@ class Replayer:
         response, message = answers.miss(store, plan, library.mode, library.test_scope, broken)
         log.warning("%s miss %s", library.mode, message.removeprefix(answers.PREFIX))
         return response
+
+
+@dataclass(slots=True)
+class _Encoded:
+    """A hit's answer, encoded once per cassette file (while the store holds the same
+    Cassette object for it) and per what the request asked for."""
+
+    cassette: Cassette
+    asked: tuple[Any, ...]
+    wire: Wire
+    served_from: str  # the cassette file, as the answer's FILE_HEADER names it
+    fields: HeaderFields | None  # the answer's header fields; None: Response.make's
+    http1: tuple[bytes, bool] | None = None  # the whole HTTP/1.1 answer (the fast lane)
+
+
+def _response(encoded: _Encoded) -> http.Response:
+    wire, fields = encoded.wire, encoded.fields
+    if fields is None:
+        headers = {"content-type": wire.content_type, answers.FILE_HEADER: encoded.served_from}
+        headers.update(wire.headers)
+        return http.Response.make(wire.status, wire.body, headers)
+    # What Response.make builds, from header bytes made once per cassette (a third of
+    # the addon's time per hit went to re-encoding the same few headers).
+    now = time.time()
+    reason = status_codes.RESPONSES.get(wire.status, "").encode()
+    return http.Response(b"HTTP/1.1", wire.status, reason, http.Headers(fields), wire.body,
+                         None, now, now)  # fmt: skip
 
 
 def _header_fields(wire: Wire, served_from: str) -> HeaderFields | None:

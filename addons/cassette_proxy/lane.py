@@ -1,0 +1,431 @@
+"""The fast lane: plain HTTP/1.1 requests answered from cassettes before mitmproxy.
+
+A replay's answer is known as soon as its request is read, yet through mitmproxy it
+passes the HTTP/1 layers, the flow and every hook: about three quarters of a replay's
+CPU (docs/benchmarks.md, issue 21). The lane takes the connections of the proxy's
+listening port first (``cassette-proxy run`` only: the lean master hosts it, see
+``Lane.host``) and answers what it can in a few microseconds:
+
+  intake   a request head read once per distinct head (heads repeat byte for byte),
+           with mitmproxy's own parser and checks, as mitmproxy's HTTP layer would hand
+           it to the addons (reverse mode's host, the Host header, ...); our test id
+           header read and taken off as the Intake room does
+  key      the Intake room's Keyer, once per distinct request (head and body)
+  route    replay mode; auto mode while the upstream is known to be down (the Router's
+           rows); anything else is not the lane's
+  replay   the Replayer, as for every answer from cassettes: the same lookup, sequence
+           position, counts, usage log and log line; its bytes made once per cassette
+  answer   written to the socket as mitmproxy's HTTP/1 server writes it (http1.py)
+
+Everything else is handed to mitmproxy on the same connection, with the bytes already
+read, before anything of it was done: CONNECT and TLS, HTTP/2, WebSocket upgrades,
+``X-Cassette-Fault``, our internal headers, paced replays, recording modes, bodies that
+are chunked, large or streamed, anything unusual in a head. Once handed over, a
+connection stays with mitmproxy. ``cassette_lane=false`` turns the lane off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from mitmproxy import ctx, exceptions, http
+from mitmproxy.net.free_port import get_free_port
+from mitmproxy.net.http import http1, url
+from mitmproxy.net.http.validate import validate_headers
+from mitmproxy.proxy import mode_servers, mode_specs
+from mitmproxy.utils import human
+
+from .bodies import NotKeyable
+from .keying import Keyer
+from .library import Library
+from .pacing import TOKEN_HEADER as REPLAY_TOKEN
+from .plan import CONTROL_NAMES, INTERNAL_NAMES, SERVE, TEST_ID_HEADER, Plan
+from .replayer import Replayer
+from .shaping import Shaping
+from .upstream import DOWN, UpstreamProbe
+
+log = logging.getLogger("cassette_proxy")
+
+MAX_HEAD = 64 * 1024  # a longer head is mitmproxy's to read
+MAX_BODY = 1024 * 1024  # ... and so is a larger body
+MEMO_SIZE = 512  # distinct heads, and distinct requests, remembered
+MEMO_MAX_BODY = 64 * 1024  # requests remembered with bodies up to this size
+
+_TEST_ID = TEST_ID_HEADER.encode()
+# A request with any of these is mitmproxy's: it is shaped (a fault), carries our
+# internal tokens (a hostile client), changes protocol or has a body framed otherwise.
+_NOT_OURS = (CONTROL_NAMES - {_TEST_ID}) | INTERNAL_NAMES | {
+    REPLAY_TOKEN.encode(),
+    b"upgrade",
+    b"expect",
+    b"transfer-encoding",
+    b"http2-settings",
+}
+_METHOD_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_FIRST_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+@dataclass(frozen=True, slots=True)
+class Site:
+    """What the listening port is: reverse mode (a base URL) or a regular proxy."""
+
+    reverse: tuple[str, str, int] | None  # scheme, host, port of the reverse target
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Head:
+    """A request head the lane may answer: the request as mitmproxy's HTTP layer hands
+    it to the addons (no body), with our test id header read and taken off."""
+
+    request: http.Request  # (a Head is its own memo key: compared by identity)
+    length: int  # the body's bytes (Content-Length)
+    test_id: str | None
+    close: bool  # the client asked to close the connection after the answer
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Keyed:
+    """A request's Plan fields as the Intake room's Keyer filled them."""
+
+    family: Any
+    key: str
+    method: str
+    path: str
+    body: Any
+    request: Any
+    upstream: str | None
+
+    def plan(self, test_id: str | None) -> Plan:
+        plan = Plan(test_id=test_id, family=self.family, key=self.key, method=self.method,
+                    path=self.path, body=self.body, request=self.request,
+                    upstream=self.upstream)  # fmt: skip
+        plan.route = SERVE
+        return plan
+
+
+class Lane:
+    """The lane's settings and its memos; an addon for its option."""
+
+    def __init__(
+        self,
+        library: Library,
+        keyer: Keyer,
+        replayer: Replayer,
+        shaping: Shaping,
+        probe: UpstreamProbe,
+    ) -> None:
+        self.library = library
+        self.keyer = keyer
+        self.replayer = replayer
+        self.shaping = shaping
+        self.probe = probe
+        self.enabled = True  # option cassette_lane
+        self.hosted = False  # the lean master hosts it (mitmdump: other addons see flows)
+        self.max_body = MAX_BODY
+        self.validate = True
+        self.keep_host_header = False
+        self._heads: OrderedDict[tuple[Site, bytes], Head | str] = OrderedDict()
+        self._keyed: OrderedDict[tuple[Head, bytes], Keyed | None] = OrderedDict()
+        self.served = 0  # answers the lane wrote (for tests and the bench)
+        self.handed = 0  # connections handed to mitmproxy
+
+    # ---- the addon ---------------------------------------------------------------------
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "cassette_lane",
+            bool,
+            True,
+            "Answer plain HTTP/1.1 replays before mitmproxy's HTTP layers (cassette-proxy "
+            "run only; the same answers, several times faster). Off: every request "
+            "passes mitmproxy.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        opts = ctx.options
+        if "cassette_lane" in updated:
+            self.enabled = bool(opts.cassette_lane)
+        limits = []
+        for name in ("stream_large_bodies", "body_size_limit"):
+            value = getattr(opts, name, None)
+            if value:
+                try:
+                    limits.append(human.parse_size(value) - 1)
+                except ValueError as e:
+                    raise exceptions.OptionsError(f"{name}: {e}") from e
+        self.max_body = min([MAX_BODY, *limits])
+        self.validate = bool(getattr(opts, "validate_inbound_headers", True))
+        self.keep_host_header = bool(getattr(opts, "keep_host_header", False))
+        self._heads.clear()  # heads are read under the options: read them again
+        self._keyed.clear()
+
+    def host(self) -> None:
+        """Take the listening sockets of regular and reverse (http, https) modes: called
+        by the lean master, before its servers start."""
+        global _hosted
+        self.hosted = True
+        _hosted = self
+        for instance in (mode_servers.RegularInstance, mode_servers.ReverseInstance):
+            instance.listen = _listen  # type: ignore[method-assign]
+
+    def done(self) -> None:
+        global _hosted
+        if _hosted is self:
+            _hosted = None
+
+    # ---- intake: a head, read once -------------------------------------------------------
+
+    def head(self, site: Site, raw: bytes) -> Head | str:
+        """The head's request, or why it is mitmproxy's (remembered either way)."""
+        memo_key = (site, raw)
+        found = self._heads.get(memo_key)
+        if found is None:
+            found = self._heads[memo_key] = self._read_head(site, raw)
+            if len(self._heads) > MEMO_SIZE:
+                self._heads.popitem(last=False)
+        return found
+
+    def _read_head(self, site: Site, raw: bytes) -> Head | str:
+        lines = raw[:-4].split(b"\r\n")
+        for line in lines:
+            if b"\n" in line or b"\r" in line or not line:
+                return "a bare line end or an empty line in the head"
+        method, _, rest = lines[0].partition(b" ")
+        target, _, version = rest.partition(b" ")
+        if version != b"HTTP/1.1" or not method or not set(method) <= _METHOD_CHARS:
+            return "not an HTTP/1.1 request line"
+        if method in (b"CONNECT", b"HEAD"):
+            return f"a {method.decode()} request"
+        if site.reverse is not None:
+            if not target.startswith(b"/"):
+                return "not an origin-form target (reverse mode)"
+        elif not target.startswith((b"http://", b"https://")):
+            return "not an absolute-form target (regular mode)"
+        try:
+            request = http1.read_request_head(list(lines))
+            length = http1.expected_http_body_size(request)
+            if self.validate:
+                validate_headers(request)
+        except ValueError:
+            return "a head mitmproxy refuses"  # with its own 400
+        if length is None or length < 0:
+            return "a body without a Content-Length"
+        if length > self.max_body:
+            return "a large body"
+        fields = request.headers.fields
+        test_ids = []
+        for name, value in fields:
+            lowered = name.lower()
+            if lowered in _NOT_OURS:
+                return f"a {lowered.decode('latin-1')} header"
+            if lowered == b"connection" and b"upgrade" in value.lower():
+                return "a connection upgrade"
+            if lowered == _TEST_ID:
+                test_ids.append(value)
+        if test_ids:  # taken off, as the Intake room takes it off
+            request.headers.fields = tuple((n, v) for n, v in fields if n.lower() != _TEST_ID)
+        test_id = b", ".join(test_ids).decode("utf-8", "surrogateescape").strip() or None
+        close = http1.connection_close(request.http_version, request.headers)
+        # As mitmproxy's HTTP layer sets the request up before the addons see it.
+        if site.reverse is not None:
+            scheme, host, port = site.reverse
+            request.data.host, request.data.port = host, port
+            request.scheme = scheme
+            if not self.keep_host_header:
+                request.host_header = url.hostport(scheme, host, port)
+        else:
+            request.authority = ""
+        return Head(request, length, test_id, close, request.host, request.port)
+
+    # ---- key, route, replay ------------------------------------------------------------
+
+    def answer(self, head: Head, body: bytes) -> tuple[bytes, bool] | str:
+        """The answer's bytes and whether to close after them, or why it is mitmproxy's."""
+        library = self.library
+        mode = library.mode
+        why = ""
+        if mode == "auto":
+            # The Router's auto row, while the upstream is known to be down; a probe
+            # (no verdict yet, or an old one) is the Router's to make.
+            if self.probe.cached(head.host, head.port) != DOWN:
+                return "auto mode, the upstream not known to be down"
+            why = "upstream offline"
+        elif mode != "replay":
+            return f"{mode} mode"
+        if self.shaping.factor:
+            return "paced replay"  # the ReplayShaper's
+        keyed = self._key(head, body)
+        if keyed is None:
+            return "a request without a key"  # the Router's refusal
+        plan = keyed.plan(head.test_id)
+        if why:
+            library.counts["fallback"] += 1
+        self.served += 1
+        return self.replayer.answer_http1(plan, why)
+
+    def _key(self, head: Head, body: bytes) -> Keyed | None:
+        memo_key = (head, body)
+        if memo_key in self._keyed:
+            return self._keyed[memo_key]
+        request = head.request.copy()
+        request.data.content = body
+        request.timestamp_end = time.time()
+        plan = Plan(test_id=head.test_id)
+        found: Keyed | None = None
+        try:
+            self.keyer.key(request, plan)
+            found = Keyed(plan.family, plan.key, plan.method, plan.path, plan.body,
+                          plan.request, plan.upstream)  # fmt: skip
+        except NotKeyable:
+            pass  # the Router's refusal, through mitmproxy
+        if len(body) <= MEMO_MAX_BODY:
+            self._keyed[memo_key] = found
+            if len(self._keyed) > MEMO_SIZE:
+                self._keyed.popitem(last=False)
+        return found
+
+
+_hosted: Lane | None = None
+
+
+class LaneConnection(asyncio.Protocol):
+    """One client connection: requests answered in order while they are the lane's; at
+    the first that is not, the connection and its unanswered bytes go to mitmproxy."""
+
+    def __init__(self, lane: Lane, instance: Any, site: Site) -> None:
+        self.lane = lane
+        self.instance = instance
+        self.site = site
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.paused = False  # the client does not read: answer nothing more for now
+        self.eof = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer = self.buffer + data if self.buffer else data
+        if not self.paused:
+            self._answer_buffered()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self.buffer:
+            if not self.paused:
+                self._hand_over("the client ended mid-request")  # mitmproxy answers it
+            return True
+        return False  # nothing pending: the transport closes
+
+    def pause_writing(self) -> None:
+        self.paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.transport.resume_reading()
+        if self.buffer:
+            self._answer_buffered()
+            if self.eof and self.buffer and self.transport is not None:
+                self._hand_over("the client ended mid-request")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+
+    def _answer_buffered(self) -> None:
+        lane, transport = self.lane, self.transport
+        while self.buffer and transport is not None and not self.paused:
+            buffer = self.buffer
+            if not lane.enabled:
+                return self._hand_over("the lane is off")
+            if buffer[0] not in _FIRST_BYTES:
+                return self._hand_over("not plain HTTP/1")  # TLS, HTTP/2, SOCKS, ...
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                line_end = buffer.find(b"\r\n")
+                if len(buffer) > MAX_HEAD:
+                    return self._hand_over("a long head")
+                if line_end >= 0 and not buffer[:line_end].endswith(b" HTTP/1.1"):
+                    return self._hand_over("not an HTTP/1.1 request line")
+                if buffer.count(b"\n") != buffer.count(b"\r\n"):
+                    return self._hand_over("a bare line end in the head")  # (h11 reads them)
+                return None  # the rest of the head is on its way
+            body_at = end + 4
+            head = lane.head(self.site, buffer[:body_at])
+            if isinstance(head, str):
+                return self._hand_over(head)
+            ends = body_at + head.length
+            if len(buffer) < ends:
+                return None  # the rest of the body is on its way
+            answer = lane.answer(head, buffer[body_at:ends])
+            if isinstance(answer, str):
+                return self._hand_over(answer)
+            self.buffer = buffer[ends:]
+            data, close = answer
+            transport.write(data)
+            if close or head.close:
+                self.buffer = b""
+                transport.close()
+                return None
+        return None
+
+    def _hand_over(self, why: str) -> None:
+        """mitmproxy takes the connection from here, as if it had read these bytes."""
+        transport = self.transport
+        assert transport is not None
+        self.lane.handed += 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("fast lane: a connection goes to mitmproxy (%s)", why)
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=2**16, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, self.instance.handle_stream, loop=loop)
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if self.buffer:
+            protocol.data_received(self.buffer)
+            self.buffer = b""
+        if self.eof:
+            protocol.eof_received()
+        transport.resume_reading()
+        self.transport = None
+
+
+def _site(instance: Any) -> Site | None:
+    mode = instance.mode
+    if isinstance(mode, mode_specs.RegularMode):
+        return Site(None)
+    if isinstance(mode, mode_specs.ReverseMode) and mode.scheme in ("http", "https"):
+        host, port = mode.address
+        return Site((mode.scheme, host, port))
+    return None
+
+
+async def _listen(instance: Any, host: str, port: int) -> list[Any]:
+    """``AsyncioServerInstance.listen`` for the modes the lane serves: the port's
+    connections come to the lane first."""
+    lane, site = _hosted, _site(instance)
+    original = mode_servers.AsyncioServerInstance.listen
+    if lane is None or site is None or instance.mode.transport_protocol != "tcp":
+        return await original(instance, host, port)
+    loop = asyncio.get_running_loop()
+
+    def connection() -> LaneConnection:
+        return LaneConnection(lane, instance, site)
+
+    if port == 0:  # as mitmproxy does: one port for both IPv4 and IPv6
+        try:
+            return [await loop.create_server(connection, host, get_free_port())]
+        except OSError:
+            pass
+    return [await loop.create_server(connection, host, port)]
