@@ -13,7 +13,6 @@ import contextlib
 import json
 import shutil
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -287,7 +286,8 @@ def test_reverse_mode_streams_and_misses_answer_the_same_bytes(
         if not target.startswith(b"http://0.0.0.0:11434/"):
             continue
         origin = target[len(b"http://0.0.0.0:11434") :]
-        requests.append((name, b" ".join([method, origin, version]) + b"\r\n" + rest + b"\r\n\r\n" + body))
+        line = b" ".join([method, origin, version])
+        requests.append((name, line + b"\r\n" + rest + b"\r\n\r\n" + body))
     # A miss, and a request whose test id no recording has.
     requests.append(("miss", http_request("POST", "/api/chat", "x", b'{"model": "none"}')))
     assert len(requests) >= 10
@@ -444,9 +444,10 @@ def test_openai_sdk_and_curl_through_the_lane(tmp_path: Path, mitm_confdir: Path
         recorder = start_cli_proxy(tmp_path, "--mode", "record", "-d", str(folder),
                                    "--reverse", upstream.url, confdir=mitm_confdir)  # fmt: skip
         client = openai.OpenAI(base_url=recorder.url + "/v1", api_key="sk-test-lane-0000")
-        live = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
-        live_stream = [c.model_dump() for c in client.chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "hi"}], stream=True)]  # fmt: skip
+        hi = [{"role": "user", "content": "hi"}]
+        live = client.chat.completions.create(model="m", messages=hi)
+        stream = client.chat.completions.create(model="m", messages=hi, stream=True)
+        live_stream = [c.model_dump() for c in stream]
         recorder.stop()
         url = upstream.url
     finally:
@@ -467,7 +468,8 @@ def test_openai_sdk_and_curl_through_the_lane(tmp_path: Path, mitm_confdir: Path
             assert [c.model_dump() for c in stream] == live_stream
         out = subprocess.run(
             ["curl", "-s", "-i", "-X", "POST", replay.url + "/v1/chat/completions",
-             "-H", "content-type: application/json", "-H", "authorization: Bearer sk-test-lane-0000",
+             "-H", "content-type: application/json",
+             "-H", "authorization: Bearer sk-test-lane-0000",
              "--data", json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})],
             capture_output=True, check=True, timeout=30,
         ).stdout  # fmt: skip

@@ -53,8 +53,9 @@ log = logging.getLogger("cassette_proxy")
 
 MAX_HEAD = 64 * 1024  # a longer head is mitmproxy's to read
 MAX_BODY = 1024 * 1024  # ... and so is a larger body
-MEMO_SIZE = 512  # distinct heads, and distinct requests, remembered
-MEMO_MAX_BODY = 64 * 1024  # requests remembered with bodies up to this size
+MEMO_SIZE = 512  # distinct heads, and distinct requests, remembered (LRU)
+MEMO_MAX_HEAD = 8 * 1024  # ... heads up to this size (a longer one is read each time)
+MEMO_MAX_BODY = 16 * 1024  # ... requests with bodies up to this size (at most ~12 MiB)
 
 _TEST_ID = TEST_ID_HEADER.encode()
 # A request with any of these is mitmproxy's: it is shaped (a fault), carries our
@@ -88,6 +89,7 @@ class Head:
     close: bool  # the client asked to close the connection after the answer
     host: str
     port: int
+    remembered: bool  # kept in the head memo (so its requests may be kept too)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,13 +188,18 @@ class Lane:
         """The head's request, or why it is mitmproxy's (remembered either way)."""
         memo_key = (site, raw)
         found = self._heads.get(memo_key)
-        if found is None:
-            found = self._heads[memo_key] = self._read_head(site, raw)
+        if found is not None:
+            self._heads.move_to_end(memo_key)
+            return found
+        remembered = len(raw) <= MEMO_MAX_HEAD
+        found = self._read_head(site, raw, remembered)
+        if remembered:
+            self._heads[memo_key] = found
             if len(self._heads) > MEMO_SIZE:
                 self._heads.popitem(last=False)
         return found
 
-    def _read_head(self, site: Site, raw: bytes) -> Head | str:
+    def _read_head(self, site: Site, raw: bytes, remembered: bool) -> Head | str:
         lines = raw[:-4].split(b"\r\n")
         for line in lines:
             if b"\n" in line or b"\r" in line or not line:
@@ -242,7 +249,7 @@ class Lane:
                 request.host_header = url.hostport(scheme, host, port)
         else:
             request.authority = ""
-        return Head(request, length, test_id, close, request.host, request.port)
+        return Head(request, length, test_id, close, request.host, request.port, remembered)
 
     # ---- key, route, replay ------------------------------------------------------------
 
@@ -273,6 +280,7 @@ class Lane:
     def _key(self, head: Head, body: bytes) -> Keyed | None:
         memo_key = (head, body)
         if memo_key in self._keyed:
+            self._keyed.move_to_end(memo_key)
             return self._keyed[memo_key]
         request = head.request.copy()
         request.data.content = body
@@ -285,7 +293,7 @@ class Lane:
                           plan.request, plan.upstream)  # fmt: skip
         except NotKeyable:
             pass  # the Router's refusal, through mitmproxy
-        if len(body) <= MEMO_MAX_BODY:
+        if head.remembered and len(body) <= MEMO_MAX_BODY:
             self._keyed[memo_key] = found
             if len(self._keyed) > MEMO_SIZE:
                 self._keyed.popitem(last=False)
