@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import HOST, ensure_ca, free_port
+from conftest import HOST, LANE_OFF, ensure_ca, free_port
 
 CLI = Path(sys.executable).parent / "cassette-proxy"
 _PROXY_VARS = (
@@ -87,6 +87,8 @@ def start_cli_proxy(
         port = free_port()
         log_path = tmp_path / f"cassette-proxy-{port}.log"
         argv = [str(CLI), "run", "--listen-port", str(port), "--confdir", str(confdir), *args]
+        if LANE_OFF and "cassette_lane=false" not in args:
+            argv += ["--set", "cassette_lane=false"]
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,

@@ -37,6 +37,13 @@ RECORDER_SCRIPT = REPO_ROOT / "addons" / "recorder.py"
 PYTHON_BIN = Path(sys.executable).parent
 MITMDUMP = PYTHON_BIN / "mitmdump"
 HOST = "127.0.0.1"
+# CASSETTE_TEST_MASTER=lean runs the proxies of start_proxy in the lean master
+# (``python -m cassette_proxy.lean``, as ``cassette-proxy run`` does: the fast lane on)
+# instead of mitmdump, wherever a test asks for nothing only mitmdump has;
+# CASSETTE_TEST_LANE=off turns the lane off there and in ``cassette-proxy run``.
+TEST_MASTER = os.environ.get("CASSETTE_TEST_MASTER", "mitmdump")
+LANE_OFF = os.environ.get("CASSETTE_TEST_LANE", "on") == "off"
+_LEAN_FLAGS = ("--set", "--mode", "--listen-host", "--listen-port", "-q", "-v")
 
 _PROXY_VARS = (
     "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY",
@@ -227,6 +234,10 @@ def start_proxy(
             "--set", f"confdir={confdir}",
             "--set", f"cassette_dir={cdir}",
         ]  # fmt: skip
+        if _lean_can_host(script_path, extra_args):
+            argv[:3] = [sys.executable, "-m", "cassette_proxy.lean"]
+            if LANE_OFF:
+                argv += ["--set", "cassette_lane=false"]
         if mode is not None:
             argv += ["--set", f"cassette_mode={mode}"]
         for k, v in (options or {}).items():
@@ -259,6 +270,14 @@ def start_proxy(
                 f"mitmdump exited early (rc={proc.returncode}): {argv}\n{e.log}"
             ) from None
     raise AssertionError("unreachable")
+
+
+def _lean_can_host(script: Path, extra_args: tuple[str, ...]) -> bool:
+    """Whether CASSETTE_TEST_MASTER=lean may run this proxy in the lean master: our own
+    addon, and only flags the lean master takes."""
+    if TEST_MASTER != "lean" or script != RECORDER_SCRIPT:
+        return False
+    return all(not a.startswith("-") or a in _LEAN_FLAGS for a in extra_args)
 
 
 class _EarlyExit(Exception):

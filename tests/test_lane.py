@@ -23,8 +23,10 @@ from typing import Any
 import httpx
 import pytest
 from cliproxy import CliProxy, start_cli_proxy
-from conftest import HOST, free_port
+from conftest import HOST, LANE_OFF, free_port
 from fidelity_upstream import FidelityUpstream
+
+pytestmark = pytest.mark.skipif(LANE_OFF, reason="CASSETTE_TEST_LANE=off: no lane to compare")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 HANDED = "fast lane: a connection goes to mitmproxy"
@@ -420,14 +422,30 @@ def test_auto_mode_with_the_upstream_down(pair: Any, tmp_path: Path) -> None:
         upstream.stop()
     lane, off = pair("--mode", "auto", "-d", str(folder), "--reverse", url)
     raw = http_request("POST", "/v1/chat/completions", "x", json.dumps(body).encode())
-    got = exchange(lane.port, [raw] * 5, one_connection=False)
-    want = exchange(off.port, [raw] * 5, one_connection=False)
+    got, want = exchange(lane.port, [raw] * 5), exchange(off.port, [raw] * 5)
     assert got == want
     assert all(a.endswith(live) for a in got)
-    # The first found the upstream down (a probe, through mitmproxy); the others were the
-    # lane's while that verdict held.
+    # The first waited for the lane's probe (the upstream is down); all were the lane's.
+    assert HANDED not in lane.output()
     lane_summary, off_summary = summary(lane), summary(off)
     assert lane_summary == off_summary and "5 offline fallbacks" in lane_summary
+
+
+def test_auto_mode_with_the_upstream_up_records_through_mitmproxy(tmp_path: Path) -> None:
+    upstream = FidelityUpstream()
+    try:
+        lane = start_cli_proxy(tmp_path, "-v", "--mode", "auto", "-d", str(tmp_path / "c"),
+                               "--reverse", upstream.url)  # fmt: skip
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        raw = http_request("POST", "/v1/chat/completions", "x", json.dumps(body).encode())
+        first, second = exchange(lane.port, [raw, raw])
+        assert first.startswith(b"HTTP/1.1 200") and second.startswith(b"HTTP/1.1 200")
+        assert f"{HANDED} (auto mode, the upstream up)" in lane.output()
+        result = summary(lane)
+    finally:
+        upstream.stop()
+    assert "2 recorded" in result or "1 recorded" in result, result
+    assert list((tmp_path / "c").rglob("*.json"))
 
 
 # ---- real clients ------------------------------------------------------------------------
@@ -493,3 +511,54 @@ def test_the_lane_port_is_free_again_after_stop(tmp_path: Path, mitm_confdir: Pa
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind((HOST, port))
     assert free_port() > 0
+
+
+# ---- the pure parts ----------------------------------------------------------------------
+
+
+def test_http1_encode_frames_a_chunked_answer_as_mitmproxy_does() -> None:
+    from cassette_proxy import http1
+    from mitmproxy import http
+
+    whole = http.Response.make(200, b"abc", {"content-type": "text/plain"})
+    data, close = http1.encode(whole)
+    assert data == b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 3\r\n\r\nabc"
+    assert close is False
+    chunked = http.Response.make(200, b"", {"transfer-encoding": "chunked"})
+    chunked.set_content(None)
+    chunked.raw_content = b"hello"
+    data, _ = http1.encode(chunked)
+    assert data.endswith(b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    closing = http.Response.make(503, b"", {"connection": "close"})
+    assert http1.encode(closing)[1] is True
+
+
+@pytest.mark.parametrize(
+    ("head", "why"),
+    [
+        (b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n", None),
+        (b"GET /x HTTP/1.0\r\nHost: a\r\n\r\n", "not an HTTP/1.1 request line"),
+        (b"get /x HTTP/1.1\r\nHost: a\r\n\r\n", "not an HTTP/1.1 request line"),
+        (b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n", "a CONNECT request"),
+        (b"GET http://a/x HTTP/1.1\r\nHost: a\r\n\r\n", "not an origin-form target"),
+        (b"GET /x HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n", "a upgrade header"),
+        (b"GET /x HTTP/1.1\r\nHost: a\r\nX-Cassette-Fault: status=500\r\n\r\n", "fault"),
+        (b"GET /x HTTP/1.1\r\nHost: a\r\nx-cassette-fallback: t\r\n\r\n", "fallback"),
+        (b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n", "Length"),
+        (b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999\r\n\r\n", "a large body"),
+        (b"GET /x HTTP/1.1\r\nHost: a\r\nContent-Length: x\r\n\r\n", "mitmproxy refuses"),
+    ],
+)
+def test_which_heads_are_the_lanes(head: bytes, why: str | None) -> None:
+    from cassette_proxy.addon import CassetteRecorder
+    from cassette_proxy.lane import Site
+
+    lane = CassetteRecorder().lane
+    got = lane.head(Site(("http", "up.example", 8000)), head)
+    if why is None:
+        assert not isinstance(got, str)
+        want = ("up.example", 8000, "up.example:8000")
+        assert (got.host, got.port, got.request.host_header) == want
+    else:
+        assert isinstance(got, str) and why in got, got
+    assert lane.head(Site(("http", "up.example", 8000)), head) is got  # remembered

@@ -67,8 +67,7 @@ _NOT_OURS = (CONTROL_NAMES - {_TEST_ID}) | INTERNAL_NAMES | {
     b"transfer-encoding",
     b"http2-settings",
 }
-_METHOD_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
-_FIRST_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_METHOD_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")  # (a request's first byte too)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,14 +128,11 @@ class Lane:
         self.shaping = shaping
         self.probe = probe
         self.enabled = True  # option cassette_lane
-        self.hosted = False  # the lean master hosts it (mitmdump: other addons see flows)
         self.max_body = MAX_BODY
         self.validate = True
         self.keep_host_header = False
         self._heads: OrderedDict[tuple[Site, bytes], Head | str] = OrderedDict()
         self._keyed: OrderedDict[tuple[Head, bytes], Keyed | None] = OrderedDict()
-        self.served = 0  # answers the lane wrote (for tests and the bench)
-        self.handed = 0  # connections handed to mitmproxy
 
     # ---- the addon ---------------------------------------------------------------------
 
@@ -172,7 +168,6 @@ class Lane:
         """Take the listening sockets of regular and reverse (http, https) modes: called
         by the lean master, before its servers start."""
         global _hosted
-        self.hosted = True
         _hosted = self
         for instance in (mode_servers.RegularInstance, mode_servers.ReverseInstance):
             instance.listen = _listen  # type: ignore[method-assign]
@@ -253,16 +248,22 @@ class Lane:
 
     # ---- key, route, replay ------------------------------------------------------------
 
-    def answer(self, head: Head, body: bytes) -> tuple[bytes, bool] | str:
-        """The answer's bytes and whether to close after them, or why it is mitmproxy's."""
+    def answer(
+        self, head: Head, body: bytes, verdict: str | None = None
+    ) -> tuple[bytes, bool] | str | None:
+        """The answer's bytes and whether to close after them, or why it is mitmproxy's;
+        None: in auto mode, the upstream is to be probed first (``verdict``: its result)."""
         library = self.library
         mode = library.mode
         why = ""
         if mode == "auto":
-            # The Router's auto row, while the upstream is known to be down; a probe
-            # (no verdict yet, or an old one) is the Router's to make.
-            if self.probe.cached(head.host, head.port) != DOWN:
-                return "auto mode, the upstream not known to be down"
+            # The Router's auto row: from the cassettes while the upstream is down; with
+            # no verdict cached, the connection waits for a probe, as the Router's would.
+            verdict = verdict or self.probe.cached(head.host, head.port)
+            if verdict is None:
+                return None
+            if verdict != DOWN:
+                return f"auto mode, the upstream {verdict}"  # up or busy: forwarded
             why = "upstream offline"
         elif mode != "replay":
             return f"{mode} mode"
@@ -274,7 +275,6 @@ class Lane:
         plan = keyed.plan(head.test_id)
         if why:
             library.counts["fallback"] += 1
-        self.served += 1
         return self.replayer.answer_http1(plan, why)
 
     def _key(self, head: Head, body: bytes) -> Keyed | None:
@@ -314,6 +314,7 @@ class LaneConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buffer = b""
         self.paused = False  # the client does not read: answer nothing more for now
+        self.probing: asyncio.Task[None] | None = None  # auto mode: the upstream probed
         self.eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -322,16 +323,16 @@ class LaneConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer = self.buffer + data if self.buffer else data
-        if not self.paused:
+        if not self.paused and self.probing is None:
             self._answer_buffered()
 
     def eof_received(self) -> bool:
         self.eof = True
-        if self.buffer:
-            if not self.paused:
-                self._hand_over("the client ended mid-request")  # mitmproxy answers it
-            return True
-        return False  # nothing pending: the transport closes
+        if not self.buffer:
+            return False  # nothing pending: the transport closes
+        if not self.paused and self.probing is None:
+            self._hand_over("the client ended mid-request")  # mitmproxy answers it
+        return True
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -340,24 +341,41 @@ class LaneConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.paused = False
-        if self.transport is None or self.transport.is_closing():
-            return
-        self.transport.resume_reading()
-        if self.buffer:
-            self._answer_buffered()
-            if self.eof and self.buffer and self.transport is not None:
-                self._hand_over("the client ended mid-request")
+        if self.probing is None:
+            self._resume()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        if self.probing is not None:
+            self.probing.cancel()
 
-    def _answer_buffered(self) -> None:
+    def _resume(self, verdict: str | None = None) -> None:
+        """Answer what came while the connection waited (a slow reader, a probe)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.resume_reading()
+        self._answer_buffered(verdict)
+        if not self.eof or self.transport is None or self.paused or self.probing is not None:
+            return
+        if self.buffer:
+            self._hand_over("the client ended mid-request")
+        else:
+            transport.close()  # the client ended; everything is answered
+
+    async def _probe(self, head: Head) -> None:
+        verdict = await self.lane.probe.probe(head.host, head.port)
+        self.probing = None
+        if not self.paused:
+            self._resume(verdict)
+
+    def _answer_buffered(self, verdict: str | None = None) -> None:
         lane, transport = self.lane, self.transport
         while self.buffer and transport is not None and not self.paused:
             buffer = self.buffer
             if not lane.enabled:
                 return self._hand_over("the lane is off")
-            if buffer[0] not in _FIRST_BYTES:
+            if buffer[0] not in _METHOD_CHARS:
                 return self._hand_over("not plain HTTP/1")  # TLS, HTTP/2, SOCKS, ...
             end = buffer.find(b"\r\n\r\n")
             if end < 0:
@@ -376,7 +394,12 @@ class LaneConnection(asyncio.Protocol):
             ends = body_at + head.length
             if len(buffer) < ends:
                 return None  # the rest of the body is on its way
-            answer = lane.answer(head, buffer[body_at:ends])
+            answer = lane.answer(head, buffer[body_at:ends], verdict)
+            verdict = None  # (for this request only)
+            if answer is None:  # auto mode: the upstream is probed first
+                transport.pause_reading()
+                self.probing = asyncio.ensure_future(self._probe(head))
+                return None
             if isinstance(answer, str):
                 return self._hand_over(answer)
             self.buffer = buffer[ends:]
@@ -392,7 +415,6 @@ class LaneConnection(asyncio.Protocol):
         """mitmproxy takes the connection from here, as if it had read these bytes."""
         transport = self.transport
         assert transport is not None
-        self.lane.handed += 1
         if log.isEnabledFor(logging.DEBUG):
             log.debug("fast lane: a connection goes to mitmproxy (%s)", why)
         loop = asyncio.get_running_loop()
