@@ -44,6 +44,7 @@ HOST = "127.0.0.1"
 TEST_MASTER = os.environ.get("CASSETTE_TEST_MASTER", "mitmdump")
 LANE_OFF = os.environ.get("CASSETTE_TEST_LANE", "on") == "off"
 _LEAN_FLAGS = ("--set", "--mode", "--listen-host", "--listen-port", "-q", "-v")
+_MITMDUMP_ONLY = ("flow_detail", "save_stream_file", "dumper_filter", "anticache")
 
 _PROXY_VARS = (
     "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY",
@@ -234,7 +235,7 @@ def start_proxy(
             "--set", f"confdir={confdir}",
             "--set", f"cassette_dir={cdir}",
         ]  # fmt: skip
-        if _lean_can_host(script_path, extra_args):
+        if _lean_can_host(script_path, extra_args, options or {}):
             argv[:3] = [sys.executable, "-m", "cassette_proxy.lean"]
             if LANE_OFF:
                 argv += ["--set", "cassette_lane=false"]
@@ -272,10 +273,12 @@ def start_proxy(
     raise AssertionError("unreachable")
 
 
-def _lean_can_host(script: Path, extra_args: tuple[str, ...]) -> bool:
+def _lean_can_host(script: Path, extra_args: tuple[str, ...], options: Mapping[str, Any]) -> bool:
     """Whether CASSETTE_TEST_MASTER=lean may run this proxy in the lean master: our own
-    addon, and only flags the lean master takes."""
+    addon, and only flags and options the lean master takes."""
     if TEST_MASTER != "lean" or script != RECORDER_SCRIPT:
+        return False
+    if any(name in options or f"{name}=" in " ".join(extra_args) for name in _MITMDUMP_ONLY):
         return False
     return all(not a.startswith("-") or a in _LEAN_FLAGS for a in extra_args)
 
