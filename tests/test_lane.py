@@ -562,3 +562,135 @@ def test_which_heads_are_the_lanes(head: bytes, why: str | None) -> None:
     else:
         assert isinstance(got, str) and why in got, got
     assert lane.head(Site(("http", "up.example", 8000)), head) is got  # remembered
+
+
+# ---- the bad day: a client gone mid-probe, slow readers, idle clients, options ----------
+
+
+def silent_port() -> tuple[int, list[socket.socket]]:
+    """A port whose listen queue is full: connects to it hang (an upstream that drops SYNs),
+    so a probe of it takes its whole timeout."""
+    listener = socket.socket()
+    listener.bind((HOST, 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    held = [listener]
+    for _ in range(3):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex((HOST, port))
+        held.append(s)
+    time.sleep(0.1)
+    return port, held
+
+
+def recorded_chat(tmp_path: Path, body: dict[str, Any]) -> Path:
+    """A folder with one chat completion recorded from a live upstream."""
+    folder = tmp_path / "recorded"
+    upstream = FidelityUpstream()
+    try:
+        recorder = start_cli_proxy(tmp_path, "--mode", "record", "-d", str(folder),
+                                   "--reverse", upstream.url)  # fmt: skip
+        with httpx.Client(base_url=recorder.url, trust_env=False, timeout=30) as client:
+            assert client.post("/v1/chat/completions", json=body).status_code == 200
+        recorder.stop()
+    finally:
+        upstream.stop()
+    return folder
+
+
+def test_a_client_gone_mid_probe_leaves_the_others_answered(tmp_path: Path) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    folder = recorded_chat(tmp_path, body)
+    port, held = silent_port()
+    try:
+        proxy = start_cli_proxy(tmp_path, "-v", "--mode", "auto", "-d", str(folder),
+                                "--reverse", f"http://{HOST}:{port}",
+                                "--set", "cassette_probe_timeout_ms=1500")  # fmt: skip
+        raw = http_request("POST", "/v1/chat/completions", "x", json.dumps(body).encode())
+        gone = socket.create_connection((HOST, proxy.port))
+        gone.sendall(raw)  # its connection waits for the probe ...
+        time.sleep(0.3)
+        waiting = socket.create_connection((HOST, proxy.port), timeout=20)
+        waiting.sendall(raw)  # ... and so does this one, on the same probe
+        time.sleep(0.3)
+        gone.close()  # the first client gives up while the probe runs
+        answer = read_answer(waiting, bytearray())
+        waiting.close()
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    finally:
+        for s in held:
+            s.close()
+    result = summary(proxy)
+    assert "1 offline fallbacks" in result or "2 offline fallbacks" in result, result
+    assert "Traceback" not in proxy.output()
+
+
+def test_a_slow_reader_gets_every_pipelined_answer_then_the_close(
+    pair: Any, tmp_path: Path
+) -> None:
+    folder = cassettes(tmp_path)
+    big = folder / "llama-stack" / "ed9e9b34008d.json"
+    doc = json.loads(big.read_text())
+    doc["response"]["body"]["__data__"]["response"] = "x" * 3_000_000  # ~3 MB answer
+    big.write_text(json.dumps(doc))
+    (big.parent / "ed9e9b34008d.2.json").unlink()
+    request = json.dumps(doc["request"]["body"]).encode()
+    raw = http_request("POST", "http://localhost:11434/api/generate", "localhost:11434", request)
+    closing = raw.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1)
+    lane, off = pair("--mode", "replay", "-d", str(folder))
+    answers = []
+    for proxy in (lane, off):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((HOST, proxy.port))
+        sock.sendall(raw + raw + closing)
+        time.sleep(1.0)  # the proxy's writes back up: it pauses, then resumes
+        data = b""
+        sock.settimeout(30)
+        while chunk := sock.recv(65536):
+            data += chunk
+        sock.close()
+        answers.append(data)
+    assert answers[0] == answers[1]
+    assert answers[0].count(b"HTTP/1.1 200 OK") == 3 and len(answers[0]) > 9_000_000
+    assert "Exception in callback" not in lane.output() and HANDED not in lane.output()
+
+
+def test_an_idle_connection_is_closed_after_tcp_timeout(pair: Any, tmp_path: Path) -> None:
+    folder = cassettes(tmp_path)
+    lane, off = pair("--mode", "replay", "-d", str(folder), "--set", "tcp_timeout=2")
+    for proxy in (lane, off):
+        with socket.create_connection((HOST, proxy.port), timeout=20) as sock:
+            started = time.monotonic()
+            assert sock.recv(10) == b""  # closed by the proxy, not by our timeout
+            assert time.monotonic() - started < 15
+
+
+@pytest.mark.parametrize(
+    ("option", "raw"),
+    [
+        ("ignore_hosts=nothing.example", b"GET http://localhost:11434/api/tags HTTP/1.1\r\n"
+         b"Host: localhost:11434\r\n\r\n"),
+        ("cassette_lane=false", b"GET http://localhost:11434/api/tags HTTP/1.1\r\n"
+         b"Host: localhost:11434\r\n\r\n"),
+        (None, b"GET http://c.pki.goog/mitmproxy-1234.crl HTTP/1.1\r\nHost: c.pki.goog\r\n\r\n"),
+    ],
+    ids=["ignore_hosts", "lane-off", "mitmproxy-crl"],
+)
+def test_what_mitmproxy_would_do_otherwise_is_left_to_it(
+    tmp_path: Path, mitm_confdir: Path, option: str | None, raw: bytes
+) -> None:
+    folder = cassettes(tmp_path)
+    args = ["-v", "--mode", "replay", "-d", str(folder)]
+    if option:
+        args += ["--set", option]
+    proxy = start_cli_proxy(tmp_path, *args, confdir=mitm_confdir)
+    try:
+        answer = exchange(proxy.port, [raw])[0]
+    finally:
+        proxy.stop()
+    assert answer.startswith(b"HTTP/1.1 ")
+    reason = {"ignore_hosts": "ignore_hosts is set", "cassette_lane": "the lane is off",
+              None: "mitmproxy's CRL"}[option.split("=")[0] if option else None]  # fmt: skip
+    assert f"{HANDED} ({reason})" in proxy.output()

@@ -23,4 +23,7 @@ def encode(response: http.Response, method: str = "GET") -> tuple[bytes, bool]:
             framed += b"0\r\n\r\n"
         body = framed
     close = http1.connection_close(response.http_version, response.headers)
+    status = response.status_code
+    if not chunked and "content-length" not in response.headers and status not in (204, 304):
+        close = close or not 100 <= status < 200  # its end is where the connection ends
     return head + body, close

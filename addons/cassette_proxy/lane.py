@@ -68,6 +68,7 @@ _NOT_OURS = (CONTROL_NAMES - {_TEST_ID}) | INTERNAL_NAMES | {
     b"http2-settings",
 }
 _METHOD_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")  # (a request's first byte too)
+_STAND_ASIDE = ("ignore_hosts", "allow_hosts", "tcp_hosts", "emudhra", "emudhra_old")
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +129,8 @@ class Lane:
         self.shaping = shaping
         self.probe = probe
         self.enabled = True  # option cassette_lane
+        self.standing_aside: list[str] = []  # mitmproxy options that take the lane's place
+        self.idle_timeout = 600.0  # tcp_timeout: an idle connection is closed, as mitmproxy's
         self.max_body = MAX_BODY
         self.validate = True
         self.keep_host_header = False
@@ -161,6 +164,10 @@ class Lane:
         self.max_body = min([MAX_BODY, *limits])
         self.validate = bool(getattr(opts, "validate_inbound_headers", True))
         self.keep_host_header = bool(getattr(opts, "keep_host_header", False))
+        self.idle_timeout = float(getattr(opts, "tcp_timeout", 600) or 600)
+        # Options under which mitmproxy may not run a connection's requests through the
+        # HTTP hooks at all (relayed raw, killed): such connections are all mitmproxy's.
+        self.standing_aside = sorted(n for n in _STAND_ASIDE if getattr(opts, n, None))
         self._heads.clear()  # heads are read under the options: read them again
         self._keyed.clear()
 
@@ -205,6 +212,8 @@ class Lane:
             return "not an HTTP/1.1 request line"
         if method in (b"CONNECT", b"HEAD"):
             return f"a {method.decode()} request"
+        if target.endswith(b".crl") and b"/mitmproxy-" in target:
+            return "mitmproxy's CRL"  # answered by its tlsconfig addon
         if site.reverse is not None:
             if not target.startswith(b"/"):
                 return "not an origin-form target (reverse mode)"
@@ -254,9 +263,14 @@ class Lane:
         """The answer's bytes and whether to close after them, or why it is mitmproxy's;
         None: in auto mode, the upstream is to be probed first (``verdict``: its result)."""
         library = self.library
-        mode = library.mode
+        not_ours = self.not_ours()
+        if not_ours is not None:
+            return not_ours
+        keyed = self._key(head, body)
+        if keyed is None:
+            return "a request without a key"  # the Router's refusal
         why = ""
-        if mode == "auto":
+        if library.mode == "auto":
             # The Router's auto row: from the cassettes while the upstream is down; with
             # no verdict cached, the connection waits for a probe, as the Router's would.
             verdict = verdict or self.probe.cached(head.host, head.port)
@@ -265,17 +279,23 @@ class Lane:
             if verdict != DOWN:
                 return f"auto mode, the upstream {verdict}"  # up or busy: forwarded
             why = "upstream offline"
-        elif mode != "replay":
-            return f"{mode} mode"
-        if self.shaping.factor:
-            return "paced replay"  # the ReplayShaper's
-        keyed = self._key(head, body)
-        if keyed is None:
-            return "a request without a key"  # the Router's refusal
         plan = keyed.plan(head.test_id)
         if why:
             library.counts["fallback"] += 1
         return self.replayer.answer_http1(plan, why)
+
+    def not_ours(self) -> str | None:
+        """Why no request is the lane's now (the mode, pacing, options), or None."""
+        if not self.enabled:
+            return "the lane is off"
+        if self.standing_aside:
+            return f"{self.standing_aside[0]} is set"
+        mode = self.library.mode
+        if mode not in ("replay", "auto"):
+            return f"{mode} mode"
+        if self.shaping.factor:
+            return "paced replay"  # the ReplayShaper's
+        return None
 
     def _key(self, head: Head, body: bytes) -> Keyed | None:
         memo_key = (head, body)
@@ -312,17 +332,28 @@ class LaneConnection(asyncio.Protocol):
         self.instance = instance
         self.site = site
         self.transport: asyncio.Transport | None = None
-        self.buffer = b""
+        self.buffer: bytes | bytearray = b""  # what is not answered yet
         self.paused = False  # the client does not read: answer nothing more for now
         self.probing: asyncio.Task[None] | None = None  # auto mode: the upstream probed
         self.eof = False
+        self.loop = asyncio.get_running_loop()
+        self.active = 0.0  # the loop's time of the last read
+        self.idle: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        self.active = self.loop.time()
+        self.idle = self.loop.call_later(self.lane.idle_timeout, self._check_idle)
 
     def data_received(self, data: bytes) -> None:
-        self.buffer = self.buffer + data if self.buffer else data
+        self.active = self.loop.time()
+        if not self.buffer:
+            self.buffer = data
+        elif isinstance(self.buffer, bytearray):
+            self.buffer += data  # a body or head arriving in pieces: no copy of the rest
+        else:
+            self.buffer = bytearray(self.buffer) + data
         if not self.paused and self.probing is None:
             self._answer_buffered()
 
@@ -342,12 +373,31 @@ class LaneConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.paused = False
         if self.probing is None:
-            self._resume()
+            # Not from inside the transport's write path: closing there would report
+            # the connection lost twice.
+            self.loop.call_soon(self._resume)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # A probe in flight is left to finish: other requests may be waiting on it.
         self.transport = None
-        if self.probing is not None:
-            self.probing.cancel()
+        self._stop_idle()
+
+    def _stop_idle(self) -> None:
+        if self.idle is not None:
+            self.idle.cancel()
+            self.idle = None
+
+    def _check_idle(self) -> None:
+        """Close a connection idle for ``tcp_timeout``, as mitmproxy closes its own."""
+        transport = self.transport
+        if transport is None or self.idle is None:
+            return
+        left = self.active + self.lane.idle_timeout - self.loop.time()
+        if left > 0 or self.probing is not None:
+            self.idle = self.loop.call_later(max(left, 1.0), self._check_idle)
+            return
+        self.idle = None
+        transport.close()
 
     def _resume(self, verdict: str | None = None) -> None:
         """Answer what came while the connection waited (a slow reader, a probe)."""
@@ -364,8 +414,13 @@ class LaneConnection(asyncio.Protocol):
             transport.close()  # the client ended; everything is answered
 
     async def _probe(self, head: Head) -> None:
-        verdict = await self.lane.probe.probe(head.host, head.port)
-        self.probing = None
+        try:
+            verdict = await self.lane.probe.probe(head.host, head.port)
+        except Exception:  # noqa: BLE001 - mitmproxy's Router probes again, and says why
+            log.debug("fast lane: the upstream probe failed", exc_info=True)
+            verdict = "unknown"
+        finally:
+            self.probing = None
         if not self.paused:
             self._resume(verdict)
 
@@ -373,8 +428,6 @@ class LaneConnection(asyncio.Protocol):
         lane, transport = self.lane, self.transport
         while self.buffer and transport is not None and not self.paused:
             buffer = self.buffer
-            if not lane.enabled:
-                return self._hand_over("the lane is off")
             if buffer[0] not in _METHOD_CHARS:
                 return self._hand_over("not plain HTTP/1")  # TLS, HTTP/2, SOCKS, ...
             end = buffer.find(b"\r\n\r\n")
@@ -388,13 +441,24 @@ class LaneConnection(asyncio.Protocol):
                     return self._hand_over("a bare line end in the head")  # (h11 reads them)
                 return None  # the rest of the head is on its way
             body_at = end + 4
-            head = lane.head(self.site, buffer[:body_at])
+            head = lane.head(self.site, bytes(buffer[:body_at]))
             if isinstance(head, str):
                 return self._hand_over(head)
+            not_ours = lane.not_ours()
+            if not_ours is not None:  # (before its body: mitmproxy reads that itself)
+                return self._hand_over(not_ours)
             ends = body_at + head.length
             if len(buffer) < ends:
+                if not isinstance(buffer, bytearray):
+                    self.buffer = bytearray(buffer)
                 return None  # the rest of the body is on its way
-            answer = lane.answer(head, buffer[body_at:ends], verdict)
+            try:
+                answer = lane.answer(head, bytes(buffer[body_at:ends]), verdict)
+            except Exception:  # noqa: BLE001 - as mitmproxy's addon errors: logged
+                log.error("fast lane: cannot answer a request", exc_info=True)
+                self.buffer = b""
+                transport.close()
+                return None
             verdict = None  # (for this request only)
             if answer is None:  # auto mode: the upstream is probed first
                 transport.pause_reading()
@@ -402,7 +466,7 @@ class LaneConnection(asyncio.Protocol):
                 return None
             if isinstance(answer, str):
                 return self._hand_over(answer)
-            self.buffer = buffer[ends:]
+            self.buffer = bytes(buffer[ends:])
             data, close = answer
             transport.write(data)
             if close or head.close:
@@ -417,17 +481,17 @@ class LaneConnection(asyncio.Protocol):
         assert transport is not None
         if log.isEnabledFor(logging.DEBUG):
             log.debug("fast lane: a connection goes to mitmproxy (%s)", why)
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         reader = asyncio.StreamReader(limit=2**16, loop=loop)
         protocol = asyncio.StreamReaderProtocol(reader, self.instance.handle_stream, loop=loop)
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
+        self._stop_idle()  # mitmproxy's own watchdog takes over
         if self.buffer:
-            protocol.data_received(self.buffer)
+            protocol.data_received(bytes(self.buffer))  # (reading is never paused here)
             self.buffer = b""
         if self.eof:
             protocol.eof_received()
-        transport.resume_reading()
         self.transport = None
 
 

@@ -27,6 +27,7 @@ from .printable import printable
 
 log = logging.getLogger("cassette_proxy")
 
+HTTP1_CACHE_MAX = 1024 * 1024  # whole HTTP/1.1 answers kept up to this size (the lane's)
 WIRE_CACHE_SIZE = 256  # encoded answers kept for repeated hits (as many as the store's cache)
 HeaderFields = tuple[tuple[bytes, bytes], ...]
 
@@ -76,9 +77,12 @@ class Replayer:
         served = self._serve(plan, why, None)
         if isinstance(served, http.Response):
             return http1.encode(served, plan.method)
-        if served.http1 is None:
-            served.http1 = http1.encode(_response(served), plan.method)
-        return served.http1
+        if served.http1 is not None:
+            return served.http1
+        encoded = http1.encode(_response(served), plan.method)
+        if len(encoded[0]) <= HTTP1_CACHE_MAX:  # a big answer is not kept twice
+            served.http1 = encoded
+        return encoded
 
     def _serve(
         self, plan: Plan, why: str, match: matching.Match | None
