@@ -246,30 +246,39 @@ def summary(proxy: CliProxy) -> str:
 # ---- the differential test -------------------------------------------------------------
 
 
+@pytest.mark.parametrize("mode", ["replay", "record-if-missing"])
 def test_every_fixture_answers_the_same_bytes_from_the_lane(
-    pair: Any, tmp_path: Path, mitm_confdir: Path
+    pair: Any, tmp_path: Path, mitm_confdir: Path, mode: str
 ) -> None:
     folder = cassettes(tmp_path)
-    lane, off = pair("--mode", "replay", "-d", str(folder))
+    lane, off = pair("--mode", mode, "-d", str(folder))
     requests = fixture_requests(mitm_confdir / "mitmproxy-ca-cert.pem")
     assert len(requests) >= 40
     raw = [r for _, r in requests]
     # Twice over: the second pass is answered from the lane's memos, and the sequence
     # fixture gets its second answer.
-    for one_connection in (True, False):
+    # (record-if-missing: one connection each first, as a repeat past the recorded
+    # answers is forwarded by mitmproxy, which keeps its connection from then on.)
+    for one_connection in (True, False) if mode == "replay" else (False, True):
         got = exchange(lane.port, raw, one_connection=one_connection)
         want = exchange(off.port, raw, one_connection=one_connection)
         for (name, _), a, b in zip(requests, got, want, strict=True):
             assert a == b, f"{name}: lane {a[:300]!r}\n   mitmproxy {b[:300]!r}"
     statuses = {a.split(b" ", 2)[1] for a in got}
     assert b"200" in statuses
-    # Every one of those was the lane's: no connection was handed over.
-    assert HANDED not in lane.output(), lane.output()
+    # Every one of those was the lane's: no connection was handed over (in
+    # record-if-missing, but for a request repeated past its recorded answers).
+    handed = [ln for ln in lane.output().splitlines() if HANDED in ln]
+    if mode == "replay":
+        assert not handed, handed
+    assert all("(record-if-missing, a position not recorded)" in ln for ln in handed)
+    assert len(handed) <= len(requests) // 4 + 1, len(handed)  # repeats, then one
     seq = [a for (name, _), a in zip(requests, got, strict=True) if name == SEQUENCE_FIRST]
     assert seq and b"the second answer" in seq[0]
     # The same counts, hit lines and summary.
     hit_lines = [ln.split("] ", 1)[-1] for ln in lane.output().splitlines() if " hit " in ln]
     off_lines = [ln.split("] ", 1)[-1] for ln in off.output().splitlines() if " hit " in ln]
+    assert all(line.startswith(f"{mode} hit ") for line in hit_lines)
     assert hit_lines == off_lines and len(hit_lines) == 2 * len(requests)
     assert summary(lane) == summary(off)
 
@@ -694,3 +703,27 @@ def test_what_mitmproxy_would_do_otherwise_is_left_to_it(
     reason = {"ignore_hosts": "ignore_hosts is set", "cassette_lane": "the lane is off",
               None: "mitmproxy's CRL"}[option.split("=")[0] if option else None]  # fmt: skip
     assert f"{HANDED} ({reason})" in proxy.output()
+
+
+def test_record_if_missing_forwards_a_position_not_recorded(tmp_path: Path) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    upstream = FidelityUpstream()
+    try:
+        folder = tmp_path / "c"
+        first = start_cli_proxy(tmp_path, "--mode", "record", "-d", str(folder),
+                                "--reverse", upstream.url)  # fmt: skip
+        raw = http_request("POST", "/v1/chat/completions", "x", json.dumps(body).encode())
+        recorded = exchange(first.port, [raw])[0]
+        first.stop()
+        proxy = start_cli_proxy(tmp_path, "-v", "--mode", "record-if-missing", "-d",
+                                str(folder), "--reverse", upstream.url)  # fmt: skip
+        again, live = exchange(proxy.port, [raw, raw])  # position 1 recorded, 2 is not
+        result = summary(proxy)
+    finally:
+        upstream.stop()
+    assert again.partition(b"\r\n\r\n")[2] == recorded.partition(b"\r\n\r\n")[2]
+    assert b"x-cassette-file" in again
+    assert live.startswith(b"HTTP/1.1 200") and b"x-cassette-file" not in live.lower()
+    assert f"{HANDED} (record-if-missing, a position not recorded)" in proxy.output()
+    assert "1 hits" in result and "1 recorded" in result, result
+    assert len(list(folder.rglob("*.json"))) == 2  # the second answer, as <hash>.2.json

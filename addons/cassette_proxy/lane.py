@@ -11,8 +11,9 @@ listening port first (``cassette-proxy run`` only: the lean master hosts it, see
            it to the addons (reverse mode's host, the Host header, ...); our test id
            header read and taken off as the Intake room does
   key      the Intake room's Keyer, once per distinct request (head and body)
-  route    replay mode; auto mode while the upstream is known to be down (the Router's
-           rows); anything else is not the lane's
+  route    replay mode; auto mode while the upstream is down (the lane waits for the
+           probe, as the Router does); record-if-missing where this position of the
+           request is recorded (the Router's rows); anything else is not the lane's
   replay   the Replayer, as for every answer from cassettes: the same lookup, sequence
            position, counts, usage log and log line; its bytes made once per cassette
   answer   written to the socket as mitmproxy's HTTP/1 server writes it (http1.py)
@@ -280,9 +281,19 @@ class Lane:
                 return f"auto mode, the upstream {verdict}"  # up or busy: forwarded
             why = "upstream offline"
         plan = keyed.plan(head.test_id)
+        match = None
+        if library.mode == "record-if-missing":
+            # The Router's row: from the cassettes when this position of the request is
+            # recorded; otherwise forwarded and recorded (or the miss, offline) by it.
+            match = self.replayer.find(plan)
+            if match is None:
+                return "record-if-missing, no recording"
+            position = library.sequencer.peek(plan)  # taken only when served below
+            if not library.sequencer.recorded_at(library.store, match.entry, position):
+                return "record-if-missing, a position not recorded"
         if why:
             library.counts["fallback"] += 1
-        return self.replayer.answer_http1(plan, why)
+        return self.replayer.answer_http1(plan, why, match)
 
     def not_ours(self) -> str | None:
         """Why no request is the lane's now (the mode, pacing, options), or None."""
@@ -291,7 +302,7 @@ class Lane:
         if self.standing_aside:
             return f"{self.standing_aside[0]} is set"
         mode = self.library.mode
-        if mode not in ("replay", "auto"):
+        if mode not in ("replay", "auto", "record-if-missing"):
             return f"{mode} mode"
         if self.shaping.factor:
             return "paced replay"  # the ReplayShaper's

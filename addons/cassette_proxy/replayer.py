@@ -70,11 +70,13 @@ class Replayer:
             return served  # the miss error
         return _response(served)
 
-    def answer_http1(self, plan: Plan, why: str = "") -> tuple[bytes, bool]:
+    def answer_http1(
+        self, plan: Plan, why: str = "", match: matching.Match | None = None
+    ) -> tuple[bytes, bool]:
         """``answer`` as the bytes mitmproxy's HTTP/1 server would write for it, and
         whether the connection closes after them (the fast lane's, lane.py). A hit's bytes
         are made once per cassette, as its header fields are."""
-        served = self._serve(plan, why, None)
+        served = self._serve(plan, why, match)
         if isinstance(served, http.Response):
             return http1.encode(served, plan.method)
         if served.http1 is not None:

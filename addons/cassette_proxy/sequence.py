@@ -138,6 +138,10 @@ class ReplayCounter:
         self._seen[(key, test_id)] = n
         return n
 
+    def peek(self, key: str, test_id: str | None) -> int:
+        """The position ``next`` would give now, taking nothing."""
+        return min(self._seen.get((key, test_id), 0) + 1, MAX_POSITION)
+
     def give_back(self, key: str, test_id: str | None, position: int) -> bool:
         """Return the position a failed attempt took, if no later one was taken since."""
         if self._seen.get((key, test_id)) != position:
@@ -196,6 +200,13 @@ class Sequencer:
             plan.position = self.replays.next(plan.key, plan.test_id)
         plan.position_taken = True
         return plan.position
+
+    def peek(self, plan: Any) -> int:
+        """The position ``take`` would give this request now, taking nothing (the fast
+        lane asks before it decides whether a request is its own)."""
+        if plan.position is not None:
+            return plan.position
+        return self.replays.peek(plan.key, plan.test_id)
 
     def recorded_at(self, store: Any, entry: Any, position: int) -> bool:
         """Whether the sequence starting at ``entry`` has its own answer at ``position``
