@@ -20,8 +20,9 @@ listening port first (``cassette-proxy run`` only: the lean master hosts it, see
 
 Everything else is handed to mitmproxy on the same connection, with the bytes already
 read, before anything of it was done: CONNECT and TLS, HTTP/2, WebSocket upgrades,
-``X-Cassette-Fault``, our internal headers, paced replays, recording modes, bodies that
-are chunked, large or streamed, anything unusual in a head. Once handed over, a
+``X-Cassette-Fault``, our internal headers, paced replays, recording (record mode, a
+position record-if-missing has no answer for), bodies that are chunked, large or
+streamed, anything unusual in a head. Once handed over, a
 connection stays with mitmproxy. ``cassette_lane=false`` turns the lane off.
 """
 
