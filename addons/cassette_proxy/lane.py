@@ -107,11 +107,9 @@ class Keyed:
     upstream: str | None
 
     def plan(self, test_id: str | None) -> Plan:
-        plan = Plan(test_id=test_id, family=self.family, key=self.key, method=self.method,
+        return Plan(test_id=test_id, family=self.family, key=self.key, method=self.method,
                     path=self.path, body=self.body, request=self.request,
-                    upstream=self.upstream)  # fmt: skip
-        plan.route = SERVE
-        return plan
+                    upstream=self.upstream, route=SERVE)  # fmt: skip
 
 
 class Lane:
@@ -264,10 +262,7 @@ class Lane:
     ) -> tuple[bytes, bool] | str | None:
         """The answer's bytes and whether to close after them, or why it is mitmproxy's;
         None: in auto mode, the upstream is to be probed first (``verdict``: its result)."""
-        library = self.library
-        not_ours = self.not_ours()
-        if not_ours is not None:
-            return not_ours
+        library = self.library  # (``not_ours`` was asked by the connection, just before)
         keyed = self._key(head, body)
         if keyed is None:
             return "a request without a key"  # the Router's refusal
